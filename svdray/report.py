@@ -10,13 +10,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def ema(values: list[float] | tuple[float, ...], decay: float = 0.9) -> list[float]:
+    smoothed, current = [], None
+    for value in values:
+        current = value if current is None else decay * current + (1 - decay) * value
+        smoothed.append(current)
+    return smoothed
+
+
 def plot_loss_curve(series: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
     """One line per metric (e.g. train loss, validation loss) against the optimizer step."""
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for name, points in series.items():
-        if points:
-            steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, label=name, linewidth=1.2, marker="." if len(points) < 50 else None)
+        if not points:
+            continue
+        steps, values = zip(*points, strict=True)
+        # The diffusion loss swings with the sigmas drawn each step: show it faintly, and its
+        # exponential moving average as the line to read.
+        (raw,) = ax.plot(steps, values, linewidth=0.8, alpha=0.35, marker="." if len(points) < 50 else None)
+        ax.plot(steps, ema(values), color=raw.get_color(), linewidth=1.6, label=f"{name} (EMA)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
