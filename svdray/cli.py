@@ -70,6 +70,38 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reward_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    from svdray.reward.diagnostics import RewardCheckError
+    from svdray.reward.train import run_reward_training
+
+    try:
+        result = run_reward_training(cfg)
+    except RewardCheckError as err:
+        print(f"reward training stopped: {err}", file=sys.stderr)
+        return 1
+    print(f"LoRA:        {result.lora_dir}")
+    print(
+        f"held-out reward before {result.eval_before['reward']:.5g} after {result.eval_after['reward']:.5g}"
+    )
+    print(f"grid:        {result.output_dir / 'before_after.png'}")
+    print(f"MLflow run:  {result.mlflow_run_id} in {result.tracking_uri}")
+    return 0
+
+
+def cmd_reward_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    from svdray.reward.diagnostics import format_table
+    from svdray.reward.train import run_reward_check
+
+    stats = run_reward_check(cfg, args.report)
+    print(format_table(stats))
+    problems = [p for s in stats for p in s.problems()]
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("reward-train", help="stage 2: reward-gradient fine-tuning of the LoRA")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_reward_train)
+
+    p = sub.add_parser("reward-check", help="diagnose the configured rewards on one sampled batch")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--report", help="write the diagnostics as JSON here")
+    p.set_defaults(func=cmd_reward_check)
     return parser
 
 

@@ -133,6 +133,37 @@ class RayConfig:
 
 
 @dataclass
+class RewardComponentConfig:
+    kind: str = "motion"  # fidelity | smoothness | motion | learned | "package.module:Class"
+    weight: float = 1.0
+    name: str | None = None  # metric name; default: kind
+    options: dict[str, Any] = field(default_factory=dict)  # constructor arguments, e.g. {target: 0.05}
+
+
+@dataclass
+class RewardConfig:
+    """Stage 2 (`svdray reward-train`): reward-gradient fine-tuning. Uses model, data (for the
+    conditioning images: each clip's first frame), lora, optim, train and mlflow as well."""
+
+    components: list[RewardComponentConfig] = field(default_factory=lambda: [RewardComponentConfig()])
+    convert_inputs: bool = True  # hand each reward frames in its declared range
+    init_lora: str | None = None  # start from a supervised LoRA folder (its rank/targets win)
+    sample_steps: int = 8  # denoising steps per sample
+    grad_steps: int = 1  # K: backpropagate through the last K denoising steps only
+    num_frames: int | None = None  # default: data.num_frames
+    fps: int = 7
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02
+    min_guidance: float = 1.0
+    max_guidance: float = 3.0
+    decode_chunk: int = 8
+    check_every: int = 10  # rerun the diagnostics every N steps; stop if rewards collapse
+    eval_manifest: str | None = None  # held-out clips for before/after grids; default: data.manifest
+    eval_images: int = 2
+    seed: int = 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -143,6 +174,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     output_dir: str = "outputs/svdray"
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +187,13 @@ class Config:
 
 def _check_value(value: Any, hint: Any, key: str) -> Any:
     """Return `value` coerced to `hint`, or raise ConfigError naming `key`."""
+    if hint is Any:
+        return value
     origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
@@ -260,6 +298,15 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
+    for key, value in {
+        "reward.sample_steps": cfg.reward.sample_steps,
+        "reward.check_every": cfg.reward.check_every,
+        "reward.decode_chunk": cfg.reward.decode_chunk,
+    }.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if not 1 <= cfg.reward.grad_steps <= cfg.reward.sample_steps:
+        raise ConfigError("reward.grad_steps: must be between 1 and reward.sample_steps")
     for key, value in {"data.fps": cfg.data.fps, "optim.lr": cfg.optim.lr}.items():
         if not value > 0:
             raise ConfigError(f"{key}: must be positive, got {value}")

