@@ -4,6 +4,7 @@ model samples; the peft folder is the adapter; the ComfyUI file lands on the ori
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ from svdray.model.comfy import ORIGINAL_PREFIX, comfy_lora_targets, diffusers_to
 from svdray.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, load_lora, peft_config, save_lora
 from svdray.sample import load_sampling_pipeline
 from svdray.train.checkpoint import TrainState, save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 REFERENCE_KEYS = Path(__file__).parent / "data" / "svd_unet_original_keys.tsv"
 LORA = LoraConfig(rank=4, alpha=8, feed_forward=True)
@@ -106,6 +109,7 @@ def test_merged_pipeline_loads_in_vanilla_diffusers(run_dir, image, tiny_pipelin
         [sys.executable, "-I", "-c", VANILLA, str(merged), str(image), str(frames_file)],
         check=True,
         cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=300,
     )
     vanilla = np.load(frames_file)
