@@ -55,11 +55,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from svdray.safeload import check_folder
+    from svdray.safeload import check_folder, check_pipeline_folder
     from svdray.sample import load_sampling_pipeline, sample_video, write_mp4
 
     if Path(args.pipeline).exists():
-        check_folder(args.pipeline, "--pipeline")
+        check_pipeline_folder(args.pipeline, "--pipeline")
     if args.lora:
         check_folder(args.lora, "--lora")  # before the pipeline loads: fail fast
     pipe = load_sampling_pipeline(args.pipeline, args.lora)

@@ -316,12 +316,12 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         if cfg.sample.image and not Path(cfg.sample.image).exists():
             raise ConfigError(f"sample.image: file not found: {cfg.sample.image}")
         looks_local = cfg.model.pretrained.startswith((".", "/", "~")) or cfg.model.pretrained.count("/") > 1
-        if Path(cfg.model.pretrained).expanduser().is_file():
-            from svdray.safeload import check_folder
+        if Path(cfg.model.pretrained).expanduser().exists():
+            from svdray.safeload import check_pipeline_folder
 
             try:
-                check_folder(Path(cfg.model.pretrained).expanduser(), "model.pretrained")
-            except (OSError, ValueError) as err:  # a pickled checkpoint, or any other single file
+                check_pipeline_folder(Path(cfg.model.pretrained).expanduser(), "model.pretrained")
+            except (OSError, ValueError) as err:  # a pickled checkpoint, a pickled pipeline, a file
                 raise ConfigError(str(err)) from err
         if looks_local and not Path(cfg.model.pretrained).expanduser().is_dir():
             raise ConfigError(f"model.pretrained: directory not found: {cfg.model.pretrained}")

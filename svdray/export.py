@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from svdray.model.comfy import save_comfy_lora
 from svdray.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_lora
 from svdray.model.pipeline import load_pipeline
-from svdray.safeload import check_folder, check_safetensors
+from svdray.safeload import check_folder, check_pipeline_folder, check_safetensors
 from svdray.train.checkpoint import STATE_FILE
 
 Format = Literal["peft", "merged", "comfy"]
@@ -106,7 +106,7 @@ def export_merged(
 ) -> Path:
     """The base pipeline with the LoRA merged into its UNet, saved as safetensors in `dtype`."""
     if Path(pretrained).exists():
-        check_folder(pretrained, "--pipeline")
+        check_pipeline_folder(pretrained, "--pipeline")
     pipe = load_pipeline(pretrained, "float32", variant, revision)  # merge in float32, then cast
     merge_lora(load_lora(pipe.unet, lora_dir))
     pipe.to(getattr(torch, dtype))

@@ -78,3 +78,12 @@ def check_folder(path: str | Path, what: str) -> Path:
         if file.suffix == ".safetensors" and looks_like_pickle(file):
             raise _refusal(file, what)
     return path
+
+
+def check_pipeline_folder(path: str | Path, what: str) -> Path:
+    """A diffusers pipeline folder: the folder and each component sub-folder (unet/, vae/, ...)
+    pass `check_folder`, so a pipeline saved with pickled weights is refused by name."""
+    path = check_folder(path, what)
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        check_folder(sub, what)
+    return path
