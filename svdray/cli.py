@@ -8,6 +8,7 @@ import logging
 import sys
 
 from svdray.config import ConfigError, load_config
+from svdray.safeload import UnsafeFileError
 
 
 def _setup_logging() -> None:
@@ -31,10 +32,15 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)  # validated before anything starts
-    from svdray.train.trainer import run_training
+    overrides = args.set + ([f"train.resume_from={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)  # validated before anything starts
+    from svdray.train.trainer import TrainingStopped, run_training
 
-    result = run_training(cfg)
+    try:
+        result = run_training(cfg)
+    except TrainingStopped as err:
+        print(f"training {err}", file=sys.stderr)
+        return 1
     print(f"LoRA:        {result.lora_dir}")
     print(f"checkpoint:  {result.checkpoint_dir}")
     if (result.output_dir / "samples" / "sample.mp4").exists():
@@ -45,10 +51,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from PIL import Image
 
+    from svdray.safeload import check_folder, check_pipeline_folder
     from svdray.sample import load_sampling_pipeline, sample_video, write_mp4
 
+    if Path(args.pipeline).exists():
+        check_pipeline_folder(args.pipeline, "--pipeline")
+    if args.lora:
+        check_folder(args.lora, "--lora")  # before the pipeline loads: fail fast
     pipe = load_sampling_pipeline(args.pipeline, args.lora)
     image = Image.open(args.image)
     height = args.height or image.height // 8 * 8
@@ -102,6 +115,20 @@ def cmd_reward_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from svdray.export import export
+
+    try:
+        out = export(args.run, args.format, args.out, pipeline=args.pipeline, dtype=args.dtype)
+    except UnsafeFileError:
+        raise
+    except ValueError as err:  # e.g. a LoRA of another UNet layout for --format comfy
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.format} export written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="LoRA fine-tuning with Ray Train")
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="start from this checkpoint folder (<storage>/<name>/step_N) unless the run has newer ones",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample a video from an image, optionally with a LoRA")
@@ -145,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--report", help="write the diagnostics as JSON here")
     p.set_defaults(func=cmd_reward_check)
+    p = sub.add_parser("export", help="export a trained LoRA: peft folder, merged pipeline or ComfyUI file")
+    p.add_argument("--run", required=True, help="training output_dir, checkpoint folder or LoRA folder")
+    p.add_argument("--format", required=True, choices=["peft", "merged", "comfy"])
+    p.add_argument("--out", required=True, help="folder (peft, merged) or .safetensors file (comfy)")
+    p.add_argument("--pipeline", help="base pipeline for merged (default: the run's model.pretrained)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -156,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except (FileNotFoundError, NotADirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except UnsafeFileError as err:
+        print(f"refused: {err}", file=sys.stderr)
         return 2
 
 

@@ -101,6 +101,15 @@ class TrainConfig:
     # Debug aid: every worker also saves its own final LoRA to <output_dir>/workers/rank<N>,
     # to check that DDP kept the replicas identical.
     save_worker_loras: bool = False
+    # A checkpoint folder (<storage>/<name>/step_N) to start from when this run has none of its own.
+    resume_from: str | None = None
+    # Worker-group failures (a dead worker, node or process) survived by restarting from the
+    # latest checkpoint; -1 means no limit.
+    max_failures: int = 0
+    # An update whose loss or gradient is not finite is skipped; this many in a row stop the run.
+    max_bad_steps: int = 5
+    # Fault injection for tests and drills: the loss of these steps (1-based) is multiplied by NaN.
+    debug_nan_at_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -116,6 +125,17 @@ class SampleConfig:
     min_guidance: float = 1.0
     max_guidance: float = 3.0
     seed: int = 0
+
+
+@dataclass
+class ValidateConfig:
+    # Held-out clips (a manifest like data.manifest); empty turns validation off.
+    manifest: str = ""
+    every: int = 500  # steps between validations; the last step always validates
+    max_clips: int | None = None  # clips for the validation loss (default: all of the manifest)
+    num_videos: int = 2  # clips whose first frame conditions a sampled video (0: loss only)
+    steps: int = 25  # sampler steps for those videos (fps, motion, guidance come from `sample`)
+    seed: int = 0  # fixes the validation noise and the sampler noise: comparable across runs
 
 
 @dataclass
@@ -172,6 +192,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -294,6 +315,9 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.log_every": cfg.train.log_every,
         "sample.steps": cfg.sample.steps,
+        "train.max_bad_steps": cfg.train.max_bad_steps,
+        "validate.every": cfg.validate.every,
+        "validate.steps": cfg.validate.steps,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -314,6 +338,10 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         raise ConfigError("objective.cfg_dropout: must be in [0, 1/3) (drops use 3p of the unit interval)")
     if not cfg.lora.blocks:
         raise ConfigError("lora.blocks: choose at least one of spatial, temporal")
+    if cfg.train.max_failures < -1:
+        raise ConfigError(f"train.max_failures: must be -1 (no limit) or >= 0, got {cfg.train.max_failures}")
+    if cfg.validate.num_videos < 0 or (cfg.validate.max_clips is not None and cfg.validate.max_clips <= 0):
+        raise ConfigError("validate.num_videos/validate.max_clips: must be positive")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas: expected two numbers")
     if cfg.data.height % 8 or cfg.data.width % 8:
@@ -323,9 +351,25 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
             raise ConfigError("data.manifest: required")
         if not Path(cfg.data.manifest).exists():
             raise ConfigError(f"data.manifest: file not found: {cfg.data.manifest}")
+        if cfg.validate.manifest and not Path(cfg.validate.manifest).exists():
+            raise ConfigError(f"validate.manifest: file not found: {cfg.validate.manifest}")
+        if cfg.train.resume_from:
+            from svdray.safeload import check_folder
+
+            try:
+                check_folder(cfg.train.resume_from, "train.resume_from")
+            except (OSError, ValueError) as err:  # a pickle, a file, a missing folder
+                raise ConfigError(str(err)) from err
         if cfg.sample.image and not Path(cfg.sample.image).exists():
             raise ConfigError(f"sample.image: file not found: {cfg.sample.image}")
         looks_local = cfg.model.pretrained.startswith((".", "/", "~")) or cfg.model.pretrained.count("/") > 1
+        if Path(cfg.model.pretrained).expanduser().exists():
+            from svdray.safeload import check_pipeline_folder
+
+            try:
+                check_pipeline_folder(Path(cfg.model.pretrained).expanduser(), "model.pretrained")
+            except (OSError, ValueError) as err:  # a pickled checkpoint, a pickled pipeline, a file
+                raise ConfigError(str(err)) from err
         if looks_local and not Path(cfg.model.pretrained).expanduser().is_dir():
             raise ConfigError(f"model.pretrained: directory not found: {cfg.model.pretrained}")
 

@@ -103,5 +103,8 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) sorted by step. A step logged more than once (a resumed run redoes the steps
+    after its checkpoint) counts with its latest value."""
     history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)
-    return sorted((m.step, m.value) for m in history)
+    latest = {m.step: m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))}
+    return sorted(latest.items())

@@ -129,3 +129,15 @@ def one_clip_manifest(tmp_path, square_clip) -> Path:
     from svdray.data.manifest import write_manifest
 
     return write_manifest([{"video": str(square_clip), "prompt": "a square"}], tmp_path / "one.jsonl")
+
+
+@pytest.fixture
+def torch_single_thread():
+    """One intra-op thread for in-process model runs: on a small shared machine, torch's default
+    (a thread per core) spins against the other processes and runs many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from svdray.config import LoraConfig
+from svdray.safeload import check_folder
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -81,7 +82,7 @@ def save_lora(unet: torch.nn.Module, cfg: LoraConfig, out_dir: str | Path) -> Pa
 
 def load_lora(unet: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
     """Inject the adapter described in `lora_dir` into `unet` and load its weights (safetensors only)."""
-    lora_dir = Path(lora_dir)
+    lora_dir = check_folder(lora_dir, "LoRA")  # a .pt/.bin handed over is refused, never unpickled
     weights = lora_dir / ADAPTER_WEIGHTS
     if not weights.exists():
         raise FileNotFoundError(f"{weights}: no LoRA weights (expected peft's {ADAPTER_WEIGHTS})")

@@ -4,7 +4,18 @@ A checkpoint folder holds:
     lora/                     the adapter in peft's format (usable on its own)
     optimizer.safetensors     every optimizer state tensor, keyed "<param index>.<name>"
     rng.safetensors           each worker's torch RNG and noise-generator state, keyed by rank
-    state.json                step, samples consumed, optimizer param groups, LR scheduler state
+    state.json                step, samples consumed, skipped updates, optimizer param groups,
+                              LR scheduler state, and the run's config
+
+That is everything a resumed run needs to compute exactly what the uninterrupted run would have:
+- The data position is `samples_seen`: the driver plans the whole stream of examples up front
+  (a seeded permutation per epoch, each example's frames fixed by its own seed), so the number of
+  examples consumed also fixes the epoch (the planned stream is whole epochs of the manifest) and
+  the position inside it; a resumed run starts the stream right after them.
+- There is no gradient scaler to save: mixed precision is bf16 autocast only, whose exponent range
+  equals float32's, so no loss scaling is needed (fp16, which would need one, is not offered).
+- Each worker's RNG states (global torch, CUDA, and the generator that draws sigmas, noise,
+  augmentation and dropout) are gathered to rank 0 and restored per rank.
 """
 
 from __future__ import annotations
@@ -18,7 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from svdray.config import LoraConfig
-from svdray.model.lora import ADAPTER_WEIGHTS, save_lora
+from svdray.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_lora
+from svdray.safeload import check_folder, check_safetensors
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -60,6 +72,7 @@ def save_checkpoint(
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
     rng_states: dict[str, torch.Tensor],
+    config: dict[str, Any] | None = None,
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -68,14 +81,39 @@ def save_checkpoint(
     save_file(tensors, str(directory / OPTIMIZER_FILE))
     save_file({k: v.contiguous() for k, v in rng_states.items()}, str(directory / RNG_FILE))
     scheduler_state = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
-    payload = {"train": asdict(state), "optimizer": optimizer_meta, "lr_scheduler": scheduler_state}
+    payload = {
+        "train": asdict(state),
+        "optimizer": optimizer_meta,
+        "lr_scheduler": scheduler_state,
+        "config": config,
+    }
     (directory / STATE_FILE).write_text(json.dumps(payload, indent=1))
     return directory
 
 
+def check_checkpoint(directory: str | Path) -> Path:
+    """`directory` if it is an svdray checkpoint folder; a clear error (and never an unpickling)
+    for anything else, e.g. a `.pt`/`.ckpt` file or a folder of another trainer's pickles."""
+    directory = check_folder(directory, "checkpoint")
+    if not (directory / STATE_FILE).is_file():
+        steps = sorted(p.name for p in directory.glob("step_*") if (p / STATE_FILE).is_file())
+        hint = f" (it holds the checkpoints {', '.join(steps)}: pass one of them)" if steps else ""
+        raise FileNotFoundError(
+            f"checkpoint: {directory} is not an svdray checkpoint folder: no {STATE_FILE}{hint}"
+        )
+    for name in (OPTIMIZER_FILE, RNG_FILE, f"lora/{ADAPTER_WEIGHTS}"):
+        check_safetensors(directory / name, "checkpoint")
+    if not (directory / "lora" / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"checkpoint: {directory / 'lora' / ADAPTER_CONFIG} is missing")
+    return directory
+
+
+def read_checkpoint_payload(directory: str | Path) -> dict[str, Any]:
+    return json.loads((check_checkpoint(directory) / STATE_FILE).read_text())
+
+
 def read_train_state(directory: str | Path) -> TrainState:
-    payload = json.loads((Path(directory) / STATE_FILE).read_text())
-    return TrainState(**payload["train"])
+    return TrainState(**read_checkpoint_payload(directory)["train"])
 
 
 def load_checkpoint(
@@ -87,9 +125,15 @@ def load_checkpoint(
     """Restore LoRA weights, optimizer and scheduler in place; returns the state and RNG states."""
     import peft
 
-    directory = Path(directory)
+    directory = check_checkpoint(directory)
     payload = json.loads((directory / STATE_FILE).read_text())
-    peft.set_peft_model_state_dict(unet, load_file(str(directory / "lora" / ADAPTER_WEIGHTS)))
+    result = peft.set_peft_model_state_dict(unet, load_file(str(directory / "lora" / ADAPTER_WEIGHTS)))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(
+            f"checkpoint: {directory}: its LoRA does not fit this run's `lora` config "
+            f"(keys that match no LoRA layer: {unexpected[:3]})"
+        )
     tensors = load_file(str(directory / OPTIMIZER_FILE))
     optimizer.load_state_dict(_optimizer_from_files(tensors, payload["optimizer"]))
     lr_scheduler.load_state_dict(

@@ -1,8 +1,9 @@
 """The training loop each Ray Train worker runs, top to bottom.
 
 load the pipeline -> freeze VAE and CLIP -> LoRA on the UNet -> DDP -> AdamW + schedule
--> restore the latest checkpoint, if any -> for each step: accumulate gradients over
-micro-batches, clip, update, report metrics, checkpoint every `checkpoint_every` steps
+-> restore the latest checkpoint (or the chosen one), if any -> for each step: accumulate
+gradients over micro-batches, clip, update unless the loss or gradient is not finite, report
+metrics, validate every `validate.every` steps, checkpoint every `checkpoint_every` steps
 -> save the final LoRA
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,12 +23,19 @@ import torch
 import torch.distributed as dist
 from diffusers.optimization import get_scheduler
 
+from svdray import tracking
 from svdray.config import Config, config_from_dict
 from svdray.model.lora import add_lora, lora_parameters, save_lora
 from svdray.model.pipeline import load_pipeline
 from svdray.tracking import MetricWriter
 from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from svdray.train.step import FrozenModels, training_loss
+from svdray.train.validate import (
+    load_validation_clips,
+    sample_validation_videos,
+    sampling_pipeline,
+    validation_loss_all,
+)
 
 logger = logging.getLogger("svdray.train")
 
@@ -86,7 +93,43 @@ def mean_across_workers(value: torch.Tensor) -> float:
     return value.item()
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def all_workers_finite(*values: torch.Tensor) -> bool:
+    """True only if every value is finite on every worker: all ranks must take the same decision
+    about an update, or the DDP replicas would drift apart."""
+    bad = torch.zeros((), device=values[0].device)
+    for value in values:
+        bad += (~torch.isfinite(value.detach())).any().float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.SUM)
+    return bad.item() == 0
+
+
+def restore_state(
+    loop_config: dict[str, Any],
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[TrainState, dict[str, torch.Tensor] | None, str | None]:
+    """The run's own latest checkpoint (Ray Train's, after a relaunch or a worker-group restart)
+    or else `train.resume_from`, the checkpoint the user chose; a fresh state without either.
+
+    Ray Train V2 dropped `TorchTrainer(resume_from_checkpoint=...)`; its migration guide passes the
+    path through `train_loop_config` and loads it when `ray.train.get_checkpoint()` is None. The
+    run's own checkpoint wins: it is newer than the one the run started from."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state, rng_states = load_checkpoint(ckpt_dir, unet, optimizer, lr_scheduler)
+        return state, rng_states, checkpoint.path
+    if loop_config.get("resume_from"):
+        state, rng_states = load_checkpoint(loop_config["resume_from"], unet, optimizer, lr_scheduler)
+        return state, rng_states, loop_config["resume_from"]
+    return TrainState(), None, None
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Returns (on rank 0, as `Result.return_value`) {"step", "bad_steps"} and, when the numerical
+    guard stopped the run, {"stopped": message}."""
     cfg = config_from_dict(loop_config["config"], check_files=False)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -115,16 +158,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         num_training_steps=cfg.train.max_steps,
     )
 
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state, rng_states = load_checkpoint(ckpt_dir, raw_unet, optimizer, lr_scheduler)
+    state, rng_states, restored_from = restore_state(loop_config, raw_unet, optimizer, lr_scheduler)
+    if rng_states is not None:
         restore_rng(rng_states, generator, rank)
-        if rank == 0:
-            logger.info("resumed from step %d (%d samples seen)", state.step, state.samples_seen)
-
     writer = MetricWriter(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
+    if restored_from and writer:
+        logger.info(
+            "resumed from %s: step %d, %d samples seen", restored_from, state.step, state.samples_seen
+        )
+        # Marks where this attempt took over in the MLflow run; the steps it redoes are logged
+        # again (the later value of a step is the one that counts, see tracking.metric_history).
+        writer.log({"resumed_from_step": state.step}, step=state.step)
+    last_checkpoint_step = state.step if restored_from else None
+
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world_size
     # The driver already dropped the examples consumed before `loop_config["data_skip"]`;
     # anything consumed since (the checkpoint is newer than the driver's view) is skipped here.
@@ -135,31 +181,47 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for _ in range(max(skip_micro_batches, 0)):
         next(data)
 
+    validation_clips = load_validation_clips(cfg) if cfg.validate.manifest else []
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if device.type == "cuda" and cfg.train.mixed_precision == "bf16"
         else contextlib.nullcontext()
     )
+    nan_steps = set(cfg.train.debug_nan_at_steps)
+    bad_streak = 0  # skipped updates in a row
     unet.train()
     while state.step < cfg.train.max_steps:
         started = time.perf_counter()
+        step = state.step + 1
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.train.grad_accum):
             try:
                 batch = next(data)
             except StopIteration:
                 raise RuntimeError(
-                    f"the data ran out at step {state.step}: too many clips failed to decode"
+                    f"the data ran out at step {step}: too many clips failed to decode"
                 ) from None
             # DDP all-reduces gradients only on the last micro-batch of an update.
             sync = micro == cfg.train.grad_accum - 1 or not hasattr(unet, "no_sync")
             with autocast, contextlib.nullcontext() if sync else unet.no_sync():
                 loss = training_loss(unet, frozen, batch, cfg.objective, generator) / cfg.train.grad_accum
+                if step in nan_steps:  # fault injection (train.debug_nan_at_steps)
+                    loss = loss * float("nan")
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(raw_unet), cfg.optim.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
+
+        # Numerical guard: an update with a non-finite loss or gradient is skipped (no optimizer or
+        # scheduler step; its gradients are dropped below). The step still counts and its examples
+        # stay consumed, so the data plan and the step numbering do not shift.
+        good = all_workers_finite(loss_sum, grad_norm)
+        if good:
+            optimizer.step()
+            lr_scheduler.step()
+            bad_streak = 0
+        else:
+            state.bad_steps += 1
+            bad_streak += 1
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.samples_seen += global_batch
@@ -170,13 +232,40 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "loss": loss_value,
             "lr": lr_scheduler.get_last_lr()[0],
             "grad_norm": grad_norm.item(),
+            "bad_steps": state.bad_steps,
             "samples_per_s": global_batch / elapsed,
             "frames_per_s": global_batch * cfg.data.num_frames / elapsed,
             "step": state.step,
         }
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"non-finite loss {loss_value} at step {state.step}")
-        if writer and state.step % cfg.train.log_every == 0:
+        if not good and rank == 0:
+            logger.warning(
+                "step %d: non-finite loss %s or gradient norm %s, update skipped (%d in a row, %d in all)",
+                state.step,
+                loss_value,
+                metrics["grad_norm"],
+                bad_streak,
+                state.bad_steps,
+            )
+        if bad_streak >= cfg.train.max_bad_steps:
+            kept = f"step_{last_checkpoint_step:08d}" if last_checkpoint_step is not None else "none yet"
+            message = (
+                f"stopped at step {state.step}: {bad_streak} updates in a row (steps "
+                f"{state.step - bad_streak + 1}-{state.step}) had a non-finite loss or gradient "
+                f"(train.max_bad_steps={cfg.train.max_bad_steps}); the last good checkpoint is {kept}"
+            )
+            if writer:
+                logger.error(message)
+                writer.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+            ray.train.report(metrics)
+            return {"stopped": message, "step": state.step, "bad_steps": state.bad_steps}
+
+        is_last = state.step == cfg.train.max_steps
+        if validation_clips and (is_last or state.step % cfg.validate.every == 0):
+            metrics["val_loss"] = run_validation(
+                cfg, raw_unet, frozen, validation_clips, autocast, loop_config, state.step
+            )
+            unet.train()
+        if writer and (state.step % cfg.train.log_every == 0 or "val_loss" in metrics):
             writer.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
             logger.info(
                 "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.2f samples/s",
@@ -188,23 +277,57 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics["samples_per_s"],
             )
 
-        is_last = state.step == cfg.train.max_steps
-        rngs = (
-            rng_snapshot(generator, rank, world_size)
-            if is_last or state.step % cfg.train.checkpoint_every == 0
-            else None
-        )
-        if rngs is not None:
+        # A checkpoint is written only after a good update (the last step excepted: the run ends
+        # there), so the latest checkpoint never holds the state of a run on its way to a stop.
+        if is_last or (good and state.step % cfg.train.checkpoint_every == 0):
+            rngs = rng_snapshot(generator, rank, world_size)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
-                    save_checkpoint(tmp, raw_unet, cfg.lora, optimizer, lr_scheduler, state, rngs)
+                    save_checkpoint(
+                        tmp, raw_unet, cfg.lora, optimizer, lr_scheduler, state, rngs, loop_config["config"]
+                    )
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{state.step:08d}")
-        elif state.step % cfg.train.log_every == 0:
+            last_checkpoint_step = state.step
+        elif state.step % cfg.train.log_every == 0 or "val_loss" in metrics:
             ray.train.report(metrics)
 
     if rank == 0:
         save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "lora")
     if cfg.train.save_worker_loras:
         save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "workers" / f"rank{rank}")
+    return {"step": state.step, "bad_steps": state.bad_steps}
+
+
+def run_validation(
+    cfg: Config,
+    unet: torch.nn.Module,
+    frozen: FrozenModels,
+    clips: list,
+    autocast: contextlib.AbstractContextManager,
+    loop_config: dict[str, Any],
+    step: int,
+) -> float:
+    """`val_loss` over the held-out clips (all workers), videos and previews (rank 0, to MLflow).
+
+    The RNGs are forked so validation draws nothing from the training streams, and the raw UNet
+    (not the DDP wrapper) runs in eval mode, so no gradient collective is involved."""
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = next(unet.parameters()).device
+    devices = [device] if device.type == "cuda" else []
+    unet.eval()
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast:
+        val_loss = validation_loss_all(cfg, unet, frozen, clips, device, rank, world_size)
+        if rank == 0 and cfg.validate.num_videos > 0:
+            out_dir = Path(cfg.output_dir) / "validation" / f"step_{step:08d}"
+            sample_validation_videos(cfg, sampling_pipeline(cfg, unet, frozen), clips, out_dir)
+            tracking.log_artifacts(
+                loop_config["tracking_uri"],
+                loop_config["mlflow_run_id"],
+                {f"validation/step_{step:08d}": out_dir},
+            )
+    if rank == 0:
+        logger.info("step %d validation loss %.4f", step, val_loss)
+    return val_loss

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import ray
 import ray.train
+import yaml
+from mlflow.tracking import MlflowClient
 from PIL import Image
 from ray.train.torch import TorchTrainer
 
@@ -23,10 +25,14 @@ from svdray.data.video import FrameSpec, decode_clip
 from svdray.report import plot_loss_curve
 from svdray.sample import load_sampling_pipeline, sample_video, write_mp4, write_preview
 from svdray.tracking import metric_history
-from svdray.train.checkpoint import read_train_state
+from svdray.train.checkpoint import check_checkpoint, read_train_state
 from svdray.train.loop import train_loop_per_worker
 
 logger = logging.getLogger("svdray.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The numerical guard stopped the run (too many non-finite updates in a row)."""
 
 
 @dataclass
@@ -55,6 +61,10 @@ def resolve_paths(cfg: Config) -> Config:
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
     cfg.train.storage_path = str(Path(cfg.train.storage_path or Path(cfg.output_dir) / "ray").resolve())
     cfg.data.manifest = str(Path(cfg.data.manifest).resolve())
+    if cfg.validate.manifest:
+        cfg.validate.manifest = str(Path(cfg.validate.manifest).resolve())
+    if cfg.train.resume_from:
+        cfg.train.resume_from = str(Path(cfg.train.resume_from).resolve())
     if Path(cfg.model.pretrained).expanduser().exists():
         cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
     return cfg
@@ -72,22 +82,37 @@ def latest_checkpoint(cfg: Config) -> ray.train.Checkpoint | None:
     return result.checkpoint
 
 
+def starting_point(cfg: Config) -> tuple[str | None, int]:
+    """Where this launch starts: (checkpoint path or None, examples it already trained on).
+
+    The run's own latest checkpoint (a relaunch with the same storage path and name) comes first;
+    else `train.resume_from`, a checkpoint the user chose (`svdray train --resume PATH`)."""
+    previous = latest_checkpoint(cfg)
+    if previous is not None:
+        with previous.as_directory() as ckpt_dir:
+            return previous.path, read_train_state(ckpt_dir).samples_seen
+    if cfg.train.resume_from:
+        return cfg.train.resume_from, read_train_state(cfg.train.resume_from).samples_seen
+    return None, 0
+
+
 def run_training(cfg: Config) -> TrainingResult:
     cfg = resolve_paths(cfg)
+    if cfg.train.resume_from:
+        check_checkpoint(cfg.train.resume_from)  # before anything starts: never a pickle
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    # The resolved config next to the run's outputs: `svdray export` reads the base model from it.
+    (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     init_ray(cfg)
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_or_resume_run(cfg)
     tracking.log_dict_artifact(uri, run_id, cfg.to_dict(), "config.yaml")
 
-    # Data position: a relaunch of the same run starts its data stream after the examples the
-    # latest checkpoint already trained on, instead of decoding them again only to skip them.
-    previous = latest_checkpoint(cfg)
-    data_skip = 0
-    if previous is not None:
-        with previous.as_directory() as ckpt_dir:
-            data_skip = read_train_state(ckpt_dir).samples_seen
-        logger.info("resuming %s from %s", cfg.train.name, previous.path)
+    # Data position: a relaunch (or a --resume) starts its data stream after the examples the
+    # checkpoint already trained on, instead of decoding them again only to skip them.
+    start_from, data_skip = starting_point(cfg)
+    if start_from:
+        logger.info("resuming %s from %s (%d examples already seen)", cfg.train.name, start_from, data_skip)
 
     rows = read_manifest(cfg.data.manifest)
     data_context = ray.data.DataContext.get_current()
@@ -108,6 +133,7 @@ def run_training(cfg: Config) -> TrainingResult:
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
             "data_skip": data_skip,
+            "resume_from": cfg.train.resume_from,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
@@ -116,6 +142,8 @@ def run_training(cfg: Config) -> TrainingResult:
             name=cfg.train.name,
             storage_path=cfg.train.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # A dead worker (or node) restarts the worker group from the latest checkpoint.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets={"train": dataset},
     )
@@ -124,6 +152,11 @@ def run_training(cfg: Config) -> TrainingResult:
     except BaseException:
         tracking.end_run(uri, run_id, status="FAILED")
         raise
+    outcome = result.return_value or {}
+    if "stopped" in outcome:
+        MlflowClient(tracking_uri=uri).set_tag(run_id, "svdray.stopped", outcome["stopped"])
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise TrainingStopped(outcome["stopped"])
 
     output = TrainingResult(
         output_dir=Path(cfg.output_dir),
@@ -152,9 +185,11 @@ def log_results(cfg: Config, result: TrainingResult, first_row: dict) -> None:
     artifacts: dict[str, Path] = {"lora": result.lora_dir}
     curve = metric_history(result.tracking_uri, result.mlflow_run_id, "loss")
     if curve:
-        artifacts[""] = plot_loss_curve(
-            {"train loss": curve}, result.output_dir / "loss_curve.png", cfg.train.name
-        )
+        series = {
+            "train loss": curve,
+            "validation loss": metric_history(result.tracking_uri, result.mlflow_run_id, "val_loss"),
+        }
+        artifacts[""] = plot_loss_curve(series, result.output_dir / "loss_curve.png", cfg.train.name)
     if cfg.sample.enabled:
         num_frames = cfg.sample.num_frames or cfg.data.num_frames
         fps = cfg.sample.fps or round(cfg.data.fps)

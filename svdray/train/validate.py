@@ -1,0 +1,168 @@
+"""Validation during training: a loss comparable across runs, and videos to look at.
+
+Every `validate.every` steps (and at the last step) the loop
+  (a) computes `val_loss`: the v-prediction loss of the held-out clips at a fixed sigma grid with
+      fixed noise (`step.validation_loss`), so it moves only when the weights do and can be compared
+      between steps, runs and Tune trials;
+  (b) on rank 0, samples videos from the first frames of the first `validate.num_videos` held-out
+      clips with `sample.sample_video` - the code behind `svdray sample` - on a pipeline whose UNet
+      is the training UNet itself (LoRA applied, eval mode), and writes per clip an mp4 and, per
+      step, one preview (GIF and PNG) of conditioning frame | sample | ground truth side by side.
+
+Held-out clips are decoded once, from their first frame, center-cropped: the same frames at every
+validation. Nothing here draws from the training RNGs (the caller forks them), so turning
+validation on or off does not change what training computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
+from PIL import Image
+
+from svdray.config import Config
+from svdray.data.manifest import read_manifest
+from svdray.data.video import FrameSpec, decode_clip, to_model_range
+from svdray.model.conditioning import motion_bucket_from_clip
+from svdray.sample import sample_video, write_mp4
+from svdray.train.step import FrozenModels, validation_loss
+
+
+@dataclass
+class ValidationClip:
+    index: int  # position in the validation manifest: fixes its noise seed
+    video: torch.Tensor  # (T, 3, H, W) uint8, the ground truth
+    image: torch.Tensor  # (3, H, W) uint8, the conditioning frame
+    motion_bucket_id: float
+
+
+def load_validation_clips(cfg: Config) -> list[ValidationClip]:
+    rows = read_manifest(cfg.validate.manifest)[: cfg.validate.max_clips]
+    spec = FrameSpec(cfg.data.num_frames, cfg.data.fps, cfg.data.height, cfg.data.width, "first", "center")
+    clips = []
+    for index, row in enumerate(rows):
+        frames, image = decode_clip(row["video"], spec, seed=0, image_path=row.get("image"))
+        bucket = cfg.data.motion_bucket_id
+        if bucket is None:
+            bucket = motion_bucket_from_clip(to_model_range(frames), cfg.data.motion_bucket_scale)
+        clips.append(ValidationClip(index, frames, image, float(bucket)))
+    return clips
+
+
+def clip_batch(clip: ValidationClip, fps: float, device: torch.device) -> dict[str, torch.Tensor]:
+    """One clip as a training batch of size 1."""
+    return {
+        "video": clip.video[None].to(device),
+        "image": clip.image[None].to(device),
+        "fps": torch.tensor([fps], dtype=torch.float32, device=device),
+        "motion_bucket_id": torch.tensor([clip.motion_bucket_id], dtype=torch.float32, device=device),
+    }
+
+
+def validation_loss_all(
+    cfg: Config,
+    unet: torch.nn.Module,
+    frozen: FrozenModels,
+    clips: list[ValidationClip],
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> float:
+    """Mean validation loss over all clips; each worker takes every world_size-th clip."""
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for clip in clips[rank::world_size]:
+        batch = clip_batch(clip, cfg.data.fps, device)
+        totals[0] += validation_loss(unet, frozen, batch, seed=cfg.validate.seed + clip.index)
+        totals[1] += 1
+    if world_size > 1:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return (totals[0] / totals[1]).item()
+
+
+def sampling_pipeline(
+    cfg: Config, unet: torch.nn.Module, frozen: FrozenModels
+) -> StableVideoDiffusionPipeline:
+    """A pipeline around the training UNet: what `svdray sample` would load from this LoRA."""
+    scheduler = EulerDiscreteScheduler.from_pretrained(
+        cfg.model.pretrained, subfolder="scheduler", revision=cfg.model.revision
+    )
+    pipe = StableVideoDiffusionPipeline(
+        vae=frozen.vae,
+        image_encoder=frozen.image_encoder,
+        unet=unet,
+        scheduler=scheduler,
+        feature_extractor=frozen.feature_extractor,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def to_hwc(pixels: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) uint8 tensor -> (..., H, W, 3) numpy."""
+    return pixels.movedim(-3, -1).cpu().numpy()
+
+
+def write_previews(
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], out_dir: Path, fps: float, scale: int = 1
+) -> list[Path]:
+    """rows of (conditioning frame (H, W, 3), sample (T, H, W, 3), ground truth (T, H, W, 3)).
+
+    preview.gif animates one line per clip: conditioning frame | sample | ground truth.
+    preview.png shows every frame: per clip, the sample's frames on one line and the ground
+    truth's below, each line starting with the conditioning frame.
+    """
+    num_frames = min(min(len(sample), len(truth)) for _, sample, truth in rows)
+    gif_frames = []
+    for t in range(num_frames):
+        lines = [np.concatenate([cond, sample[t], truth[t]], axis=1) for cond, sample, truth in rows]
+        gif_frames.append(np.concatenate(lines, axis=0))
+    strips = []
+    for cond, sample, truth in rows:
+        strips.append(np.concatenate([cond, *sample[:num_frames]], axis=1))
+        strips.append(np.concatenate([cond, *truth[:num_frames]], axis=1))
+    png = np.concatenate(strips, axis=0)
+
+    def upscale(array: np.ndarray) -> Image.Image:
+        image = Image.fromarray(array)
+        return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+    gif_path, png_path = out_dir / "preview.gif", out_dir / "preview.png"
+    images = [upscale(frame) for frame in gif_frames]
+    images[0].save(gif_path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    upscale(png).save(png_path)
+    return [gif_path, png_path]
+
+
+def sample_validation_videos(
+    cfg: Config, pipe: StableVideoDiffusionPipeline, clips: list[ValidationClip], out_dir: Path
+) -> Path:
+    """mp4s and previews for the first `validate.num_videos` clips, written into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fps = cfg.sample.fps or round(cfg.data.fps)
+    rows = []
+    for clip in clips[: cfg.validate.num_videos]:
+        image = Image.fromarray(to_hwc(clip.image))
+        frames = sample_video(
+            pipe,
+            image,
+            cfg.data.height,
+            cfg.data.width,
+            cfg.data.num_frames,
+            steps=cfg.validate.steps,
+            fps=fps,
+            motion_bucket_id=round(clip.motion_bucket_id),
+            noise_aug_strength=cfg.sample.noise_aug_strength,
+            min_guidance=cfg.sample.min_guidance,
+            max_guidance=cfg.sample.max_guidance,
+            seed=cfg.validate.seed + clip.index,
+        )
+        write_mp4(frames, out_dir / f"clip{clip.index:03d}.mp4", fps)
+        rows.append((to_hwc(clip.image), frames, to_hwc(clip.video)))
+    if rows:
+        write_previews(rows, out_dir, fps, scale=max(1, 128 // cfg.data.height))
+    return out_dir
