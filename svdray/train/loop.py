@@ -34,6 +34,7 @@ from svdray.train.validate import (
     load_validation_clips,
     sample_validation_videos,
     sampling_pipeline,
+    validation_autocast,
     validation_loss_all,
 )
 
@@ -262,7 +263,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         is_last = state.step == cfg.train.max_steps
         if validation_clips and (is_last or state.step % cfg.validate.every == 0):
             metrics["val_loss"] = run_validation(
-                cfg, raw_unet, frozen, validation_clips, autocast, loop_config, state.step
+                cfg, raw_unet, frozen, validation_clips, loop_config, state.step
             )
             unet.train()
         if writer and (state.step % cfg.train.log_every == 0 or "val_loss" in metrics):
@@ -305,7 +306,6 @@ def run_validation(
     unet: torch.nn.Module,
     frozen: FrozenModels,
     clips: list,
-    autocast: contextlib.AbstractContextManager,
     loop_config: dict[str, Any],
     step: int,
 ) -> float:
@@ -318,7 +318,7 @@ def run_validation(
     device = next(unet.parameters()).device
     devices = [device] if device.type == "cuda" else []
     unet.eval()
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast:
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), validation_autocast(cfg, device):
         val_loss = validation_loss_all(cfg, unet, frozen, clips, device, rank, world_size)
         if rank == 0 and cfg.validate.num_videos > 0:
             out_dir = Path(cfg.output_dir) / "validation" / f"step_{step:08d}"

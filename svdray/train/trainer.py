@@ -152,7 +152,10 @@ def run_training(cfg: Config) -> TrainingResult:
     except BaseException:
         tracking.end_run(uri, run_id, status="FAILED")
         raise
-    outcome = result.return_value or {}
+    outcome = result.return_value
+    if outcome is None:  # the loop never returned: the run was aborted (e.g. Ctrl-C)
+        tracking.end_run(uri, run_id, status="KILLED")
+        raise RuntimeError(f"run {cfg.train.name} was interrupted; run the same command again to resume it")
     if "stopped" in outcome:
         MlflowClient(tracking_uri=uri).set_tag(run_id, "svdray.stopped", outcome["stopped"])
         tracking.end_run(uri, run_id, status="FAILED")

@@ -16,6 +16,7 @@ validation on or off does not change what training computes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,16 @@ def load_validation_clips(cfg: Config) -> list[ValidationClip]:
             bucket = motion_bucket_from_clip(to_model_range(frames), cfg.data.motion_bucket_scale)
         clips.append(ValidationClip(index, frames, image, float(bucket)))
     return clips
+
+
+def validation_autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """The pipeline hands the frozen encoders' outputs to the float32 UNet; with half-precision
+    frozen models (or bf16 training) that mix runs under autocast, as training does."""
+    if device.type == "cuda" and cfg.train.mixed_precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if cfg.model.frozen_dtype != "float32":
+        return torch.autocast(device.type, dtype=getattr(torch, cfg.model.frozen_dtype))
+    return contextlib.nullcontext()
 
 
 def clip_batch(clip: ValidationClip, fps: float, device: torch.device) -> dict[str, torch.Tensor]:
