@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from diffusers.optimization import get_scheduler
 
 from svdray.config import Config, config_from_dict
+from svdray.data.ledger import find_ledger
 from svdray.model.lora import add_lora, lora_parameters, save_lora
 from svdray.model.pipeline import load_pipeline
 from svdray.tracking import MetricWriter
@@ -32,7 +34,16 @@ from svdray.train.step import FrozenModels, training_loss
 
 logger = logging.getLogger("svdray.train")
 
-BATCH_COLUMNS = ("video", "image", "fps", "motion_bucket_id")
+# Model inputs a batch may carry: decoded clips ("video") or cached latents (`svdray.data.cache`).
+BATCH_COLUMNS = (
+    "video",
+    "image",
+    "fps",
+    "motion_bucket_id",
+    "latent_mean",
+    "latent_std",
+    "image_embedding",
+)
 
 
 def build_models(cfg: Config, device: torch.device) -> tuple[FrozenModels, torch.nn.Module]:
@@ -51,9 +62,34 @@ def build_models(cfg: Config, device: torch.device) -> tuple[FrozenModels, torch
 
 
 def batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """Model inputs from this worker's Ray Data shard, uint8 pixels moved to the device as is."""
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
-        yield {k: torch.as_tensor(batch[k]).to(device, non_blocking=True) for k in BATCH_COLUMNS}
+    """Model inputs from this worker's Ray Data shard, uint8 pixels moved to the device as is.
+
+    Examples arrive one per block; each batch is made of examples of one shape (one
+    aspect-ratio bucket): the plan keeps a step's examples in one bucket, and grouping here
+    keeps that true even when a clip that failed to decode shifts the stream. Each batch's clips
+    are recorded in the run's data ledger, so what was fed can be checked after training.
+    """
+    context = ray.train.get_context()
+    ledger = find_ledger(context.get_experiment_name())
+    rank = context.get_world_rank()
+    waiting: dict[tuple, list[dict[str, Any]]] = {}
+    for block in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        columns = [k for k in BATCH_COLUMNS if k in block]
+        for i in range(len(block["clip_id"])):
+            example = {k: np.asarray(block[k][i]) for k in (*columns, "clip_id", "epoch")}
+            shape = tuple(example[k].shape for k in columns)
+            group = waiting.setdefault(shape, [])
+            group.append(example)
+            if len(group) < batch_size:
+                continue
+            del waiting[shape]
+            if ledger is not None:
+                clip_ids = [str(e["clip_id"]) for e in group]
+                ledger.record_fed.remote(rank, clip_ids, [int(e["epoch"]) for e in group])
+            yield {
+                k: torch.from_numpy(np.stack([e[k] for e in group])).to(device, non_blocking=True)
+                for k in columns
+            }
 
 
 def rng_snapshot(generator: torch.Generator, rank: int, world_size: int) -> dict[str, torch.Tensor]:
