@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import ray.data
 import torch
 from safetensors import safe_open
@@ -330,7 +331,11 @@ def read_cached_batch(batch: dict[str, np.ndarray], cfg: DataConfig, ledger=None
         message = f"{item['clip_id']}: cache entry unreadable ({err})"
         logger.warning("skipping clip %s", message)
         if ledger is not None:
-            ledger.record_failure.remote(str(item["clip_id"]), int(item["epoch"]), CACHE_UNREADABLE, message)
+            ray.get(
+                ledger.record_failure.remote(
+                    str(item["clip_id"]), int(item["epoch"]), CACHE_UNREADABLE, message
+                )
+            )
         return {"clip_id": np.array([], dtype=object), "epoch": np.zeros(0, np.int64)}
     if item["motion_bucket_id"] >= 0:
         bucket = float(item["motion_bucket_id"])

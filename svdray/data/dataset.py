@@ -20,6 +20,7 @@ import zlib
 from typing import Any
 
 import numpy as np
+import ray
 import ray.data
 
 from svdray.config import DataConfig
@@ -148,7 +149,11 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DataConfig, ledger=None) -> 
             raise error from err
         logger.warning("skipping clip %s: %s", item["clip_id"], error)
         if ledger is not None:
-            ledger.record_failure.remote(str(item["clip_id"]), int(item["epoch"]), error.reason, str(error))
+            ray.get(
+                ledger.record_failure.remote(
+                    str(item["clip_id"]), int(item["epoch"]), error.reason, str(error)
+                )
+            )
         return {
             "video": np.zeros((0, cfg.num_frames, 3, int(item["height"]), int(item["width"])), np.uint8),
             "image": np.zeros((0, 3, int(item["height"]), int(item["width"])), np.uint8),

@@ -198,7 +198,7 @@ def training_rows(cfg: DataConfig, work_dir: str | Path) -> Prepared:
     if cfg.strict and prepared.rejects:
         raise DataError(
             f"data.strict: {len(prepared.rejects)} bad row(s) in {cfg.manifest}:\n"
-            + "\n".join(f"  [{r.reason}] {r.message}" for r in prepared.rejects)
+            + "\n".join(f"  {r.clip_id} [{r.reason}] {r.message}" for r in prepared.rejects)
         )
     if not prepared.rows:
         raise DataError(

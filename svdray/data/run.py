@@ -61,7 +61,7 @@ def build_run_data(cfg: Config, num_samples: int, skip: int, uri: str, run_id: s
             tracking.end_run(uri, run_id, status="FAILED")
             raise DataError(
                 "data.strict: clips failed to decode while caching:\n"
-                + "\n".join(f"  [{f.reason}] {f.message}" for f in cache.failures)
+                + "\n".join(f"  {f.clip_id} [{f.reason}] {f.message}" for f in cache.failures)
             )
         if not cache.entries:
             tracking.end_run(uri, run_id, status="FAILED")

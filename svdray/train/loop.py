@@ -85,7 +85,8 @@ def batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[dict[
             del waiting[shape]
             if ledger is not None:
                 clip_ids = [str(e["clip_id"]) for e in group]
-                ledger.record_fed.remote(rank, clip_ids, [int(e["epoch"]) for e in group])
+                # Waited for: a worker that exits right after its last step must not drop it.
+                ray.get(ledger.record_fed.remote(rank, clip_ids, [int(e["epoch"]) for e in group]))
             yield {
                 k: torch.from_numpy(np.stack([e[k] for e in group])).to(device, non_blocking=True)
                 for k in columns
