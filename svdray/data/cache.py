@@ -262,6 +262,19 @@ def encoder_pool_size(cfg: DataConfig) -> tuple[int, float]:
 
 
 @dataclass
+class CacheLookup:
+    """Every row's entry key, and which keys the cache already holds."""
+
+    folder: Path
+    keys: dict[str, tuple[str, dict[str, Any]]]  # clip_id -> (entry key, planned example)
+    index: dict[str, str]  # entry key -> shard
+    failures: list[Reject] = field(default_factory=list)  # files that are gone
+
+    def missing(self) -> list[dict[str, Any]]:
+        return [{**item, "key": key} for key, item in self.keys.values() if key not in self.index]
+
+
+@dataclass
 class CacheResult:
     folder: Path
     entries: dict[str, tuple[str, str]]  # clip_id -> (entry key, shard path)
@@ -270,25 +283,30 @@ class CacheResult:
     failures: list[Reject] = field(default_factory=list)
 
 
-def ensure_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig) -> CacheResult:
-    """Look every row up in the cache and compute the entries that are missing.
-
-    A clip that cannot be decoded is reported in `failures` (and left out of `entries`)."""
-    folder = cache_root(cfg) / model_key(model)[:16]
+def lookup_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig) -> CacheLookup:
     mkey = model_key(model)
+    folder = cache_root(cfg) / mkey[:16]
     sizes = assign_buckets(rows, cfg.buckets, (cfg.height, cfg.width))
-    index = read_index(folder)
-    keyed: dict[str, tuple[str, dict[str, Any]]] = {}
+    keys: dict[str, tuple[str, dict[str, Any]]] = {}
     failures: list[Reject] = []
     for row, size in zip(rows, sizes, strict=True):
         item = plan_item(row, size, epoch=0, seed=0)
         try:
-            keyed[row["clip_id"]] = (entry_key(item, cfg, mkey), item)
+            keys[row["clip_id"]] = (entry_key(item, cfg, mkey), item)
         except ClipError as err:
             failures.append(Reject(row["clip_id"], err.reason, str(err), row))
-    todo = [{**item, "key": key} for key, item in keyed.values() if key not in index]
-    hits = len(keyed) - len(todo)
-    logger.info("latent cache %s: %d hits, %d to compute", folder, hits, len(todo))
+    return CacheLookup(folder, keys, read_index(folder), failures)
+
+
+def ensure_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig) -> CacheResult:
+    """Look every row up in the cache and compute the entries that are missing.
+
+    A clip that cannot be decoded is reported in `failures` (and left out of `entries`)."""
+    lookup = lookup_cache(rows, cfg, model)
+    todo = lookup.missing()
+    index, failures = dict(lookup.index), list(lookup.failures)
+    hits = len(lookup.keys) - len(todo)
+    logger.info("latent cache %s: %d hits, %d to compute", lookup.folder, hits, len(todo))
     if todo:
         actors, gpus = encoder_pool_size(cfg)
         decoded = planned_dataset(todo).map_batches(
@@ -299,15 +317,15 @@ def ensure_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig
             batch_size=cfg.cache_batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus,
-            fn_constructor_kwargs=dict(model=model, folder=str(folder)),
+            fn_constructor_kwargs=dict(model=model, folder=str(lookup.folder)),
         ).take_all()
         for result in results:
             if result["error"]:
                 failures.append(Reject(str(result["clip_id"]), str(result["reason"]), str(result["error"])))
             else:
                 index[str(result["key"])] = str(result["shard"])
-    entries = {clip: (key, index[key]) for clip, (key, _) in keyed.items() if key in index}
-    return CacheResult(folder, entries, hits, len(entries) - hits, failures)
+    entries = {clip: (key, index[key]) for clip, (key, _) in lookup.keys.items() if key in index}
+    return CacheResult(lookup.folder, entries, hits, len(entries) - hits, failures)
 
 
 # --------------------------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def open_video(path: str, size: tuple[int, int] | None = None):
         if "video stream" in message:
             raise ClipError(f"{path}: the file has no video stream", NO_VIDEO_STREAM) from err
         if "av_read_frame" in message:  # the index opened, the frame data did not
-            raise ClipError(f"{path}: frames cannot be read (truncated or corrupt file)", DECODE_FAILED) from err
+            message = f"{path}: frames cannot be read (truncated or corrupt file)"
+            raise ClipError(message, DECODE_FAILED) from err
         raise ClipError(
             f"{path}: not a readable video (not a video format, or its index is missing: truncated file)",
             NOT_A_VIDEO,
