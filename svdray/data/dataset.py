@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -177,6 +178,29 @@ def planned_dataset(items: list[dict[str, Any]]) -> ray.data.Dataset:
     return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / ROWS_PER_TASK)))
 
 
+def same_shape_batches(
+    blocks: Iterable[dict[str, np.ndarray]], batch_size: int, columns: tuple[str, ...]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `batch_size` examples whose `columns` have one shape (one aspect-ratio bucket).
+
+    The plan keeps each step's examples in one bucket; grouping by shape keeps every batch
+    stackable even when a clip that failed to decode shifts the stream. Extra columns (clip_id,
+    epoch) come along as arrays.
+    """
+    waiting: dict[tuple, list[dict[str, Any]]] = {}
+    for block in blocks:
+        if not len(block.get("clip_id", ())):
+            continue  # an example that failed to decode
+        present = [k for k in columns if k in block]
+        for example in _rows(block):
+            shape = tuple(np.shape(example[k]) for k in present)
+            group = waiting.setdefault(shape, [])
+            group.append(example)
+            if len(group) == batch_size:
+                del waiting[shape]
+                yield {k: np.stack([np.asarray(e[k]) for e in group]) for k in group[0]}
+
+
 def one_example_blocks(ds: ray.data.Dataset) -> ray.data.Dataset:
     """Cut into one-example blocks, so Ray Train deals examples to workers round-robin."""
     return ds.repartition(target_num_rows_per_block=1)
@@ -198,7 +222,11 @@ def build_training_dataset(
     bucket.
     """
     sizes = assign_buckets(rows, cfg.buckets, (cfg.height, cfg.width))
-    items = plan_epochs(rows, num_samples, seed, cfg.shuffle, skip, sizes, group)
+    return decoded_stream(plan_epochs(rows, num_samples, seed, cfg.shuffle, skip, sizes, group), cfg, ledger)
+
+
+def decoded_stream(items: list[dict[str, Any]], cfg: DataConfig, ledger=None) -> ray.data.Dataset:
+    """Planned examples -> decoded examples, one per block, in plan order."""
     decoded = planned_dataset(items).map_batches(
         decode_batch, batch_size=1, num_cpus=cfg.decode_cpus, fn_kwargs=dict(cfg=cfg, ledger=ledger)
     )

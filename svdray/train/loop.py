@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -25,6 +24,7 @@ import torch.distributed as dist
 from diffusers.optimization import get_scheduler
 
 from svdray.config import Config, config_from_dict
+from svdray.data.dataset import same_shape_batches
 from svdray.data.ledger import find_ledger
 from svdray.model.lora import add_lora, lora_parameters, save_lora
 from svdray.model.pipeline import load_pipeline
@@ -64,33 +64,20 @@ def build_models(cfg: Config, device: torch.device) -> tuple[FrozenModels, torch
 def batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """Model inputs from this worker's Ray Data shard, uint8 pixels moved to the device as is.
 
-    Examples arrive one per block; each batch is made of examples of one shape (one
-    aspect-ratio bucket): the plan keeps a step's examples in one bucket, and grouping here
-    keeps that true even when a clip that failed to decode shifts the stream. Each batch's clips
-    are recorded in the run's data ledger, so what was fed can be checked after training.
+    Examples arrive one per block and are batched by shape (one aspect-ratio bucket per batch).
+    Each batch's clips are recorded in the run's data ledger, so what was fed can be checked.
     """
     context = ray.train.get_context()
     ledger = find_ledger(context.get_experiment_name())
-    rank = context.get_world_rank()
-    waiting: dict[tuple, list[dict[str, Any]]] = {}
-    for block in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        columns = [k for k in BATCH_COLUMNS if k in block]
-        for i in range(len(block["clip_id"])):
-            example = {k: np.asarray(block[k][i]) for k in (*columns, "clip_id", "epoch")}
-            shape = tuple(example[k].shape for k in columns)
-            group = waiting.setdefault(shape, [])
-            group.append(example)
-            if len(group) < batch_size:
-                continue
-            del waiting[shape]
-            if ledger is not None:
-                clip_ids = [str(e["clip_id"]) for e in group]
-                # Waited for: a worker that exits right after its last step must not drop it.
-                ray.get(ledger.record_fed.remote(rank, clip_ids, [int(e["epoch"]) for e in group]))
-            yield {
-                k: torch.from_numpy(np.stack([e[k] for e in group])).to(device, non_blocking=True)
-                for k in columns
-            }
+    blocks = shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+    for batch in same_shape_batches(blocks, batch_size, BATCH_COLUMNS):
+        if ledger is not None:
+            # Waited for: a worker that exits right after its last step must not drop it.
+            fed = [str(c) for c in batch["clip_id"]], [int(e) for e in batch["epoch"]]
+            ray.get(ledger.record_fed.remote(context.get_world_rank(), *fed))
+        yield {
+            k: torch.from_numpy(batch[k]).to(device, non_blocking=True) for k in BATCH_COLUMNS if k in batch
+        }
 
 
 def rng_snapshot(generator: torch.Generator, rank: int, world_size: int) -> dict[str, torch.Tensor]:
