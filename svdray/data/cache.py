@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 from svdray.config import DataConfig, ModelConfig
 from svdray.data.buckets import assign_buckets
 from svdray.data.dataset import (
+    CRASH_RETRIES,
     decode_item,
     item_fps,
     one_example_blocks,
@@ -310,7 +311,11 @@ def ensure_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig
     if todo:
         actors, gpus = encoder_pool_size(cfg)
         decoded = planned_dataset(todo).map_batches(
-            decode_for_cache, batch_size=1, num_cpus=cfg.decode_cpus, fn_kwargs=dict(cfg=cfg)
+            decode_for_cache,
+            batch_size=1,
+            num_cpus=cfg.decode_cpus,
+            max_retries=CRASH_RETRIES,
+            fn_kwargs=dict(cfg=cfg),
         )
         results = decoded.map_batches(
             LatentEncoder,
@@ -392,4 +397,4 @@ def build_cached_dataset(
     read = planned_dataset(items).map_batches(
         read_cached_batch, batch_size=1, num_cpus=READ_CPUS, fn_kwargs=dict(cfg=cfg, ledger=ledger)
     )
-    return one_example_blocks(read)
+    return one_example_blocks(read, cfg.strict)

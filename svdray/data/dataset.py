@@ -32,6 +32,9 @@ from svdray.model.conditioning import motion_bucket_from_clip
 logger = logging.getLogger(__name__)
 
 ROWS_PER_TASK = 4  # examples decoded per Ray task: amortises the task overhead
+# Ray Data retries a task whose worker died forever by default; a decoder that crashes on a
+# corrupt file would then hang the run. One retry covers a transient loss (a killed process).
+CRASH_RETRIES = 1
 
 
 def frame_spec(cfg: DataConfig, height: int | None = None, width: int | None = None) -> FrameSpec:
@@ -201,9 +204,15 @@ def same_shape_batches(
                 yield {k: np.stack([np.asarray(e[k]) for e in group]) for k in group[0]}
 
 
-def one_example_blocks(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """Cut into one-example blocks, so Ray Train deals examples to workers round-robin."""
-    return ds.repartition(target_num_rows_per_block=1)
+def one_example_blocks(ds: ray.data.Dataset, strict: bool) -> ray.data.Dataset:
+    """Cut into one-example blocks, so Ray Train deals examples to workers round-robin.
+
+    Unless strict, a task whose worker process dies (a decoder crashing on a corrupt file) loses
+    its few examples instead of ending the run: Ray Data logs the error and goes on."""
+    ds = ds.repartition(target_num_rows_per_block=1)
+    if not strict:
+        ds.context.max_errored_blocks = -1
+    return ds
 
 
 def build_training_dataset(
@@ -228,6 +237,10 @@ def build_training_dataset(
 def decoded_stream(items: list[dict[str, Any]], cfg: DataConfig, ledger=None) -> ray.data.Dataset:
     """Planned examples -> decoded examples, one per block, in plan order."""
     decoded = planned_dataset(items).map_batches(
-        decode_batch, batch_size=1, num_cpus=cfg.decode_cpus, fn_kwargs=dict(cfg=cfg, ledger=ledger)
+        decode_batch,
+        batch_size=1,
+        num_cpus=cfg.decode_cpus,
+        max_retries=CRASH_RETRIES,
+        fn_kwargs=dict(cfg=cfg, ledger=ledger),
     )
-    return one_example_blocks(decoded)
+    return one_example_blocks(decoded, cfg.strict)

@@ -9,13 +9,11 @@ than hoped for.
 
 from __future__ import annotations
 
-import logging
+import time
 from collections import Counter
 from typing import Any
 
 import ray
-
-logger = logging.getLogger(__name__)
 
 
 def ledger_name(experiment: str) -> str:
@@ -57,7 +55,12 @@ def create_ledger(experiment: str):
         ray.kill(ray.get_actor(name))
     except ValueError:
         pass
-    return DataLedger.options(name=name).remote()
+    for _ in range(50):  # a killed actor's name is released asynchronously
+        try:
+            return DataLedger.options(name=name).remote()
+        except ValueError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the actor name {name!r} stays taken: is another run with this name active?")
 
 
 def find_ledger(experiment: str):

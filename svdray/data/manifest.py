@@ -114,6 +114,8 @@ def _media_path(value: Any, base: Path, media_dir: Path | None, column: str) -> 
         raise RowError(NO_VIDEO if column == "video" else BAD_VALUE, f"row has no '{column}'")
     if not isinstance(value, str):
         raise RowError(BAD_VALUE, f"'{column}' must be a path, got {type(value).__name__} {value!r}")
+    if "://" in value:
+        raise RowError(BAD_VALUE, f"'{column}' is a URL ({value}): svdray reads local files, download it first")
     return _resolve(value.strip(), base)
 
 
@@ -165,7 +167,7 @@ def duplicate_key(row: dict[str, Any]) -> tuple:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", errors="replace") as f:
+    with path.open(encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM is not a bad first row
         for line_no, line in enumerate(f, start=1):
             clip_id = f"{path.name}:{line_no}"
             if not line.strip():

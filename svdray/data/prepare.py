@@ -26,6 +26,7 @@ import numpy as np
 import ray.data
 
 from svdray.config import DataConfig
+from svdray.data.dataset import CRASH_RETRIES
 from svdray.data.manifest import DataError, ManifestError, Reject, scan_manifest, write_manifest
 from svdray.data.video import TOO_SHORT, ClipError, probe_image, probe_video
 
@@ -37,6 +38,7 @@ INFO = "prepare.json"
 
 
 PROBE_FAILED = "probe_failed"
+DECODER_CRASHED = "decoder_crashed"
 
 
 @dataclass
@@ -92,27 +94,43 @@ def probe_batch(batch: dict[str, np.ndarray], num_frames: int, fps: float) -> di
     return {"result": np.array(results, dtype=object)}
 
 
+def _probe_pass(rows: list[dict[str, Any]], num_frames: int, fps: float, cpus: float, per_task: int) -> list:
+    ds = ray.data.from_items(
+        [{"row": json.dumps(r, default=str)} for r in rows],
+        override_num_blocks=max(1, min(len(rows) // per_task, 1000)),
+    ).map_batches(
+        probe_batch,
+        batch_size=per_task,
+        num_cpus=cpus,
+        max_retries=CRASH_RETRIES,
+        fn_kwargs=dict(num_frames=num_frames, fps=fps),
+    )
+    # A decoder that crashes its worker process (it happens on some corrupt files) costs the rows
+    # of that task, which are probed again one by one, instead of the whole run.
+    ds.context.max_errored_blocks = -1
+    return [json.loads(r["result"]) for r in ds.take_all()]
+
+
 def probe_rows(
     rows: list[dict[str, Any]], num_frames: int, fps: float, cpus: float = 1.0
 ) -> tuple[list[dict[str, Any]], list[Reject]]:
     """Probe rows in parallel Ray tasks; results come back in manifest order."""
     if not rows:
         return [], []
-    ds = ray.data.from_items(
-        [{"row": json.dumps(r, default=str)} for r in rows], override_num_blocks=min(len(rows), 200)
-    )
-    out = ds.map_batches(
-        probe_batch, batch_size=8, num_cpus=cpus, fn_kwargs=dict(num_frames=num_frames, fps=fps)
-    ).take_all()
+    results = _probe_pass(rows, num_frames, fps, cpus, per_task=8)
+    done = {r["row"]["clip_id"] if "row" in r else r["reject"]["clip_id"] for r in results}
+    lost = [r for r in rows if r["clip_id"] not in done]
+    if lost:
+        logger.warning("probing %d row(s) again one by one after a crashed decoder", len(lost))
+        results += _probe_pass(lost, num_frames, fps, cpus, per_task=1)
+        done |= {r["row"]["clip_id"] if "row" in r else r["reject"]["clip_id"] for r in results}
     order = {r["clip_id"]: i for i, r in enumerate(rows)}
-    accepted, rejects = [], []
-    for result in out:
-        result = json.loads(result["result"])
-        if "row" in result:
-            accepted.append(result["row"])
-        else:
-            rejects.append(Reject(**result["reject"]))
-    accepted.sort(key=lambda r: order[r["clip_id"]])
+    accepted = sorted((r["row"] for r in results if "row" in r), key=lambda r: order[r["clip_id"]])
+    rejects = [Reject(**r["reject"]) for r in results if "reject" in r]
+    for row in rows:
+        if row["clip_id"] not in done:
+            message = f"{row['video']}: the video decoder crashed on this file"
+            rejects.append(Reject(row["clip_id"], DECODER_CRASHED, message, row))
     rejects.sort(key=lambda r: order[r.clip_id])
     return accepted, rejects
 
