@@ -115,7 +115,7 @@ def _media_path(value: Any, base: Path, media_dir: Path | None, column: str) -> 
     if not isinstance(value, str):
         raise RowError(BAD_VALUE, f"'{column}' must be a path, got {type(value).__name__} {value!r}")
     if "://" in value:
-        raise RowError(BAD_VALUE, f"'{column}' is a URL ({value}): svdray reads local files, download it first")
+        raise RowError(BAD_VALUE, f"'{column}' is a URL ({value}): svdray reads local files only")
     return _resolve(value.strip(), base)
 
 
