@@ -5,8 +5,8 @@ and each example's random start and crop are fixed by the run seed alone. A resu
 exactly the examples it has already trained on, and no worker's timing changes what it sees.
 
 Decoding runs as Ray tasks of a few examples each (task start-up costs about as much as
-decoding a small clip, so one example per task would waste a core on a small machine); their
-output is then cut into one-example blocks. Ray Train hands blocks to its workers in order, each
+decoding a small clip, so one example per task would waste a core on a small machine); each
+task emits every example as a block of its own. Ray Train hands blocks to its workers in order, each
 to the worker that has received the fewest rows (with `preserve_order`), so one-example blocks
 deal the stream out round-robin: n workers taking k examples each consume exactly the first
 n * k examples of the plan, which is what makes "one epoch feeds every clip once" hold.
@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 ROWS_PER_TASK = 4  # examples decoded per Ray task: amortises the task overhead
 # Ray Data retries a task whose worker died forever by default; a decoder that crashes on a
 # corrupt file would then hang the run. One retry covers a transient loss (a killed process).
+# (Passed as a Ray remote argument: deprecated for Ray 2.64, the only way in the pinned 2.60.)
 CRASH_RETRIES = 1
 
 
@@ -205,11 +206,16 @@ def same_shape_batches(
 
 
 def one_example_blocks(ds: ray.data.Dataset, strict: bool) -> ray.data.Dataset:
-    """Cut into one-example blocks, so Ray Train deals examples to workers round-robin.
+    """Make every example its own block, so Ray Train deals examples to workers round-robin.
 
-    Unless strict, a task whose worker process dies (a decoder crashing on a corrupt file) loses
-    its few examples instead of ending the run: Ray Data logs the error and goes on."""
-    ds = ds.repartition(target_num_rows_per_block=1)
+    A map task packs its outputs into blocks of up to `target_max_block_size` bytes; with a
+    limit of one byte each example is emitted as a block of its own, inside the decode task
+    (a `repartition` would be a separate operator whenever its resources differ from the
+    decode's, costing a task per block). Unless strict, a task whose worker process dies (a
+    decoder crashing on a corrupt file) loses its few examples instead of ending the run: Ray
+    Data logs the error and goes on.
+    """
+    ds.context.target_max_block_size = 1
     if not strict:
         ds.context.max_errored_blocks = -1
     return ds
