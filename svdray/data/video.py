@@ -1,22 +1,44 @@
-"""Decoding one training example: frames sampled by timestamp, resized, cropped.
+"""Decoding one training example: frames sampled by timestamp, resized, cropped; and probing a clip.
 
-decord seeks to just the frames it needs (`get_batch` on sparse indices), so a long source clip
-costs about as much as a short one.
+decord seeks to the keyframe before the first wanted frame and decodes forward only as far as the
+last wanted one (`get_batch` on sparse indices), so a long source clip costs about as much as a
+short one. Large sources are scaled by decord while it converts each wanted frame to RGB (to an
+intermediate twice the final size, so the last, antialiased resize still has pixels to average):
+measured on a 1080p clip, that halves the decode time at the same output quality.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
+
+# Reason codes: stable, short, one per kind of problem a user can fix (they group the rejects).
+VIDEO_NOT_FOUND = "video_not_found"
+NOT_A_FILE = "not_a_file"
+EMPTY_FILE = "empty_file"
+UNREADABLE_FILE = "unreadable_file"
+NOT_A_VIDEO = "not_a_video"
+NO_VIDEO_STREAM = "no_video_stream"
+DECODE_FAILED = "decode_failed"
+TOO_SHORT = "too_short"
+START_OUT_OF_RANGE = "start_out_of_range"
+IMAGE_NOT_FOUND = "image_not_found"
+UNREADABLE_IMAGE = "unreadable_image"
 
 
 class ClipError(ValueError):
-    """A clip that cannot be used, with the file and the reason."""
+    """A clip that cannot be used: the file, what is wrong, and a reason code."""
+
+    def __init__(self, message: str, reason: str = DECODE_FAILED):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -29,100 +51,247 @@ class FrameSpec:
     crop: str = "center"  # "center" | "random"
 
 
-def frame_indices(timestamps: np.ndarray, spec: FrameSpec, rng: np.random.Generator, path: str) -> np.ndarray:
+def frame_indices(
+    timestamps: np.ndarray,
+    spec: FrameSpec,
+    rng: np.random.Generator,
+    path: str,
+    start_frame: int | None = None,
+) -> np.ndarray:
     """Indices of the source frames showing times start + i / spec.fps, i < num_frames.
 
     Working from each frame's own timestamp (not index * fps) keeps motion speed the same for
-    24, 25 and 29.97 fps sources and handles variable frame rate.
+    24, 25 and 29.97 fps sources and handles variable frame rate. `start_frame` (from the
+    manifest) pins the window's start to that source frame; otherwise `spec.start` chooses.
     """
     span = (spec.num_frames - 1) / spec.fps
-    last_start = float(timestamps[-1]) - span
-    if last_start < -1e-6:
-        raise ClipError(
-            f"{path}: too short: {timestamps[-1]:.2f}s of video, {spec.num_frames} frames at "
-            f"{spec.fps:g} fps need {span:.2f}s"
-        )
-    start = 0.0 if spec.start == "first" else float(rng.uniform(0.0, max(last_start, 0.0)))
+    if start_frame is not None:
+        if not 0 <= start_frame < len(timestamps):
+            raise ClipError(
+                f"{path}: start_frame {start_frame} is outside the clip's {len(timestamps)} frames",
+                START_OUT_OF_RANGE,
+            )
+        start = float(timestamps[start_frame])
+        if start + span > float(timestamps[-1]) + 1e-6:
+            raise ClipError(
+                f"{path}: too short after start_frame {start_frame}: {timestamps[-1] - start:.2f}s left, "
+                f"{spec.num_frames} frames at {spec.fps:g} fps need {span:.2f}s",
+                TOO_SHORT,
+            )
+    else:
+        first = float(timestamps[0])
+        last_start = float(timestamps[-1]) - first - span
+        if last_start < -1e-6:
+            raise ClipError(
+                f"{path}: too short: {timestamps[-1] - first:.2f}s of video, {spec.num_frames} frames at "
+                f"{spec.fps:g} fps need {span:.2f}s",
+                TOO_SHORT,
+            )
+        start = first + (0.0 if spec.start == "first" else float(rng.uniform(0.0, max(last_start, 0.0))))
     wanted = start + np.arange(spec.num_frames) / spec.fps
     idx = np.searchsorted(timestamps, wanted + 1e-6, side="right") - 1
     return np.clip(idx, 0, len(timestamps) - 1)
 
 
+def cover_size(height: int, width: int, spec: FrameSpec) -> tuple[int, int]:
+    """The smallest size with the source's aspect ratio that covers spec.height x spec.width."""
+    scale = max(spec.height / height, spec.width / width)
+    return max(spec.height, math.ceil(height * scale)), max(spec.width, math.ceil(width * scale))
+
+
 def resize_and_crop(frames: torch.Tensor, spec: FrameSpec, crop_at: tuple[float, float]) -> torch.Tensor:
     """(T, 3, H, W) uint8 -> (T, 3, spec.height, spec.width) uint8: cover-resize, then crop.
 
-    `crop_at` is the crop's relative position (0.5, 0.5 = centre), shared by a clip and its
-    conditioning image so both frame the same content.
+    The resize is antialiased bilinear on uint8 in channels-last layout, torch's vectorised
+    path (about 20x faster than the same resize in float32). `crop_at` is the crop's relative
+    position (0.5, 0.5 = centre), shared by a clip and its conditioning image so both frame the
+    same content.
     """
     _, _, h, w = frames.shape
-    scale = max(spec.height / h, spec.width / w)
-    new_h, new_w = max(spec.height, math.ceil(h * scale)), max(spec.width, math.ceil(w * scale))
-    resized = F.interpolate(
-        frames.float(), size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
-    )
+    new_h, new_w = cover_size(h, w, spec)
+    if (new_h, new_w) != (h, w):
+        frames = F.interpolate(
+            frames.contiguous(memory_format=torch.channels_last),
+            size=(new_h, new_w),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
     top = round((new_h - spec.height) * crop_at[0])
     left = round((new_w - spec.width) * crop_at[1])
-    cropped = resized[:, :, top : top + spec.height, left : left + spec.width]
-    return cropped.round().clamp(0, 255).to(torch.uint8)
+    return frames[:, :, top : top + spec.height, left : left + spec.width].contiguous()
 
 
 def load_image(path: str) -> torch.Tensor:
-    """An RGB image as (3, H, W) uint8, whatever its mode (grayscale, RGBA, 16-bit, palette)."""
+    """An RGB image as (3, H, W) uint8, whatever its mode (grayscale, RGBA, 16-bit, palette).
+
+    EXIF orientation is applied (phone photos are stored sideways with a rotation tag);
+    transparency is composited on white; 16-bit and 32-bit integer images are scaled to 8 bits.
+    """
+    if not os.path.exists(path):
+        raise ClipError(f"{path}: image not found", IMAGE_NOT_FOUND)
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 array = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray((array / max(array.max(), 1) * 255).astype(np.uint8))
-            if img.mode in ("RGBA", "LA", "P", "PA"):
+                low, high = min(array.min(), 0.0), max(array.max(), 1.0)
+                img = Image.fromarray(((array - low) / (high - low) * 255).round().astype(np.uint8))
+            if img.mode in ("RGBA", "LA", "P", "PA", "La", "RGBa"):
                 img = img.convert("RGBA")
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, img)
             rgb = np.asarray(img.convert("RGB"))
-    except FileNotFoundError as err:
-        raise ClipError(f"{path}: image not found") from err
     except Exception as err:  # PIL raises many types for broken files
-        raise ClipError(f"{path}: unreadable image ({type(err).__name__}: {err})") from err
+        raise ClipError(f"{path}: unreadable image ({type(err).__name__}: {err})", UNREADABLE_IMAGE) from err
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
-def open_video(path: str):
-    """A decord VideoReader, or ClipError naming the file and why it cannot be read."""
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
+
+
+def open_video(path: str, size: tuple[int, int] | None = None):
+    """A decord VideoReader (frames scaled to `size` = (height, width) if given), or ClipError
+    naming the file and why it cannot be read."""
     import decord  # imported here so that processes that never decode need not load it
 
+    if not os.path.exists(path):
+        raise ClipError(f"{path}: video not found", VIDEO_NOT_FOUND)
+    if not os.path.isfile(path):
+        raise ClipError(f"{path}: not a file", NOT_A_FILE)
+    if os.path.getsize(path) == 0:
+        raise ClipError(f"{path}: empty file (0 bytes)", EMPTY_FILE)
+    if not os.access(path, os.R_OK):
+        raise ClipError(f"{path}: cannot read the file (permission denied)", UNREADABLE_FILE)
+    height, width = size if size else (-1, -1)
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    except FileNotFoundError as err:
-        raise ClipError(f"{path}: video not found") from err
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), width=width, height=height, num_threads=1)
     except Exception as err:
+        message = _first_line(err)
+        if "video stream" in message:
+            raise ClipError(f"{path}: the file has no video stream", NO_VIDEO_STREAM) from err
+        if "av_read_frame" in message:  # the index opened, the frame data did not
+            message = f"{path}: frames cannot be read (truncated or corrupt file)"
+            raise ClipError(message, DECODE_FAILED) from err
         raise ClipError(
-            f"{path}: cannot open as video ({type(err).__name__}: {str(err).splitlines()[0]})"
+            f"{path}: not a readable video (not a video format, or its index is missing: truncated file)",
+            NOT_A_VIDEO,
         ) from err
-    if len(reader) == 0:
-        raise ClipError(f"{path}: video has no frames")
     return reader
 
 
+def frame_timestamps(reader, path: str) -> np.ndarray:
+    """Each frame's presentation time in seconds, from the container.
+
+    Containers without usable times (all equal, or going backwards overall) fall back to
+    index / average fps, the only information left.
+    """
+    count = len(reader)
+    times = reader.get_frame_timestamp(np.arange(count))[:, 0].astype(np.float64)
+    if count > 1 and not times[-1] > times[0]:
+        fps = reader.get_avg_fps()
+        if not fps > 0:
+            raise ClipError(f"{path}: the video has no frame times and no frame rate", DECODE_FAILED)
+        times = np.arange(count) / fps
+    return np.maximum.accumulate(times)  # a stray out-of-order time must not break the search
+
+
+def _decode_error(path: str, err: BaseException) -> ClipError:
+    return ClipError(f"{path}: decoding failed ({_first_line(err)[:200]})", DECODE_FAILED)
+
+
+def probe_video(path: str, start_frame: int | None = None) -> dict[str, Any]:
+    """Facts about a clip, checking that its first and last frames decode: frames, fps, size,
+    duration, file identity (and the time of `start_frame`, if given). A truncated file fails
+    here, at its last frame."""
+    reader = open_video(path)
+    try:
+        count = len(reader)
+        times = frame_timestamps(reader, path)
+        if start_frame is not None and not 0 <= start_frame < count:
+            raise ClipError(
+                f"{path}: start_frame {start_frame} is outside the clip's {count} frames", START_OUT_OF_RANGE
+            )
+        ends = reader.get_frame_timestamp([count - 1])[0]
+        pixels = reader.get_batch([0, count - 1] if count > 1 else [0]).asnumpy()
+    except ClipError:
+        raise
+    except Exception as err:
+        raise _decode_error(path, err) from err
+    if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.shape[1] == 0 or pixels.shape[2] == 0:
+        raise ClipError(f"{path}: frames of unexpected shape {pixels.shape}", DECODE_FAILED)
+    gaps = np.diff(times)
+    stat = os.stat(path)
+    start = {} if start_frame is None else {"start_time": round(float(times[start_frame]), 4)}
+    return {
+        **start,
+        "frames": count,
+        "fps": round(float(reader.get_avg_fps()), 4),
+        "height": int(pixels.shape[1]),
+        "width": int(pixels.shape[2]),
+        "duration": round(float(max(ends[1], times[-1])), 4),
+        "last_frame_time": round(float(times[-1]), 4),
+        "first_frame_time": round(float(times[0]), 4),
+        # Variable frame rate: frame gaps that differ by more than 10% of the typical gap.
+        "vfr": bool(len(gaps) > 1 and np.ptp(gaps) > 0.1 * max(float(np.median(gaps)), 1e-6)),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+    }
+
+
+def probe_image(path: str) -> dict[str, Any]:
+    """Facts about a conditioning image, checking that it loads and converts to RGB."""
+    rgb = load_image(path)
+    with Image.open(path) as img:
+        mode = img.mode
+    stat = os.stat(path)
+    return {
+        "image_height": int(rgb.shape[1]),
+        "image_width": int(rgb.shape[2]),
+        "image_mode": mode,
+        "image_size": stat.st_size,
+        "image_mtime_ns": stat.st_mtime_ns,
+    }
+
+
+def decode_size(source: tuple[int, int] | None, spec: FrameSpec) -> tuple[int, int] | None:
+    """What decord should scale frames to while decoding: twice the cover size when the source is
+    larger than that (then an antialiased resize), else None (full size, antialiased resize)."""
+    if not source:
+        return None
+    cover_h, cover_w = cover_size(source[0], source[1], spec)
+    if source[0] <= 2 * cover_h or source[1] <= 2 * cover_w:
+        return None
+    return 2 * cover_h, 2 * cover_w
+
+
 def decode_clip(
-    video_path: str, spec: FrameSpec, seed: int, image_path: str | None = None
+    video_path: str,
+    spec: FrameSpec,
+    seed: int,
+    image_path: str | None = None,
+    start_frame: int | None = None,
+    source_size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode one example: (frames (T, 3, H, W) uint8, conditioning image (3, H, W) uint8).
 
     `seed` fixes the random start and crop, so a clip's frames depend only on (run seed, epoch,
-    clip), not on which worker decodes it or when.
+    clip), not on which worker decodes it or when. `source_size` (height, width), known from
+    `svdray prepare`, lets decord scale large frames while decoding.
     """
     rng = np.random.default_rng(seed)
-    reader = open_video(video_path)
+    reader = open_video(video_path, decode_size(source_size, spec))
     try:
-        timestamps = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0]
-        indices = frame_indices(timestamps, spec, rng, video_path)
+        timestamps = frame_timestamps(reader, video_path)
+        indices = frame_indices(timestamps, spec, rng, video_path, start_frame)
         array = reader.get_batch(indices.tolist()).asnumpy()
     except ClipError:
         raise
     except Exception as err:
-        raise ClipError(
-            f"{video_path}: decoding failed ({type(err).__name__}: {str(err).splitlines()[0]})"
-        ) from err
+        raise _decode_error(video_path, err) from err
     crop_at = (0.5, 0.5) if spec.crop == "center" else (float(rng.uniform()), float(rng.uniform()))
     frames = resize_and_crop(torch.from_numpy(array).permute(0, 3, 1, 2), spec, crop_at)
     if image_path:

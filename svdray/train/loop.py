@@ -25,6 +25,8 @@ from diffusers.optimization import get_scheduler
 
 from svdray import tracking
 from svdray.config import Config, config_from_dict
+from svdray.data.dataset import same_shape_batches
+from svdray.data.ledger import find_ledger
 from svdray.model.lora import add_lora, lora_parameters, save_lora
 from svdray.model.pipeline import load_pipeline
 from svdray.tracking import MetricWriter
@@ -40,7 +42,16 @@ from svdray.train.validate import (
 
 logger = logging.getLogger("svdray.train")
 
-BATCH_COLUMNS = ("video", "image", "fps", "motion_bucket_id")
+# Model inputs a batch may carry: decoded clips ("video") or cached latents (`svdray.data.cache`).
+BATCH_COLUMNS = (
+    "video",
+    "image",
+    "fps",
+    "motion_bucket_id",
+    "latent_mean",
+    "latent_std",
+    "image_embedding",
+)
 
 
 def build_models(cfg: Config, device: torch.device) -> tuple[FrozenModels, torch.nn.Module]:
@@ -59,9 +70,22 @@ def build_models(cfg: Config, device: torch.device) -> tuple[FrozenModels, torch
 
 
 def batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """Model inputs from this worker's Ray Data shard, uint8 pixels moved to the device as is."""
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
-        yield {k: torch.as_tensor(batch[k]).to(device, non_blocking=True) for k in BATCH_COLUMNS}
+    """Model inputs from this worker's Ray Data shard, uint8 pixels moved to the device as is.
+
+    Examples arrive one per block and are batched by shape (one aspect-ratio bucket per batch).
+    Each batch's clips are recorded in the run's data ledger, so what was fed can be checked.
+    """
+    context = ray.train.get_context()
+    ledger = find_ledger(context.get_experiment_name())
+    blocks = shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+    for batch in same_shape_batches(blocks, batch_size, BATCH_COLUMNS):
+        if ledger is not None:
+            # Waited for: a worker that exits right after its last step must not drop it.
+            fed = [str(c) for c in batch["clip_id"]], [int(e) for e in batch["epoch"]]
+            ray.get(ledger.record_fed.remote(context.get_world_rank(), *fed))
+        yield {
+            k: torch.from_numpy(batch[k]).to(device, non_blocking=True) for k in BATCH_COLUMNS if k in batch
+        }
 
 
 def rng_snapshot(generator: torch.Generator, rank: int, world_size: int) -> dict[str, torch.Tensor]:

@@ -39,15 +39,29 @@ def encode_batch(
     noise_aug_strength: torch.Tensor,
     generator: torch.Generator | None,
 ) -> EncodedBatch:
-    video = to_model_range(batch["video"])
+    """Latents and conditioning of a batch of decoded clips, or of cached ones.
+
+    A cached batch (`svdray.data.cache`) brings the VAE posterior of its frames and the CLIP
+    embedding of its clean conditioning image, so neither the VAE on the T frames nor CLIP runs.
+    The conditioning latent is still encoded here, from the cached clean pixels: its noise is
+    added in pixel space before the (non-linear) VAE encoder, so it cannot be cached exactly.
+    Both paths draw from `generator` in the same order and give the same result.
+    """
     image = to_model_range(batch["image"])
-    distribution = cond.video_latent_distribution(frozen.vae, video)
+    if "latent_mean" in batch:
+        distribution = cond.LatentDistribution(batch["latent_mean"].float(), batch["latent_std"].float())
+    else:
+        distribution = cond.video_latent_distribution(frozen.vae, to_model_range(batch["video"]))
+    latents = distribution.sample(generator) * frozen.scaling_factor
+    condition_latent = cond.conditioning_latents(frozen.vae, image, noise_aug_strength, generator).float()
+    if "image_embedding" in batch:
+        embeddings = batch["image_embedding"].float()
+    else:
+        embeddings = cond.clip_image_embeddings(frozen.image_encoder, frozen.feature_extractor, image).float()
     return EncodedBatch(
-        latents=distribution.sample(generator) * frozen.scaling_factor,
-        condition_latent=cond.conditioning_latents(frozen.vae, image, noise_aug_strength, generator).float(),
-        image_embeddings=cond.clip_image_embeddings(
-            frozen.image_encoder, frozen.feature_extractor, image
-        ).float(),
+        latents=latents,
+        condition_latent=condition_latent,
+        image_embeddings=embeddings,
         time_ids=cond.added_time_ids(batch["fps"], batch["motion_bucket_id"], noise_aug_strength),
     )
 
@@ -86,8 +100,8 @@ def training_loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """The mean loss of one batch, with fresh sigmas, noise, noise augmentation and CFG dropout."""
-    size = batch["video"].shape[0]
-    device = batch["video"].device
+    size = batch["image"].shape[0]
+    device = batch["image"].device
     strength = cond.sample_noise_aug_strength(size, cfg.noise_aug_mean, cfg.noise_aug_std, generator, device)
     encoded = apply_cfg_dropout(encode_batch(frozen, batch, strength, generator), cfg.cfg_dropout, generator)
     sigma = sample_sigmas(size, cfg.p_mean, cfg.p_std, generator, device)
@@ -110,9 +124,9 @@ def validation_loss(
 ) -> float:
     """Mean loss over a fixed sigma grid with fixed noise and no dropout: comparable across
     steps, runs and trials, unlike the training loss, which is dominated by the sigmas drawn."""
-    device = batch["video"].device
+    device = batch["image"].device
     generator = torch.Generator(device).manual_seed(seed)
-    size = batch["video"].shape[0]
+    size = batch["image"].shape[0]
     strength = torch.full((size,), noise_aug_strength, device=device)
     encoded = encode_batch(frozen, batch, strength, generator)
     losses = []

@@ -19,8 +19,7 @@ from ray.train.torch import TorchTrainer
 
 from svdray import tracking
 from svdray.config import Config
-from svdray.data.dataset import build_training_dataset
-from svdray.data.manifest import read_manifest
+from svdray.data.run import build_run_data, finish_run_data
 from svdray.data.video import FrameSpec, decode_clip
 from svdray.report import plot_loss_curve
 from svdray.sample import load_sampling_pipeline, sample_video, write_mp4, write_preview
@@ -114,14 +113,12 @@ def run_training(cfg: Config) -> TrainingResult:
     if start_from:
         logger.info("resuming %s from %s (%d examples already seen)", cfg.train.name, start_from, data_skip)
 
-    rows = read_manifest(cfg.data.manifest)
     data_context = ray.data.DataContext.get_current()
     data_context.execution_options.preserve_order = True  # a seeded plan gives a fixed order
     data_context.enable_progress_bars = False  # the training step lines are the progress to watch
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
-    dataset = build_training_dataset(
-        rows, cfg.data, num_samples=cfg.train.max_steps * global_batch, seed=cfg.train.seed, skip=data_skip
-    )
+    data = build_run_data(cfg, cfg.train.max_steps * global_batch, data_skip, uri, run_id)
+    rows, dataset = data.rows, data.dataset
 
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
@@ -169,6 +166,7 @@ def run_training(cfg: Config) -> TrainingResult:
         tracking_uri=uri,
         metrics=result.metrics or {},
     )
+    finish_run_data(data, uri, run_id)
     log_results(cfg, output, rows[0])
     tracking.end_run(uri, run_id)
     return output

@@ -1,0 +1,400 @@
+"""The latent cache: what the frozen VAE and CLIP make of each clip, computed once.
+
+`svdray cache --config PATH` (and training with `data.cache: true`, for any clip not cached
+yet) decodes each clip with Ray tasks and encodes it with a Ray Data actor pool (one actor per
+GPU, holding only the VAE and the image encoder). Per clip it stores
+
+    latent_mean, latent_std   the VAE posterior of every frame, (T, C, h, w) float32
+    image_embedding           the CLIP embedding of the clean conditioning image, (1, D)
+    image                     the clean conditioning image at training size, (3, H, W) uint8
+    motion_bucket             the motion bucket computed from the frames
+
+in safetensors shards under `<cache_dir>/<model key>/`. Each entry is keyed by a hash of
+everything that determines it: the files (path, size, mtime), the preprocessing (frames, fps,
+size, start, crop, start_frame) and the VAE and encoder (their files, dtype, revision). A config
+change or an edited file misses the cache; a re-run or another Tune trial of the same data hits.
+
+Why these and not the conditioning latent: training adds noise of a per-sample random strength
+to the conditioning image *in pixel space* and encodes the noisy image with the VAE (as the
+sampler does at inference). The VAE encoder is not linear, so no cached latent of the clean image
+plus latent-space noise reproduces that; caching a few noisy encodings would fix the noise. So the
+clean pixels are cached and the VAE encodes the one noisy conditioning frame per sample each
+step: exact, at 1/T of the cost of encoding the clip. The video latent is cached as a
+distribution (mean, std), and a fresh latent is sampled each step, as without the cache.
+
+With data.start: random or data.crop: random, an entry holds one frame window and crop per clip,
+drawn once from a seed derived from its key (not the run seed, so trials share it): every epoch
+then trains on that window. Training without the cache draws a new window each epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from svdray.config import DataConfig, ModelConfig
+from svdray.data.buckets import assign_buckets
+from svdray.data.dataset import (
+    CRASH_RETRIES,
+    decode_item,
+    item_fps,
+    one_example_blocks,
+    plan_epochs,
+    plan_item,
+    planned_dataset,
+)
+from svdray.data.manifest import Reject
+from svdray.data.video import IMAGE_NOT_FOUND, VIDEO_NOT_FOUND, ClipError, to_model_range
+from svdray.model.conditioning import motion_bucket_from_clip
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "svdray-latents-1"
+CACHED_FIELDS = ("latent_mean", "latent_std", "image_embedding", "image", "motion_bucket")
+CACHE_UNREADABLE = "cache_unreadable"
+READ_CPUS = 0.25  # reading one entry is a few small file reads, not a decode
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "svdray" / "latents"
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _folder_fingerprint(folder: Path) -> list[Any]:
+    """Names, sizes and mtimes of a component's files, with its config's content."""
+    if not folder.is_dir():
+        return []
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            content = path.read_text() if path.suffix == ".json" else None
+            files.append([path.name, stat.st_size, stat.st_mtime_ns, content])
+    return files
+
+
+def model_key(model: ModelConfig) -> str:
+    """Identity of the VAE and image encoder: a local pipeline folder by its component files,
+    a hub id by its name, revision and variant; plus the dtype they encode in."""
+    local = Path(model.pretrained).expanduser()
+    identity: dict[str, Any] = {
+        "pretrained": str(local.resolve()) if local.is_dir() else model.pretrained,
+        "revision": model.revision,
+        "variant": model.variant,
+        "dtype": model.frozen_dtype,
+    }
+    if local.is_dir():
+        for component in ("vae", "image_encoder", "feature_extractor"):
+            identity[component] = _folder_fingerprint(local / component)
+    return _digest(identity)
+
+
+def file_identity(path: str, reason: str) -> list[Any]:
+    try:
+        stat = os.stat(path)
+    except OSError as err:
+        raise ClipError(f"{path}: not found", reason) from err
+    return [path, stat.st_size, stat.st_mtime_ns]
+
+
+def entry_key(item: dict[str, Any], cfg: DataConfig, model: str) -> str:
+    """The hash of everything that determines a planned example's cached tensors."""
+    return _digest(
+        {
+            "format": CACHE_FORMAT,
+            "model": model,
+            "video": file_identity(item["video"], VIDEO_NOT_FOUND),
+            "image": file_identity(item["image"], IMAGE_NOT_FOUND) if item["image"] else None,
+            "num_frames": cfg.num_frames,
+            "fps": item_fps(item, cfg),
+            "size": [item["height"], item["width"]],
+            "start": cfg.start,
+            "crop": cfg.crop,
+            "start_frame": item["start_frame"],
+            "motion_bucket_scale": cfg.motion_bucket_scale,
+        }
+    )
+
+
+def window_seed(key: str) -> int:
+    """The random start and crop of a cached example: fixed by its key, the same in every trial."""
+    return int(key[:8], 16)
+
+
+def read_index(folder: Path) -> dict[str, str]:
+    """entry key -> shard file, from the shards' headers (the tensors are not read)."""
+    index: dict[str, str] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception as err:  # a shard cut short by a crash: ignore it, its entries recompute
+            logger.warning("ignoring unreadable cache shard %s: %s", shard, err)
+            continue
+        if metadata.get("format") == CACHE_FORMAT:
+            for key in json.loads(metadata.get("entries", "[]")):
+                index[key] = str(shard)
+    return index
+
+
+# --------------------------------------------------------------------------------------------
+# Computing entries
+
+
+def decode_for_cache(batch: dict[str, np.ndarray], cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Ray Data function (one example per call): the example's frames and conditioning image, or
+    an empty row carrying the error (so that the driver can report it)."""
+    item = {k: v[0] for k, v in batch.items()}
+    key = str(item["key"])
+    try:
+        frames, image = decode_item(item, cfg, window_seed(key))
+        error, reason = "", ""
+        bucket = motion_bucket_from_clip(to_model_range(frames), cfg.motion_bucket_scale)
+        video, image = frames.numpy(), image.numpy()
+    except Exception as err:
+        error = str(err)
+        reason = err.reason if isinstance(err, ClipError) else "decode_failed"
+        video, image, bucket = np.zeros((0, 3, 1, 1), np.uint8), np.zeros((3, 1, 1), np.uint8), 0.0
+    return {
+        "key": np.array([key], dtype=object),
+        "clip_id": np.array([str(item["clip_id"])], dtype=object),
+        "video": video[None],
+        "image": image[None],
+        "motion_bucket": np.array([bucket], np.float32),
+        "error": np.array([error], dtype=object),
+        "reason": np.array([reason], dtype=object),
+    }
+
+
+class LatentEncoder:
+    """Ray Data actor: loads the VAE and image encoder once, encodes batches, writes one shard
+    per batch (written to a temporary name, then renamed: a crash leaves no half shard)."""
+
+    def __init__(self, model: ModelConfig, folder: str):
+        from diffusers import AutoencoderKLTemporalDecoder
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = getattr(torch, model.frozen_dtype)
+        common = dict(revision=model.revision, variant=model.variant, use_safetensors=True)
+        self.vae = AutoencoderKLTemporalDecoder.from_pretrained(model.pretrained, subfolder="vae", **common)
+        self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+            model.pretrained, subfolder="image_encoder", **common
+        )
+        self.feature_extractor = CLIPImageProcessor.from_pretrained(
+            model.pretrained, subfolder="feature_extractor", revision=model.revision
+        )
+        for module in (self.vae, self.image_encoder):
+            module.requires_grad_(False).eval().to(self.device, dtype)
+        self.folder = Path(folder)
+
+    @torch.no_grad()
+    def encode(self, videos: list[np.ndarray], images: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        from svdray.model import conditioning as cond
+
+        video = to_model_range(torch.from_numpy(np.stack(videos)).to(self.device))
+        image = to_model_range(torch.from_numpy(np.stack(images)).to(self.device))
+        distribution = cond.video_latent_distribution(self.vae, video)
+        embedding = cond.clip_image_embeddings(self.image_encoder, self.feature_extractor, image)
+        return {
+            "latent_mean": distribution.mean.float().cpu(),
+            "latent_std": distribution.std.float().cpu(),
+            "image_embedding": embedding[:, 0].float().cpu(),
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        size = len(batch["key"])
+        good = [i for i in range(size) if not batch["error"][i]]
+        tensors: dict[str, torch.Tensor] = {}
+        by_shape: dict[tuple, list[int]] = {}
+        for i in good:  # clips of different buckets are encoded in separate batches
+            by_shape.setdefault(np.shape(batch["video"][i]), []).append(i)
+        for rows in by_shape.values():
+            encoded = self.encode([batch["video"][i] for i in rows], [batch["image"][i] for i in rows])
+            for j, i in enumerate(rows):
+                key = str(batch["key"][i])
+                for name, value in encoded.items():
+                    tensors[f"{key}/{name}"] = value[j].contiguous()
+                tensors[f"{key}/image"] = torch.from_numpy(np.ascontiguousarray(batch["image"][i]))
+                tensors[f"{key}/motion_bucket"] = torch.tensor(float(batch["motion_bucket"][i]))
+        shard = ""
+        if good:
+            keys = [str(batch["key"][i]) for i in good]
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.folder / f"shard-{uuid.uuid4().hex}.safetensors"
+            tmp = path.with_suffix(".tmp")
+            save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT, "entries": json.dumps(keys)})
+            os.replace(tmp, path)
+            shard = str(path)
+        return {
+            "key": batch["key"],
+            "clip_id": batch["clip_id"],
+            "shard": np.array([shard if not batch["error"][i] else "" for i in range(size)], dtype=object),
+            "error": batch["error"],
+            "reason": batch["reason"],
+        }
+
+
+def encoder_pool_size(cfg: DataConfig) -> tuple[int, float]:
+    """(actors, GPUs per actor): one actor per GPU in the cluster, or one CPU actor."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        return cfg.cache_actors or gpus, 1.0
+    return cfg.cache_actors or 1, 0.0
+
+
+@dataclass
+class CacheLookup:
+    """Every row's entry key, and which keys the cache already holds."""
+
+    folder: Path
+    keys: dict[str, tuple[str, dict[str, Any]]]  # clip_id -> (entry key, planned example)
+    index: dict[str, str]  # entry key -> shard
+    failures: list[Reject] = field(default_factory=list)  # files that are gone
+
+    def missing(self) -> list[dict[str, Any]]:
+        return [{**item, "key": key} for key, item in self.keys.values() if key not in self.index]
+
+
+@dataclass
+class CacheResult:
+    folder: Path
+    entries: dict[str, tuple[str, str]]  # clip_id -> (entry key, shard path)
+    hits: int = 0
+    computed: int = 0
+    failures: list[Reject] = field(default_factory=list)
+
+
+def lookup_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig) -> CacheLookup:
+    mkey = model_key(model)
+    folder = cache_root(cfg) / mkey[:16]
+    sizes = assign_buckets(rows, cfg.buckets, (cfg.height, cfg.width))
+    keys: dict[str, tuple[str, dict[str, Any]]] = {}
+    failures: list[Reject] = []
+    for row, size in zip(rows, sizes, strict=True):
+        item = plan_item(row, size, epoch=0, seed=0)
+        try:
+            keys[row["clip_id"]] = (entry_key(item, cfg, mkey), item)
+        except ClipError as err:
+            failures.append(Reject(row["clip_id"], err.reason, str(err), row))
+    return CacheLookup(folder, keys, read_index(folder), failures)
+
+
+def ensure_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig) -> CacheResult:
+    """Look every row up in the cache and compute the entries that are missing.
+
+    A clip that cannot be decoded is reported in `failures` (and left out of `entries`)."""
+    lookup = lookup_cache(rows, cfg, model)
+    todo = lookup.missing()
+    index, failures = dict(lookup.index), list(lookup.failures)
+    hits = len(lookup.keys) - len(todo)
+    logger.info("latent cache %s: %d hits, %d to compute", lookup.folder, hits, len(todo))
+    if todo:
+        actors, gpus = encoder_pool_size(cfg)
+        decoded = planned_dataset(todo).map_batches(
+            decode_for_cache,
+            batch_size=1,
+            num_cpus=cfg.decode_cpus,
+            max_retries=CRASH_RETRIES,
+            fn_kwargs=dict(cfg=cfg),
+        )
+        results = decoded.map_batches(
+            LatentEncoder,
+            batch_size=cfg.cache_batch_size,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=gpus,
+            fn_constructor_kwargs=dict(model=model, folder=str(lookup.folder)),
+        ).take_all()
+        for result in results:
+            if result["error"]:
+                failures.append(Reject(str(result["clip_id"]), str(result["reason"]), str(result["error"])))
+            else:
+                index[str(result["key"])] = str(result["shard"])
+    entries = {clip: (key, index[key]) for clip, (key, _) in lookup.keys.items() if key in index}
+    return CacheResult(lookup.folder, entries, hits, len(entries) - hits, failures)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading entries for training
+
+
+def read_entry(shard: str, key: str) -> dict[str, torch.Tensor]:
+    with safe_open(shard, framework="pt") as f:
+        return {name: f.get_tensor(f"{key}/{name}") for name in CACHED_FIELDS}
+
+
+def read_cached_batch(batch: dict[str, np.ndarray], cfg: DataConfig, ledger=None) -> dict[str, np.ndarray]:
+    """Ray Data function (one example per call): a planned example from its cache entry. An
+    entry that can no longer be read is skipped and recorded, like a clip that fails to decode."""
+    item = {k: v[0] for k, v in batch.items()}
+    try:
+        entry = read_entry(str(item["shard"]), str(item["key"]))
+    except Exception as err:
+        if cfg.strict:
+            raise
+        message = f"{item['clip_id']}: cache entry unreadable ({err})"
+        logger.warning("skipping clip %s", message)
+        if ledger is not None:
+            ray.get(
+                ledger.record_failure.remote(
+                    str(item["clip_id"]), int(item["epoch"]), CACHE_UNREADABLE, message
+                )
+            )
+        return {"clip_id": np.array([], dtype=object), "epoch": np.zeros(0, np.int64)}
+    if item["motion_bucket_id"] >= 0:
+        bucket = float(item["motion_bucket_id"])
+    elif cfg.motion_bucket_id is not None:
+        bucket = float(cfg.motion_bucket_id)
+    else:
+        bucket = float(entry["motion_bucket"])
+    return {
+        "latent_mean": entry["latent_mean"].numpy()[None],
+        "latent_std": entry["latent_std"].numpy()[None],
+        "image_embedding": entry["image_embedding"].numpy()[None, None],
+        "image": entry["image"].numpy()[None],
+        "fps": np.array([item_fps(item, cfg)], np.float32),
+        "motion_bucket_id": np.array([bucket], np.float32),
+        "clip_id": np.array([str(item["clip_id"])], dtype=object),
+        "epoch": np.array([int(item["epoch"])], np.int64),
+    }
+
+
+def build_cached_dataset(
+    rows: list[dict[str, Any]],
+    cfg: DataConfig,
+    cache: CacheResult,
+    num_samples: int,
+    seed: int,
+    skip: int = 0,
+    group: int = 1,
+    ledger=None,
+) -> ray.data.Dataset:
+    """The training stream of `build_training_dataset`, read from the cache instead of decoded."""
+    rows = [row for row in rows if row["clip_id"] in cache.entries]
+    sizes = assign_buckets(rows, cfg.buckets, (cfg.height, cfg.width))
+    items = plan_epochs(rows, num_samples, seed, cfg.shuffle, skip, sizes, group)
+    for item in items:
+        item["key"], item["shard"] = cache.entries[item["clip_id"]]
+    read = planned_dataset(items).map_batches(
+        read_cached_batch, batch_size=1, num_cpus=READ_CPUS, fn_kwargs=dict(cfg=cfg, ledger=ledger)
+    )
+    return one_example_blocks(read, cfg.strict)

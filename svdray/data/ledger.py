@@ -1,0 +1,71 @@
+"""The data ledger: what a training run fed to its workers and which clips failed to decode.
+
+One small Ray actor per run, named after the run (the Ray Train experiment name), so that the
+decode tasks and every worker's batch iterator can find it without being handed a reference.
+The driver reads it after training and reports the counts to MLflow: a clip that breaks after
+`svdray prepare` is skipped and counted, and "nothing accepted is lost" can be checked rather
+than hoped for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import ray
+
+
+def ledger_name(experiment: str) -> str:
+    return f"svdray-data-ledger:{experiment}"
+
+
+@ray.remote(num_cpus=0)
+class DataLedger:
+    def __init__(self) -> None:
+        self.fed: list[tuple[int, str, int]] = []  # (worker rank, clip_id, epoch)
+        self.failures: list[dict[str, Any]] = []
+
+    def record_fed(self, rank: int, clip_ids: list[str], epochs: list[int]) -> None:
+        self.fed.extend((rank, c, e) for c, e in zip(clip_ids, epochs, strict=True))
+
+    def record_failure(self, clip_id: str, epoch: int, reason: str, message: str) -> None:
+        self.failures.append({"clip_id": clip_id, "epoch": epoch, "reason": reason, "message": message})
+
+    def fed_rows(self) -> list[tuple[int, str, int]]:
+        return list(self.fed)
+
+    def failure_rows(self) -> list[dict[str, Any]]:
+        return list(self.failures)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "samples_fed": len(self.fed),
+            "clips_fed": len({clip for _, clip, _ in self.fed}),
+            "fed_per_rank": dict(Counter(rank for rank, _, _ in self.fed)),
+            "decode_failures": len(self.failures),
+            "failures_by_reason": dict(Counter(f["reason"] for f in self.failures)),
+        }
+
+
+def create_ledger(experiment: str):
+    """A fresh ledger for this run (one left over from an earlier run in this driver is replaced)."""
+    name = ledger_name(experiment)
+    try:
+        ray.kill(ray.get_actor(name))
+    except ValueError:
+        pass
+    for _ in range(50):  # a killed actor's name is released asynchronously
+        try:
+            return DataLedger.options(name=name).remote()
+        except ValueError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the actor name {name!r} stays taken: is another run with this name active?")
+
+
+def find_ledger(experiment: str):
+    """The run's ledger, or None when the dataset was built without one (then nothing is recorded)."""
+    try:
+        return ray.get_actor(ledger_name(experiment))
+    except ValueError:
+        return None
