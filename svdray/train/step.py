@@ -20,6 +20,7 @@ class FrozenModels:
     image_encoder: torch.nn.Module
     feature_extractor: object
     scaling_factor: float
+    vae_chunk: int = 16  # frames per VAE encode call (`speed.vae_chunk`)
 
 
 @dataclass
@@ -41,7 +42,7 @@ def encode_batch(
 ) -> EncodedBatch:
     video = to_model_range(batch["video"])
     image = to_model_range(batch["image"])
-    distribution = cond.video_latent_distribution(frozen.vae, video)
+    distribution = cond.video_latent_distribution(frozen.vae, video, frozen.vae_chunk)
     return EncodedBatch(
         latents=distribution.sample(generator) * frozen.scaling_factor,
         condition_latent=cond.conditioning_latents(frozen.vae, image, noise_aug_strength, generator).float(),
