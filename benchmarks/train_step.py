@@ -14,8 +14,8 @@ MFU. FLOPs are counted with `FlopCounterMode` over the same `training_loss` + ba
 device: model FLOPs (matmuls and convolutions, no gradient-checkpointing recompute), whatever
 attention kernel runs. MFU divides them by the step time and by the matmul rate measured in the
 same run (bf16 8192^3 on a GPU, fp32 on a CPU). Step times are step-end to step-end wall time; for
-(b) the step ends are MLflow's timestamps of each step's metrics, so Ray's and MLflow's per-step
-costs are inside them.
+(b) the step ends are MLflow's timestamps of rank 0's metrics, logged every `train.log_every` steps
+(10 here, as in configs/svd_xt_lora.yaml), so Ray's and MLflow's per-step costs are inside them.
 
     # tiny model on CPU (the test runs this):
     python benchmarks/train_step.py --tiny --out results.json
@@ -108,7 +108,7 @@ PRESETS = {
             "train.mixed_precision=bf16",
             "model.frozen_dtype=bfloat16",
         ],
-        budget_s=510,
+        budget_s=450,
     ),
 }
 
@@ -143,12 +143,20 @@ def build_svd_xt(device: str = "cpu"):
     )
 
 
-def save_random_pipeline(tiny: bool, out_dir: Path) -> Path:
-    """Write the pipeline once; both loops then load it with `from_pretrained` like a real SVD-XT."""
+def save_random_pipeline(tiny: bool, out_dir: Path, configs_only: bool = False) -> Path:
+    """Write the pipeline once; both loops then load it with `from_pretrained` like a real SVD-XT.
+    `configs_only` writes just the components' configs: enough to count FLOPs on meta."""
     from svdray.model.pipeline import save_tiny_pipeline
 
     if tiny:
         return save_tiny_pipeline(out_dir, seed=0)
+    if configs_only:
+        pipe = build_svd_xt("meta")
+        pipe.unet.save_config(out_dir / "unet")
+        pipe.vae.save_config(out_dir / "vae")
+        pipe.image_encoder.config.save_pretrained(out_dir / "image_encoder")
+        pipe.feature_extractor.save_pretrained(out_dir / "feature_extractor")
+        return out_dir
     # Random init on the GPU takes seconds; on a CPU about a minute.
     pipe = build_svd_xt("cuda" if torch.cuda.is_available() else "cpu")
     pipe.save_pretrained(out_dir, safe_serialization=True)
@@ -339,23 +347,22 @@ def make_config(
 
 
 def option_variants(cfg: Config, device: torch.device) -> list[str]:
-    """Each memory/speed option flipped from the baseline config, as `key=value` overrides."""
+    """Each memory/speed option flipped from the baseline config, as `key=value` overrides, the
+    slowest to measure (float32 compute, compilation) last."""
     fused = device.type == "cuda" if cfg.speed.fused_adamw is None else cfg.speed.fused_adamw
-    variants = [
-        f"train.gradient_checkpointing={str(not cfg.train.gradient_checkpointing).lower()}",
-        f"train.mixed_precision={'no' if cfg.train.mixed_precision == 'bf16' else 'bf16'}",
-        f"model.frozen_dtype={'float32' if cfg.model.frozen_dtype != 'float32' else 'bfloat16'}",
-    ]
-    kernels = ["flash", "efficient", "math"] if device.type == "cuda" else ["flash", "math"]
-    variants += [f"speed.attention={k}" for k in kernels if k != cfg.speed.attention]
-    variants += [
-        f"speed.vae_chunk={4 if cfg.speed.vae_chunk > 4 else 16}",
+    kernels = ["flash", "efficient", "cudnn", "math"] if device.type == "cuda" else ["flash", "math"]
+    return [
         CACHED,
+        f"train.gradient_checkpointing={str(not cfg.train.gradient_checkpointing).lower()}",
+        f"model.frozen_dtype={'float32' if cfg.model.frozen_dtype != 'float32' else 'bfloat16'}",
+        *[f"speed.attention={k}" for k in kernels if k != cfg.speed.attention],
+        f"speed.vae_chunk={4 if cfg.speed.vae_chunk > 4 else 16}",
         f"speed.channels_last={str(not cfg.speed.channels_last).lower()}",
         f"speed.fused_adamw={str(not fused).lower()}",
+        # Quoted: overrides are YAML, where a bare `no` is false.
+        f"train.mixed_precision={'no' if cfg.train.mixed_precision == 'bf16' else 'bf16'!r}",
         f"speed.compile_unet={str(not cfg.speed.compile_unet).lower()}",
     ]
-    return variants
 
 
 def example_batch(cfg: Config, device: torch.device | str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -496,11 +503,12 @@ def trainer_loop(cfg: Config, warmup: int, steps: int, workdir: Path, tag: str) 
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_or_resume_run(cfg)
     # The same uint8 batches as the plain loop, as rows of a Ray Data dataset: nothing to decode.
-    rows = []
-    for seed in range(cfg.train.max_steps):
-        batch = example_batch(cfg, "cpu", seed % 2)
-        for j in range(cfg.train.batch_size):
-            rows.append({k: v[j].numpy() for k, v in batch.items()})
+    batches = [example_batch(cfg, "cpu", seed) for seed in range(2)]
+    rows = [
+        {k: v[j].numpy() for k, v in batches[step % 2].items()}
+        for step in range(cfg.train.max_steps)
+        for j in range(cfg.train.batch_size)
+    ]
     probe_path = workdir / f"probe-{tag}.json"
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
@@ -542,12 +550,23 @@ def trainer_loop(cfg: Config, warmup: int, steps: int, workdir: Path, tag: str) 
 # Running the plan
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
 def environment(device: torch.device) -> dict[str, Any]:
-    import diffusers
-    import mlflow
-    import peft
-    import ray
-    import transformers
+    from importlib import metadata
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
 
     info: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device)
@@ -561,11 +580,7 @@ def environment(device: torch.device) -> dict[str, Any]:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "ray": ray.__version__,
-            "mlflow": mlflow.__version__,
+            **{p: version(p) for p in ("diffusers", "transformers", "peft", "ray", "mlflow")},
         },
     }
     if device.type == "cuda":
@@ -579,17 +594,17 @@ def plan(
     args: argparse.Namespace, cases: list[Case], device: torch.device, probe_cfg: Config
 ) -> list[Measurement]:
     """Most important first, so a time budget cuts the least useful: the first case's baseline
-    (plain, then trainer), its variants, then the other cases' baselines."""
+    (plain, then trainer), the other cases' baselines, then the first case's variants."""
     first, rest = cases[0], cases[1:]
     out = [Measurement(first, "baseline", "plain")]
     if args.trainer:
         out.append(Measurement(first, "baseline", "trainer"))
+    out += [Measurement(case, "baseline", "plain") for case in rest]
     variants = []
     for item in args.vary:
         variants += option_variants(probe_cfg, device) if item == "all" else [item]
     for variant in dict.fromkeys(variants):
         out.append(Measurement(first, variant, "plain", [] if variant == CACHED else [variant]))
-    out += [Measurement(case, "baseline", "plain") for case in rest]
     return out
 
 
@@ -617,6 +632,9 @@ def run_measurement(
         flops = model_flops(pipeline_dir, cfg, cached)
         record["flops_per_step"] = flops["total"]
         record["flops_by_op"] = flops["by_op"]
+        if args.flops_only:
+            record["status"] = "flops only"
+            return record
         if m.path == "plain":
             record.update(plain_loop(cfg, args.warmup, args.steps, cached))
         else:
@@ -705,7 +723,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="svdray-bench-") as tmp:
         workdir = Path(tmp)
-        pipeline_dir = save_random_pipeline(args.tiny, workdir / "pipeline")
+        pipeline_dir = save_random_pipeline(args.tiny, workdir / "pipeline", args.flops_only)
         report["setup_s"] = time.perf_counter() - started
         report["matmul"] = matmul_rate(device)
         probe_cfg = make_config(cases[0], pipeline_dir, workdir, args.set)
@@ -780,6 +798,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the trainer worker's CPUs (Ray sets its OMP_NUM_THREADS from this)",
     )
     parser.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="count each case's FLOPs per step (meta device), time nothing",
+    )
+    parser.add_argument(
         "--budget-s", type=float, default=0, help="start no measurement after this many seconds"
     )
     parser.add_argument("--out", help="write all figures as JSON here")
@@ -791,6 +814,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.preset:
         for key, value in PRESETS[args.preset].items():
             setattr(args, key, value)
+    if args.flops_only:
+        args.trainer = False  # the same step: the same FLOPs
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps: at least 1 each")
     return args
