@@ -128,6 +128,22 @@ class TrainConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Memory/speed options applied by `svdray.train.speed`; `benchmarks/train_step.py` measures each.
+
+    Gradient checkpointing (`train.gradient_checkpointing`), bf16 autocast (`train.mixed_precision`)
+    and the frozen models' dtype (`model.frozen_dtype`) live in their own sections.
+    """
+
+    # Scaled-dot-product attention kernel for the UNet's and VAE's attention; "default" lets torch pick.
+    attention: Literal["default", "flash", "efficient", "cudnn", "math"] = "default"
+    vae_chunk: int = 16  # frames per VAE encode call: smaller bounds encode memory at full resolution
+    compile_unet: bool = False  # torch.compile the UNet in place (the first steps pay the compile)
+    fused_adamw: bool | None = None  # AdamW's fused kernel; null: fused on CUDA, for-each elsewhere
+    channels_last: bool = False  # UNet and VAE convolution weights in channels-last memory format
+
+
+@dataclass
 class SampleConfig:
     # Used for the video sampled after training; the sampler's own defaults otherwise.
     enabled: bool = True
@@ -206,6 +222,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -333,6 +350,7 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         "train.max_bad_steps": cfg.train.max_bad_steps,
         "validate.every": cfg.validate.every,
         "validate.steps": cfg.validate.steps,
+        "speed.vae_chunk": cfg.speed.vae_chunk,
     }
     for key, value in positive.items():
         if value <= 0:

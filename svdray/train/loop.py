@@ -31,6 +31,7 @@ from svdray.model.lora import add_lora, lora_parameters, save_lora
 from svdray.model.pipeline import load_pipeline
 from svdray.tracking import MetricWriter
 from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from svdray.train.speed import apply_speed_options
 from svdray.train.step import FrozenModels, training_loss
 from svdray.train.validate import (
     load_validation_clips,
@@ -66,6 +67,7 @@ def build_models(cfg: Config, device: torch.device) -> tuple[FrozenModels, torch
     frozen = FrozenModels(
         pipe.vae, pipe.image_encoder, pipe.feature_extractor, pipe.vae.config.scaling_factor
     )
+    frozen, unet = apply_speed_options(frozen, unet, cfg.speed, device)
     return frozen, unet
 
 

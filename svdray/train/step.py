@@ -20,6 +20,7 @@ class FrozenModels:
     image_encoder: torch.nn.Module
     feature_extractor: object
     scaling_factor: float
+    vae_chunk: int = 16  # frames per VAE encode call (`speed.vae_chunk`)
 
 
 @dataclass
@@ -51,7 +52,9 @@ def encode_batch(
     if "latent_mean" in batch:
         distribution = cond.LatentDistribution(batch["latent_mean"].float(), batch["latent_std"].float())
     else:
-        distribution = cond.video_latent_distribution(frozen.vae, to_model_range(batch["video"]))
+        distribution = cond.video_latent_distribution(
+            frozen.vae, to_model_range(batch["video"]), frozen.vae_chunk
+        )
     latents = distribution.sample(generator) * frozen.scaling_factor
     condition_latent = cond.conditioning_latents(frozen.vae, image, noise_aug_strength, generator).float()
     if "image_embedding" in batch:

@@ -1,0 +1,154 @@
+"""Ray's overhead on the training step, on CPU: the tiny model's step in a plain PyTorch loop
+against svdray's loop under a TorchTrainer with one CPU worker, in one run (target: the trainer's
+throughput at least 0.9 of the plain loop's).
+
+Data loading is excluded: both loops get the same precomputed uint8 batches (the trainer through a
+Ray Data dataset of them, nothing to decode). Both run with the same torch thread count (Ray sets the
+worker's OMP_NUM_THREADS from its CPUs). The sequence is plain, trainer reporting every step, trainer
+reporting every `--log-every` steps, plain again: the two plain runs bound the drift of a shared
+machine's load, and the two trainer runs separate Ray Train's per-report cost from the rest.
+
+    python benchmarks/trainer_overhead.py --out trainer_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from train_step import (  # benchmarks/ is the script's folder
+    Case,
+    environment,
+    make_config,
+    plain_loop,
+    save_random_pipeline,
+    shutdown_ray,
+    trainer_loop,
+)
+
+SUMMARY_KEYS = (
+    "step_s_median",
+    "step_s_min",
+    "samples_per_s",
+    "loop_step_s_median",
+    "torch_threads",
+    "omp_num_threads",
+    "log_every",
+)
+
+
+def measure(name: str, fn, *fn_args) -> dict[str, Any]:
+    print(f"{name} ...", flush=True)
+    load = os.getloadavg()
+    result = fn(*fn_args)
+    return {"name": name, **result, "load_average_before": load, "load_average_after": os.getloadavg()}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(max(1, int(args.cpus)))
+    case = Case(args.frames, args.size, args.size, args.batch, args.rank)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="svdray-overhead-") as tmp:
+        workdir = Path(tmp)
+        pipeline_dir = save_random_pipeline(tiny=True, out_dir=workdir / "pipeline")
+
+        def config(log_every: int, steps: int):
+            return make_config(
+                case, pipeline_dir, workdir, [f"train.log_every={log_every}"], args.warmup + steps, args.cpus
+            )
+
+        runs.append(measure("plain", plain_loop, config(1, args.steps), args.warmup, args.steps, False))
+        runs.append(
+            measure(
+                "trainer, report every step",
+                trainer_loop,
+                config(1, args.steps_every_step),
+                args.warmup,
+                args.steps_every_step,
+                workdir,
+                "every-step",
+            )
+        )
+        runs.append(
+            measure(
+                f"trainer, report every {args.log_every} steps",
+                trainer_loop,
+                config(args.log_every, args.steps),
+                args.warmup,
+                args.steps,
+                workdir,
+                "sparse",
+            )
+        )
+        runs.append(
+            measure("plain, again", plain_loop, config(1, args.steps), args.warmup, args.steps, False)
+        )
+        shutdown_ray()
+
+    plain = [r for r in runs if r["name"].startswith("plain")]
+    plain_throughput = sum(r["samples_per_s"] for r in plain) / len(plain)
+    plain_min = min(r["step_s_min"] for r in plain)
+    for r in runs:
+        r["throughput_over_plain"] = r["samples_per_s"] / plain_throughput
+        r["best_step_over_plain"] = plain_min / r["step_s_min"]
+        if "loop_step_s_median" in r:
+            # The loop's own step time (data fetch to optimizer step) over the wall time between
+            # logged steps, from the same steps: what reporting and logging add, immune to drift.
+            r["loop_share_of_wall"] = r["loop_step_s_median"] / r["step_s_median"]
+    return {
+        "environment": environment(torch.device("cpu")),
+        "settings": vars(args),
+        "case": case.label,
+        "runs": runs,
+    }
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    env = report["environment"]
+    print(f"\n{report['case']} on {env['device']}, {env['cpu_count']} CPUs, {env['date']}")
+    print(f"{'run':<32} {'step s':>7} {'loop s':>7} {'samples/s':>10} {'ratio':>6}  load avg")
+    for r in report["runs"]:
+        loop = f"{r['loop_step_s_median']:.3f}" if "loop_step_s_median" in r else "-"
+        print(
+            f"{r['name']:<32} {r['step_s_median']:>7.3f} {loop:>7} {r['samples_per_s']:>10.2f} "
+            f"{r['throughput_over_plain']:>6.3f}  "
+            f"{r['load_average_before'][0]:.1f} -> {r['load_average_after'][0]:.1f}"
+        )
+    print(
+        "step s: median wall time per step; loop s: the loop's own step time (data fetch to optimizer\n"
+        "step, no reporting or logging); ratio: throughput / mean throughput of the two plain runs"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=32, help="height and width")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps of the plain and sparse runs")
+    parser.add_argument("--steps-every-step", type=int, default=6, help="timed steps, reporting every step")
+    parser.add_argument("--log-every", type=int, default=20, help="the sparse run's train.log_every")
+    # One thread each by default: on a small shared machine two OpenMP threads spin-wait for cores
+    # other processes hold, which measures the neighbours rather than Ray.
+    parser.add_argument("--cpus", type=float, default=1.0, help="the worker's CPUs = torch threads of both")
+    parser.add_argument("--out", help="write all figures as JSON here")
+    args = parser.parse_args(argv)
+    report = run(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    print_summary(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

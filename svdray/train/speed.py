@@ -1,0 +1,109 @@
+"""Memory and speed options (`speed.*` in the config), applied to the models the loop builds.
+
+Each option changes how the step runs, never what it computes: the same batch and seed give the
+same loss up to floating-point reordering. `benchmarks/train_step.py` measures every one of them.
+
+    frozen, unet = apply_speed_options(frozen, unet, cfg.speed, device)   # end of build_models
+    optimizer = adamw(lora_parameters(unet), cfg.optim, cfg.speed, device)
+    with mixed_precision(cfg.train.mixed_precision, device): loss = training_loss(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from svdray.config import OptimConfig, SpeedConfig
+from svdray.train.step import FrozenModels
+
+SDPA_BACKENDS = {
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "math": [SDPBackend.MATH],
+}
+
+
+class KernelAttnProcessor(AttnProcessor2_0):
+    """diffusers' SDPA attention processor, restricted to one SDPA kernel.
+
+    `sdpa_kernel` is a context manager, so the choice is made where attention runs rather than
+    around the whole step: the loop needs no change, and an unavailable kernel fails loudly
+    ("No available kernel") instead of silently falling back to another one.
+    """
+
+    def __init__(self, kernel: str):
+        super().__init__()
+        self.kernel = kernel
+        self.backends = SDPA_BACKENDS[kernel]
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with sdpa_kernel(self.backends):
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+
+def set_attention_kernel(model: torch.nn.Module, kernel: str) -> None:
+    """Route every attention layer of a diffusers model (UNet, VAE) through one SDPA kernel."""
+    if kernel == "default":
+        return
+    processors = model.attn_processors
+    unexpected = {type(p).__name__ for p in processors.values() if not isinstance(p, AttnProcessor2_0)}
+    if unexpected:
+        # Another processor (xformers, a custom one) is not SDPA: restricting SDPA would not reach it.
+        raise ValueError(f"speed.attention={kernel!r}: {type(model).__name__} uses {sorted(unexpected)}")
+    model.set_attn_processor(KernelAttnProcessor(kernel))
+
+
+def to_channels_last(model: torch.nn.Module) -> None:
+    """Convolution weights in channels-last format, so cuDNN runs NHWC kernels.
+
+    Per module, because `model.to(memory_format=torch.channels_last)` fails on the 5-D weights of
+    SVD's temporal (Conv3d) layers; those get the 3-D variant of the format.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.to(memory_format=torch.channels_last)
+        elif isinstance(module, torch.nn.Conv3d):
+            module.to(memory_format=torch.channels_last_3d)
+
+
+def apply_speed_options(
+    frozen: FrozenModels, unet: torch.nn.Module, speed: SpeedConfig, device: torch.device
+) -> tuple[FrozenModels, torch.nn.Module]:
+    """The models with `speed` applied, in place: attention kernel, VAE chunking, channels-last
+    weights and `torch.compile` of the UNet (in place, so parameter names, LoRA saving and
+    checkpoints are unchanged). Call after LoRA injection and gradient checkpointing."""
+    set_attention_kernel(unet, speed.attention)
+    set_attention_kernel(frozen.vae, speed.attention)
+    if speed.channels_last:
+        to_channels_last(unet)
+        to_channels_last(frozen.vae)
+    if speed.compile_unet:
+        unet.compile()
+    return dataclasses.replace(frozen, vae_chunk=speed.vae_chunk), unet
+
+
+def adamw(
+    params: list[torch.nn.Parameter], optim: OptimConfig, speed: SpeedConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW with `optim.*`; fused kernel per `speed.fused_adamw` (null: on CUDA only)."""
+    fused = device.type == "cuda" if speed.fused_adamw is None else speed.fused_adamw
+    return torch.optim.AdamW(
+        params,
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        fused=fused,
+    )
+
+
+def mixed_precision(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when `train.mixed_precision` is "bf16"; float32 otherwise."""
+    if device.type == "cuda" and mode == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

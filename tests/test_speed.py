@@ -1,0 +1,117 @@
+"""The `speed.*` options change how the step runs, never what it computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from svdray.config import ConfigError, config_from_dict
+from svdray.model.lora import lora_parameters, lora_state_dict, save_lora
+from svdray.train.loop import build_models
+from svdray.train.speed import KernelAttnProcessor, adamw
+from svdray.train.step import encode_batch, training_loss
+
+CPU = torch.device("cpu")
+
+
+def tiny_config(pipeline_dir, **speed):
+    return config_from_dict(
+        {
+            "model": {"pretrained": str(pipeline_dir)},
+            "data": {"num_frames": 8, "height": 32, "width": 32},
+            "lora": {"rank": 4, "alpha": 4},
+            "objective": {"cfg_dropout": 0.0},
+            "speed": speed,
+        },
+        check_files=False,
+    )
+
+
+def clip_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    video = torch.randint(
+        0, 256, (2, 8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+    return {
+        "video": video,
+        "image": video[:, 0].clone(),
+        "fps": torch.full((2,), 7.0),
+        "motion_bucket_id": torch.full((2,), 127.0),
+    }
+
+
+def loss_and_grads(pipeline_dir, **speed) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    cfg = tiny_config(pipeline_dir, **speed)
+    torch.manual_seed(0)  # the same LoRA initialisation every time
+    frozen, unet = build_models(cfg, CPU)
+    loss = training_loss(unet, frozen, clip_batch(), cfg.objective, torch.Generator().manual_seed(1))
+    loss.backward()
+    return loss.detach(), [p.grad for p in lora_parameters(unet)]
+
+
+@pytest.mark.parametrize("kernel", ["math", "flash"])
+def test_attention_kernel_gives_the_same_loss_and_gradients(tiny_pipeline_dir, kernel):
+    loss, grads = loss_and_grads(tiny_pipeline_dir)
+    kernel_loss, kernel_grads = loss_and_grads(tiny_pipeline_dir, attention=kernel)
+    torch.testing.assert_close(kernel_loss, loss, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(kernel_grads, grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+    frozen, unet = build_models(tiny_config(tiny_pipeline_dir, attention=kernel), CPU)
+    for model in (unet, frozen.vae):
+        kernels = {(type(p), p.kernel) for p in model.attn_processors.values()}
+        assert kernels == {(KernelAttnProcessor, kernel)}
+
+
+def test_vae_chunk_and_channels_last_do_not_change_the_result(tiny_pipeline_dir):
+    loss, grads = loss_and_grads(tiny_pipeline_dir)
+    other_loss, other_grads = loss_and_grads(tiny_pipeline_dir, vae_chunk=3, channels_last=True)
+    torch.testing.assert_close(other_loss, loss, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(other_grads, grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+    frozen, unet = build_models(tiny_config(tiny_pipeline_dir, vae_chunk=3, channels_last=True), CPU)
+    assert frozen.vae_chunk == 3
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert frozen.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    # 16 frames in chunks of 3 and of 16 (one call): the same posterior.
+    strength = torch.full((2,), 0.02)
+    chunked = encode_batch(frozen, clip_batch(), strength, torch.Generator().manual_seed(0))
+    frozen.vae_chunk = 16
+    whole = encode_batch(frozen, clip_batch(), strength, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(chunked.latents, whole.latents, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_unet_keeps_parameter_names(tiny_pipeline_dir, tmp_path):
+    """`unet.compile()` compiles in place: LoRA saving and checkpoints see the same names
+    (torch.compile(unet) would prefix them all with `_orig_mod.`)."""
+    cfg = tiny_config(tiny_pipeline_dir)
+    _, plain = build_models(cfg, CPU)
+    _, compiled = build_models(tiny_config(tiny_pipeline_dir, compile_unet=True), CPU)
+    assert isinstance(compiled, type(plain))
+    assert lora_state_dict(compiled).keys() == lora_state_dict(plain).keys()
+    assert (save_lora(compiled, cfg.lora, tmp_path / "lora") / "adapter_model.safetensors").exists()
+
+
+def test_fused_adamw_follows_the_config(tiny_pipeline_dir):
+    cfg = tiny_config(tiny_pipeline_dir)
+    _, unet = build_models(cfg, CPU)
+    assert not adamw(lora_parameters(unet), cfg.optim, cfg.speed, CPU).defaults["fused"]  # null: CUDA only
+    cfg = tiny_config(tiny_pipeline_dir, fused_adamw=True)
+    optimizer = adamw(lora_parameters(unet), cfg.optim, cfg.speed, CPU)
+    assert optimizer.defaults["fused"]
+    loss = sum(p.sum() for p in lora_parameters(unet))
+    loss.backward()
+    optimizer.step()  # torch's fused AdamW runs on CPU too
+
+
+@pytest.mark.parametrize(
+    ("speed", "message"),
+    [
+        ({"attention": "fast"}, "speed.attention"),
+        ({"vae_chunk": 0}, "speed.vae_chunk"),
+        ({"turbo": True}, "speed.turbo"),
+    ],
+)
+def test_bad_speed_options_name_the_key(tiny_pipeline_dir, speed, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tiny_pipeline_dir, **speed)
