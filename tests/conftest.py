@@ -129,3 +129,14 @@ def one_clip_manifest(tmp_path, square_clip) -> Path:
     from svdray.data.manifest import write_manifest
 
     return write_manifest([{"video": str(square_clip), "prompt": "a square"}], tmp_path / "one.jsonl")
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A separate Ray cluster started with `ray start --head` (2 CPUs, dashboard and Jobs API on
+    127.0.0.1), for `ray job submit` tests; the test process never connects to it with ray.init."""
+    from tests.servers import start_ray_head, stop_ray_head
+
+    head = start_ray_head(num_cpus=2)
+    yield head
+    stop_ray_head(head)

@@ -72,12 +72,35 @@ def latest_checkpoint(cfg: Config) -> ray.train.Checkpoint | None:
     return result.checkpoint
 
 
-def run_training(cfg: Config) -> TrainingResult:
+def training_dataset(cfg: Config, rows: list[dict], skip: int = 0) -> ray.data.Dataset:
+    """The run's planned stream of decoded examples, after the first `skip` (already trained on)."""
+    data_context = ray.data.DataContext.get_current()
+    data_context.execution_options.preserve_order = True  # a seeded plan gives a fixed order
+    data_context.enable_progress_bars = False  # the training step lines are the progress to watch
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
+    return build_training_dataset(
+        rows, cfg.data, num_samples=cfg.train.max_steps * global_batch, seed=cfg.train.seed, skip=skip
+    )
+
+
+def run_training(
+    cfg: Config,
+    *,
+    parent_run_id: str | None = None,
+    callbacks: list[ray.train.UserCallback] | None = None,
+    dataset: ray.data.Dataset | None = None,
+) -> TrainingResult:
+    """Fit the run's TorchTrainer and log it to MLflow; resumes a previous attempt of the same run.
+
+    For Tune trials: `parent_run_id` makes the MLflow run a child of the sweep's run, `callbacks`
+    go into the trainer's RunConfig (Tune's TuneReportCallback), and `dataset` is a stream
+    `training_dataset` built once for every trial (the loop skips what a checkpoint consumed).
+    """
     cfg = resolve_paths(cfg)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
     uri = tracking.tracking_uri(cfg)
-    run_id = tracking.start_or_resume_run(cfg)
+    run_id = tracking.start_or_resume_run(cfg, parent_run_id=parent_run_id)
     tracking.log_dict_artifact(uri, run_id, cfg.to_dict(), "config.yaml")
 
     # Data position: a relaunch of the same run starts its data stream after the examples the
@@ -90,13 +113,10 @@ def run_training(cfg: Config) -> TrainingResult:
         logger.info("resuming %s from %s", cfg.train.name, previous.path)
 
     rows = read_manifest(cfg.data.manifest)
-    data_context = ray.data.DataContext.get_current()
-    data_context.execution_options.preserve_order = True  # a seeded plan gives a fixed order
-    data_context.enable_progress_bars = False  # the training step lines are the progress to watch
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
-    dataset = build_training_dataset(
-        rows, cfg.data, num_samples=cfg.train.max_steps * global_batch, seed=cfg.train.seed, skip=data_skip
-    )
+    if dataset is None:
+        dataset = training_dataset(cfg, rows, skip=data_skip)
+    else:
+        data_skip = 0  # a shared stream starts at its beginning
 
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
@@ -116,6 +136,7 @@ def run_training(cfg: Config) -> TrainingResult:
             name=cfg.train.name,
             storage_path=cfg.train.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=callbacks,
         ),
         datasets={"train": dataset},
     )
