@@ -1,7 +1,7 @@
 """Ray job entrypoint for `svdray tune` (a Ray Tune sweep, the config's `tune` section):
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
-        python jobs/tune.py --config configs/demo_sweep.yaml --set output_dir=$PWD/demo/sweep ...
+        python jobs/tune.py --config configs/demo.yaml --set output_dir=$PWD/demo/sweep ...
 
 Same arguments as `svdray tune`; paths must be absolute (see svdray/jobs.py).
 """

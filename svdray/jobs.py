@@ -79,7 +79,8 @@ def run_job(command: str, argv: list[str]) -> int:
 
     args = build_parser().parse_args([command, *argv])
     try:
-        cfg = load_config(args.config, args.set)
+        # Files are checked by the command itself; a relative path explains a missing one first.
+        cfg = load_config(args.config, args.set, check_files=False)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

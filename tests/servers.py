@@ -127,9 +127,6 @@ class RayHead:
             args.append("--no-wait")
         return self.job(*args, "--", *entrypoint, **kw)
 
-    def status(self, job_id: str) -> str:
-        return self.job("status", job_id, check=True).stdout
-
     def job_info(self, job_id: str) -> dict:
         with urllib.request.urlopen(f"{self.address}/api/jobs/{job_id}", timeout=10) as response:
             return json.loads(response.read())
@@ -195,19 +192,21 @@ class MlflowServer:
     uri: str  # http://127.0.0.1:PORT
     marker: str
 
-    def get(self, path: str, **params: str) -> dict:
+    def get(self, endpoint: str, **params: str) -> dict:
         query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.uri}{path}?{query}", timeout=30) as response:
+        with urllib.request.urlopen(f"{self.uri}{endpoint}?{query}", timeout=30) as response:
             return json.loads(response.read())
 
-    def post(self, path: str, body: dict) -> dict:
+    def post(self, endpoint: str, body: dict) -> dict:
         request = urllib.request.Request(
-            f"{self.uri}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            f"{self.uri}{endpoint}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
-    def read(self, path: str, **params: str) -> bytes:
+    def read(self, endpoint: str, **params: str) -> bytes:
         query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.uri}{path}?{query}", timeout=30) as response:
+        with urllib.request.urlopen(f"{self.uri}{endpoint}?{query}", timeout=30) as response:
             return response.read()

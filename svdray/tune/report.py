@@ -77,10 +77,17 @@ def plot_objective(
     for index, (value, group) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
         color = f"C{index % 10}"
         group.sort(key=lambda t: t.params[x_key])
-        xs = [t.params[x_key] for t in group]
-        ys = [t.objective for t in group]
         label = f"{series_key} = {value}" if series_key else None
-        ax.plot(xs, ys, color=color, linewidth=1, alpha=0.6, label=label)
+        # Lines join trials that ran every step; a stopped trial's objective is from fewer steps.
+        finished = [t for t in group if t.status == FINISHED]
+        ax.plot(
+            [t.params[x_key] for t in finished],
+            [t.objective for t in finished],
+            color=color,
+            linewidth=1,
+            alpha=0.6,
+            label=label,
+        )
         for t in group:
             filled = t.status == FINISHED
             ax.scatter(
