@@ -37,7 +37,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix svdray jobs tests benchmarks
 
 mlflow-ui: setup
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO))/mlflow.db --host 127.0.0.1 --port 5000
+	$(VENV)/bin/svdray ui --config configs/demo.yaml --port 5000
 
 clean:
 	rm -rf $(DEMO) outputs .pytest_cache .ruff_cache

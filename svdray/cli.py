@@ -98,6 +98,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)  # validated, search space included, before Ray starts
+    from svdray.tune.sweep import run_sweep
+
+    result = run_sweep(cfg)
+    print(result.table)
+    if result.best:
+        best = result.best
+        print(f"best trial:  {best.trial_id} ({best.status}), objective {best.objective:.5g}")
+        print(f"best run:    {result.best.run_id}; LoRA and config logged as best/ on the sweep's run")
+    if result.model_version:
+        print(f"registered:  models:/{cfg.tune.registered_model}/{result.model_version}")
+    print(f"summary:     {result.summary_csv}" + (f", plot {result.plot}" if result.plot else ""))
+    print(f"MLflow run:  {result.parent_run_id} in {result.tracking_uri}")
+    print(f"browse with: svdray ui --config {args.config}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import os
+
+    from svdray.config import apply_overrides, config_from_dict
+    from svdray.tracking import tracking_uri
+
+    if args.config:
+        cfg = load_config(args.config, args.set, check_files=False)
+    else:
+        cfg = config_from_dict(apply_overrides({}, args.set), check_files=False)
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("sqlite:", "file:", "/")):
+        print(f"{uri} is a tracking server: open it in a browser")
+        return 0
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    command += ["--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    # Browsing needs no server-side job runner (GenAI evaluation jobs): 8 fewer processes.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    os.execv(sys.executable, command)  # the UI server takes over this process
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -215,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep (the config's tune section), ASHA, MLflow parent run")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 for the config's store (default ./mlflow.db)")
+    p.add_argument("--config", help="read mlflow.tracking_uri from this config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("sample", help="sample a video from an image, optionally with a LoRA")
     p.add_argument("--pipeline", required=True, help="pipeline directory or hub id")

@@ -215,6 +215,39 @@ class RewardConfig:
 
 
 @dataclass
+class TuneConfig:
+    """`svdray tune`: a Ray Tune sweep over any config keys, with ASHA early stopping."""
+
+    # Config keys to search, each with one distribution, e.g.
+    #   lora.rank: {choice: [4, 8, 16]}
+    #   optim.lr: {loguniform: [1.0e-5, 1.0e-3]}
+    # choice: one of the values at random; grid: every value (times num_samples);
+    # uniform / loguniform: a float between the bounds; randint: an int in [low, high).
+    search_space: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    num_samples: int = 8
+    name: str | None = None  # stable sweep name (re-running resumes); default "<train.name>-sweep"
+    # The loop metric to optimise (`loss`; `val_loss` once validation runs). Tune sees
+    # `objective`: the mean of its last `metric_window` reported values (1: the value itself).
+    metric: str = "loss"
+    metric_window: int = 10
+    mode: Literal["min", "max"] = "min"
+    # ASHA, counted in optimizer steps: every trial runs `grace_period` steps before it can be
+    # stopped; a trial that is never stopped runs `max_t` steps (default: train.max_steps).
+    grace_period: int = 100
+    max_t: int | None = None
+    reduction_factor: float = 2.0
+    max_concurrent_trials: int = 1  # 0: as many as the cluster fits
+    # CPUs Ray reserves for each trial's driver, which only waits on its TorchTrainer (that
+    # reserves its own workers) and logs the results: a fraction keeps whole CPUs for workers.
+    trial_cpus: float = 0.1
+    # Decode the training stream once and give every trial the same examples in the same order
+    # (kept by Ray's object store, spilled to disk when large) instead of decoding per trial.
+    share_data: bool = True
+    seed: int | None = 0  # of the search; null draws a different sweep every time
+    registered_model: str = "svdray-lora"  # MLflow model registry name of the best LoRA; "" skips
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -228,6 +261,7 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     output_dir: str = "outputs/svdray"
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,7 +280,10 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
+        key_hint, item_hint = typing.get_args(hint)
+        return {
+            _check_value(k, key_hint, key): _check_value(v, item_hint, f"{key}.{k}") for k, v in value.items()
+        }
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
@@ -321,16 +358,21 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def set_key(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Set dotted `key` ("a.b.c") in a nested config tree."""
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[parts[-1]] = value
+    return tree
+
+
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
-        key, value = parse_override(item)
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {part} is not a section")
-        node[parts[-1]] = value
+        set_key(tree, *parse_override(item))
     return tree
 
 
@@ -411,6 +453,75 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
                 raise ConfigError(str(err)) from err
         if looks_local and not Path(cfg.model.pretrained).expanduser().is_dir():
             raise ConfigError(f"model.pretrained: directory not found: {cfg.model.pretrained}")
+    _validate_tune(cfg)
+
+
+SEARCH_DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+# Keys a sweep sets for each trial, or that only say where things go: never searched.
+_NOT_SEARCHABLE = ("tune.", "mlflow.", "ray.", "output_dir", "train.name", "train.storage_path")
+
+
+def config_key_hint(key: str) -> Any:
+    """The type of dotted config key `key`; ConfigError when the schema has no such key."""
+    hint: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(hint) or part not in {f.name for f in dataclasses.fields(hint)}:
+            raise ConfigError(f"tune.search_space.{key}: not a config key")
+        hint = typing.get_type_hints(hint)[part]
+    if dataclasses.is_dataclass(hint):
+        raise ConfigError(f"tune.search_space.{key}: a section, not a key")
+    return hint
+
+
+def _validate_tune(cfg: Config) -> None:
+    t = cfg.tune
+    for key in ("num_samples", "metric_window", "grace_period"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"tune.{key}: must be positive, got {getattr(t, key)}")
+    if not t.trial_cpus > 0:
+        raise ConfigError(f"tune.trial_cpus: must be positive, got {t.trial_cpus}")
+    if t.max_concurrent_trials < 0:
+        raise ConfigError("tune.max_concurrent_trials: must be 0 (no limit) or more")
+    if not t.reduction_factor > 1:
+        raise ConfigError(f"tune.reduction_factor: must be above 1, got {t.reduction_factor}")
+    for key, spec in t.search_space.items():
+        where = f"tune.search_space.{key}"
+        if key.startswith(_NOT_SEARCHABLE):
+            raise ConfigError(f"{where}: not searchable (set per trial or by the sweep)")
+        hint = config_key_hint(key)
+        if len(spec) != 1 or next(iter(spec)) not in SEARCH_DISTRIBUTIONS:
+            raise ConfigError(f"{where}: expected one of {{{', '.join(SEARCH_DISTRIBUTIONS)}}}: [...]")
+        ((dist, args),) = spec.items()
+        if dist in ("choice", "grid"):
+            if not args:
+                raise ConfigError(f"{where}.{dist}: no values")
+            values = [_check_value(v, hint, f"{where}.{dist}[{i}]") for i, v in enumerate(args)]
+        else:
+            if len(args) != 2:
+                raise ConfigError(f"{where}.{dist}: expected [low, high], got {args}")
+            if dist == "randint":
+                values = [_check_value(v, hint, f"{where}.{dist}") for v in args]
+                values[1] -= 1  # high is exclusive
+            else:
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args):
+                    raise ConfigError(f"{where}.{dist}: expected two numbers, got {args}")
+                values = [_check_value(float(v), hint, f"{where}.{dist}") for v in args]
+            if not values[0] <= values[1]:
+                raise ConfigError(f"{where}.{dist}: low must be below high, got {args}")
+            if dist == "loguniform" and values[0] <= 0:
+                raise ConfigError(f"{where}.loguniform: bounds must be positive, got {args}")
+        # Every value a trial can get must make a valid config (e.g. a positive lora.rank).
+        for value in values:
+            tree = cfg.to_dict()
+            del tree["tune"]
+            try:
+                config_from_dict(set_key(tree, key, value), check_files=False)
+            except ConfigError as err:
+                raise ConfigError(f"{where}: value {value!r} gives an invalid config: {err}") from None
+    steps = t.max_t or cfg.train.max_steps
+    if t.search_space and steps < t.grace_period:
+        key = "tune.max_t" if t.max_t else "train.max_steps"
+        raise ConfigError(f"{key}: {steps} steps per trial is below tune.grace_period {t.grace_period}")
 
 
 def config_from_dict(tree: dict[str, Any], check_files: bool = True) -> Config:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,41 @@ def run_key(cfg: Config) -> str:
     return f"{Path(cfg.train.storage_path).resolve()}/{cfg.train.name}"
 
 
-def start_or_resume_run(cfg: Config, parent_run_id: str | None = None) -> str:
-    """The MLflow run for this training job: the existing one with the same run key, or a new one."""
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment in a sqlite store keeps artifacts: beside the database file.
+
+    MLflow's default is ./mlruns under the working directory of whichever process creates the
+    experiment; for a Ray job that is a temporary copy of the submitted folder, deleted later.
+    """
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///") :]).parent / "mlruns")
+    return None  # a tracking server (or other store) decides
+
+
+def get_or_create_experiment(uri: str, name: str) -> str:
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(uri))
+        except mlflow.exceptions.MlflowException:  # created by another process meanwhile
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    return experiment.experiment_id
+
+
+def start_or_resume_run(
+    cfg: Config, parent_run_id: str | None = None, skip_params: Collection[str] = ()
+) -> str:
+    """The MLflow run for this training job: the existing one with the same run key, or a new one.
+
+    `skip_params`: config keys not logged as params (a sweep's run leaves out the searched keys,
+    so a search by param finds the trials only).
+    """
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment(experiment_id=get_or_create_experiment(uri, cfg.mlflow.experiment))
     client = MlflowClient()
     key = run_key(cfg)
     existing = client.search_runs(
@@ -55,7 +87,11 @@ def start_or_resume_run(cfg: Config, parent_run_id: str | None = None) -> str:
     run = client.create_run(
         experiment.experiment_id, run_name=cfg.mlflow.run_name or cfg.train.name, tags=tags
     )
-    params = {k: ("null" if v is None else str(v))[:6000] for k, v in flatten(cfg.to_dict()).items()}
+    params = {
+        k: ("null" if v is None else str(v))[:6000]
+        for k, v in flatten(cfg.to_dict()).items()
+        if k not in skip_params
+    }
     with mlflow.start_run(run_id=run.info.run_id):
         mlflow.log_params(params)
     return run.info.run_id

@@ -159,3 +159,14 @@ def ffmpeg_clip(
     command += ["-c:v", "libx264", "-pix_fmt", pix_fmt, str(path)]
     subprocess.run(command, check=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A separate Ray cluster started with `ray start --head` (2 CPUs, dashboard and Jobs API on
+    127.0.0.1), for `ray job submit` tests; the test process never connects to it with ray.init."""
+    from tests.servers import start_ray_head, stop_ray_head
+
+    head = start_ray_head(num_cpus=2)
+    yield head
+    stop_ray_head(head)

@@ -19,6 +19,8 @@ from ray.train.torch import TorchTrainer
 
 from svdray import tracking
 from svdray.config import Config
+from svdray.data.dataset import build_training_dataset
+from svdray.data.prepare import training_rows
 from svdray.data.run import build_run_data, finish_run_data
 from svdray.data.video import FrameSpec, decode_clip
 from svdray.report import plot_loss_curve
@@ -95,7 +97,30 @@ def starting_point(cfg: Config) -> tuple[str | None, int]:
     return None, 0
 
 
-def run_training(cfg: Config) -> TrainingResult:
+def shared_training_dataset(cfg: Config) -> ray.data.Dataset:
+    """The run's planned stream of decoded examples, built apart from a run (for Tune trials that
+    all read the same stream); the clips are prepared into <output_dir>/data as a run would."""
+    prepared = training_rows(cfg.data, Path(cfg.output_dir) / "data")
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
+    group = cfg.train.batch_size * cfg.train.num_workers
+    return build_training_dataset(
+        prepared.rows, cfg.data, cfg.train.max_steps * global_batch, cfg.train.seed, 0, group
+    )
+
+
+def run_training(
+    cfg: Config,
+    *,
+    parent_run_id: str | None = None,
+    callbacks: list[ray.train.UserCallback] | None = None,
+    dataset: ray.data.Dataset | None = None,
+) -> TrainingResult:
+    """Fit the run's TorchTrainer and log it to MLflow; resumes a previous attempt of the same run.
+
+    For Tune trials: `parent_run_id` makes the MLflow run a child of the sweep's run, `callbacks`
+    go into the trainer's RunConfig (Tune's TuneReportCallback), and `dataset` is a stream
+    `shared_training_dataset` built once for every trial (the loop skips what a checkpoint consumed).
+    """
     cfg = resolve_paths(cfg)
     if cfg.train.resume_from:
         check_checkpoint(cfg.train.resume_from)  # before anything starts: never a pickle
@@ -104,7 +129,7 @@ def run_training(cfg: Config) -> TrainingResult:
     (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     init_ray(cfg)
     uri = tracking.tracking_uri(cfg)
-    run_id = tracking.start_or_resume_run(cfg)
+    run_id = tracking.start_or_resume_run(cfg, parent_run_id=parent_run_id)
     tracking.log_dict_artifact(uri, run_id, cfg.to_dict(), "config.yaml")
 
     # Data position: a relaunch (or a --resume) starts its data stream after the examples the
@@ -118,7 +143,11 @@ def run_training(cfg: Config) -> TrainingResult:
     data_context.enable_progress_bars = False  # the training step lines are the progress to watch
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
     data = build_run_data(cfg, cfg.train.max_steps * global_batch, data_skip, uri, run_id)
-    rows, dataset = data.rows, data.dataset
+    rows = data.rows
+    if dataset is None:
+        dataset = data.dataset
+    else:
+        data_skip = 0  # a shared stream starts at its beginning: the loop skips what was consumed
 
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
@@ -141,6 +170,7 @@ def run_training(cfg: Config) -> TrainingResult:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             # A dead worker (or node) restarts the worker group from the latest checkpoint.
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
         ),
         datasets={"train": dataset},
     )

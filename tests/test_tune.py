@@ -1,0 +1,223 @@
+"""Sweeps: the config's tune section, and a real ASHA sweep submitted as a Ray job, read back from a
+real `mlflow server` through MLflow's REST API."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from svdray.config import ConfigError, load_config
+from svdray.tune.space import param_space, trial_config
+from tests.servers import REPO, MlflowServer, end_marked, free_port, server_env, wait_for_http
+
+SEARCH = {"lora.rank": {"choice": [2, 4]}, "optim.lr": {"loguniform": [1.0e-4, 1.0e-1]}}
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"lora.rnak": {"choice": [4]}}, "tune.search_space.lora.rnak: not a config key"),
+        ({"lora": {"choice": [4]}}, "tune.search_space.lora: a section, not a key"),
+        ({"lora.rank": {"normal": [0, 1]}}, "tune.search_space.lora.rank: expected one of"),
+        ({"lora.rank": {"choice": [4, "big"]}}, "tune.search_space.lora.rank.choice[1]: expected an integer"),
+        ({"lora.rank": {"choice": [4, 0]}}, "value 0 gives an invalid config: lora.rank: must be positive"),
+        ({"lora.rank": {"uniform": [2, 8]}}, "tune.search_space.lora.rank.uniform: expected an integer"),
+        ({"optim.lr": {"loguniform": [0, 1e-3]}}, "optim.lr.loguniform: bounds must be positive"),
+        ({"optim.lr": {"uniform": [1e-3, 1e-4]}}, "optim.lr.uniform: low must be below high"),
+        ({"train.name": {"choice": ["a", "b"]}}, "tune.search_space.train.name: not searchable"),
+        ({"lora.rank": {"choice": [4]}}, "train.max_steps: 4 steps per trial is below tune.grace_period 100"),
+    ],
+)
+def test_search_space_errors_name_the_key(tmp_path, one_clip_manifest, write_config, space, message):
+    path = write_config(one_clip_manifest, tune={"search_space": space})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value)
+
+
+def test_trial_config_applies_params_and_stable_names(tmp_path, one_clip_manifest, write_config):
+    path = write_config(
+        one_clip_manifest,
+        train={"name": "base", "max_steps": 50},
+        tune={
+            "search_space": {**SEARCH, "lora.blocks": {"grid": [["spatial"], ["spatial", "temporal"]]}},
+            "max_t": 20,
+            "grace_period": 5,
+        },
+    )
+    cfg = load_config(path)
+    assert set(param_space(cfg)) == {"lora.rank", "optim.lr", "lora.blocks"}
+    import numpy as np
+
+    trial = trial_config(
+        cfg, {"lora.rank": 2, "optim.lr": np.float64(3e-4), "lora.blocks": ["temporal"]}, "ab_00001"
+    )
+    assert (trial.lora.rank, trial.optim.lr, trial.lora.blocks) == (2, 3e-4, ["temporal"])
+    assert trial.train.name == "base-sweep-ab_00001"  # stable per trial: a restarted trial resumes
+    assert trial.train.max_steps == 20  # tune.max_t is the trial's budget (and ASHA's max_t)
+    assert trial.output_dir == str(tmp_path / "out" / "base-sweep" / "trials" / "ab_00001")
+    assert trial.lora.alpha == cfg.lora.alpha  # everything else is the sweep's config
+
+
+@pytest.fixture
+def mlflow_ui(tmp_path):
+    """`svdray ui` for a sqlite store in tmp: the MLflow server (UI + REST API) on 127.0.0.1.
+
+    It is the sweep's tracking server too, so the sweep test reads everything back through it.
+    """
+    directory = tmp_path / "mlflow-ui"
+    directory.mkdir()
+    db = directory / "mlflow.db"
+    port = free_port()
+    marker = f"ui-{port}-{tmp_path.name}"
+    log = directory / "ui.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "svdray.cli",
+                "ui",
+                "--set",
+                f"mlflow.tracking_uri=sqlite:///{db}",
+                "--port",
+                str(port),
+            ],
+            env={**server_env(marker), "PYTHONPATH": str(REPO)},
+            cwd=directory,  # proxied artifacts land in ./mlartifacts here
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, log)
+        yield MlflowServer(f"http://127.0.0.1:{port}", marker), db
+    finally:
+        end_marked(marker)
+
+
+def test_asha_sweep_as_a_ray_job_tracked_in_mlflow(
+    ray_head, mlflow_ui, tmp_path, one_clip_manifest, write_config
+):
+    """3 trials of 1 worker on a 2-CPU head, one at a time; ASHA stops some at step 2 or 4 and
+    the next trial still gets the CPUs; the MLflow server that `svdray ui` runs (URI from the job's
+    environment) holds one parent run, one child run per trial, and the best LoRA in the model
+    registry."""
+    mlflow_server, db = mlflow_ui
+    # `svdray ui` listens on the loopback interface only.
+    port = mlflow_server.uri.rsplit(":", 1)[1]
+    listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    assert {line.split()[3] for line in listening.splitlines()} == {f"127.0.0.1:{port}"}
+    model_name = "svdray-test-lora"
+    path = write_config(
+        one_clip_manifest,
+        train={"name": "sw", "max_steps": 6, "checkpoint_every": 2, "log_every": 1},
+        tune={
+            "search_space": SEARCH,
+            "num_samples": 3,
+            "metric_window": 2,
+            "grace_period": 2,
+            "max_concurrent_trials": 1,
+            "seed": 0,
+            "registered_model": model_name,
+        },
+        mlflow={"experiment": "sweeps"},  # the config's sqlite URI loses to MLFLOW_TRACKING_URI
+    )
+    runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = mlflow_server.uri
+    env_file = tmp_path / "runtime_env.yaml"
+    env_file.write_text(yaml.safe_dump(runtime_env))
+
+    result = ray_head.submit(
+        ["python", "jobs/tune.py", "--config", str(path)], runtime_env=env_file, timeout=540
+    )
+    logs = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in logs, logs[-6000:]
+    assert "best trial:" in logs and "lora.rank" in logs  # the summary table in the job's logs
+
+    api = "/api/2.0/mlflow"
+    experiment_id = mlflow_server.get(f"{api}/experiments/get-by-name", experiment_name="sweeps")[
+        "experiment"
+    ]["experiment_id"]
+
+    def search(filter_string: str) -> list[dict]:
+        body = {"experiment_ids": [experiment_id], "filter": filter_string, "max_results": 100}
+        return mlflow_server.post(f"{api}/runs/search", body).get("runs", [])
+
+    def as_dict(entries: list[dict]) -> dict:
+        return {e["key"]: e["value"] for e in entries}
+
+    (parent,) = search("tags.`svdray.role` = 'sweep'")
+    parent_id = parent["info"]["run_id"]
+    assert parent["info"]["status"] == "FINISHED"
+    children = search(f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert len(children) == 3
+
+    statuses = {}
+    finished_objectives = {}
+    for child in children:
+        run_id = child["info"]["run_id"]
+        params, tags = as_dict(child["data"]["params"]), as_dict(child["data"]["tags"])
+        metrics = as_dict(child["data"].get("metrics", []))
+        assert params["lora.rank"] in {"2", "4"} and 1e-4 <= float(params["optim.lr"]) <= 1e-1
+        status = tags["svdray.trial_status"]
+        statuses[run_id] = status
+        steps = sorted(
+            int(m["step"])
+            for m in mlflow_server.get(f"{api}/metrics/get-history", run_id=run_id, metric_key="loss")[
+                "metrics"
+            ]
+        )
+        if status == "finished":
+            assert child["info"]["status"] == "FINISHED" and steps == [1, 2, 3, 4, 5, 6]
+            finished_objectives[run_id] = metrics["objective"]
+        else:
+            # ASHA decides at its rungs (steps 2 and 4); the trial is stopped right there.
+            assert status == "stopped_early" and child["info"]["status"] == "KILLED"
+            assert steps[:2] == [1, 2] and steps[-1] < 6
+    assert "stopped_early" in statuses.values() and "finished" in statuses.values()
+
+    # Searching runs by a param: params are named by their config keys. The sweep's own run does
+    # not log the searched keys, so such a search finds trials only.
+    for rank in ("2", "4"):
+        found = {r["info"]["run_id"] for r in search(f"params.`lora.rank` = '{rank}'")}
+        assert found == {
+            c["info"]["run_id"] for c in children if as_dict(c["data"]["params"])["lora.rank"] == rank
+        }
+
+    # The best finished trial's LoRA and config on the parent, its plot and summary beside them.
+    best_id = min(finished_objectives, key=finished_objectives.get)
+    assert as_dict(parent["data"]["tags"])["svdray.best_run_id"] == best_id
+    listing = {f["path"] for f in mlflow_server.get(f"{api}/artifacts/list", run_id=parent_id)["files"]}
+    assert {"best", "summary.csv", "objective_vs_optim.lr.png", "config.yaml"} <= listing
+    lora = {
+        f["path"]
+        for f in mlflow_server.get(f"{api}/artifacts/list", run_id=parent_id, path="best/lora")["files"]
+    }
+    assert lora == {"best/lora/adapter_config.json", "best/lora/adapter_model.safetensors"}
+    adapter = json.loads(
+        mlflow_server.read("/get-artifact", path="best/lora/adapter_config.json", run_uuid=parent_id)
+    )
+    best_child = next(c for c in children if c["info"]["run_id"] == best_id)
+    assert str(adapter["r"]) == as_dict(best_child["data"]["params"])["lora.rank"]
+
+    # ... registered as a model version whose source is that folder.
+    model = mlflow_server.get(f"{api}/registered-models/get", name=model_name)["registered_model"]
+    (version,) = model["latest_versions"]
+    assert version["run_id"] == parent_id and version["source"] == f"runs:/{parent_id}/best/lora"
+    assert as_dict(version["tags"])["svdray.child_run_id"] == best_id
+
+    # The summary table lists every trial with its status.
+    table = mlflow_server.read("/get-artifact", path="summary.csv", run_uuid=parent_id).decode()
+    assert len(table.strip().splitlines()) == 4
+    assert sorted(re.findall(r"finished|stopped_early", table)) == sorted(statuses.values())
+
+    # What the UI served is the store `svdray ui` was given.
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(f"sqlite:///{db}").get_run(parent_id).data.tags["svdray.role"] == "sweep"
