@@ -105,4 +105,6 @@ def run_prepare_job(argv: list[str]) -> int:
     }
     if relative:
         return _refuse_relative(relative)
+    from svdray.cli import main
+
     return main(["prepare", "--manifest", args.manifest, "--out", args.out, *rest])
