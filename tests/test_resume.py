@@ -245,6 +245,7 @@ def test_stopped_run_relaunched_then_worker_killed(
     losses = all_values(uri, run_id, "loss")
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))
     redone = [step for step, values in losses.items() if step > 4 and len(values) > 1]
+    print(f"worker killed: restored step {restored}, redid steps {redone}")
     assert len(redone) <= CHECKPOINT_EVERY and all(step > restored for step in redone)
     expected = baseline_losses(baseline)
     for step, values in losses.items():
