@@ -505,7 +505,12 @@ def trainer_loop(cfg: Config, warmup: int, steps: int, workdir: Path, tag: str) 
     # The same uint8 batches as the plain loop, as rows of a Ray Data dataset: nothing to decode.
     batches = [example_batch(cfg, "cpu", seed) for seed in range(2)]
     rows = [
-        {k: v[j].numpy() for k, v in batches[step % 2].items()}
+        # clip_id/epoch as decoded examples carry them (the loop skips rows without a clip_id).
+        {
+            **{k: v[j].numpy() for k, v in batches[step % 2].items()},
+            "clip_id": f"bench-{step}-{j}",
+            "epoch": 0,
+        }
         for step in range(cfg.train.max_steps)
         for j in range(cfg.train.batch_size)
     ]
