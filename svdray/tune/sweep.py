@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +102,6 @@ def run_trial(
     dataset: ray.data.Dataset | None = None,
 ) -> None:
     """One Tune trial: the sweep's config with this trial's values, trained as `svdray train` does."""
-    import os
-
     # The sweep driver's store, even when the driver got it from its own environment.
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     cfg = config_from_dict(config, check_files=False)
