@@ -211,6 +211,7 @@ def test_asha_sweep_as_a_ray_job_tracked_in_mlflow(
     (version,) = model["latest_versions"]
     assert version["run_id"] == parent_id and version["source"] == f"runs:/{parent_id}/best/lora"
     assert as_dict(version["tags"])["svdray.child_run_id"] == best_id
+    assert as_dict(parent["data"]["tags"])["svdray.model_version"] == version["version"]
 
     # The summary table lists every trial with its status.
     table = mlflow_server.read("/get-artifact", path="summary.csv", run_uuid=parent_id).decode()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +101,6 @@ def run_trial(
     dataset: ray.data.Dataset | None = None,
 ) -> None:
     """One Tune trial: the sweep's config with this trial's values, trained as `svdray train` does."""
-    import os
-
     # The sweep driver's store, even when the driver got it from its own environment.
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     cfg = config_from_dict(config, check_files=False)
@@ -136,38 +135,53 @@ def trial_runs(uri: str, parent_run_id: str) -> dict[str, Any]:
 
 
 def mark_trial(uri: str, run: Any, status: str, objective: float | None, step: int) -> None:
-    """Record how a trial ended on its MLflow run (once: a second call changes nothing)."""
-    if run.data.tags.get(STATUS_TAG) == status:
-        return
+    """Record how a trial ended on its MLflow run; writes only what differs, so it can be repeated."""
     client = MlflowClient(tracking_uri=uri)
-    client.set_tag(run.info.run_id, STATUS_TAG, status)
-    if objective is not None:
-        client.log_metric(run.info.run_id, OBJECTIVE, objective, step=step)
+    if run.data.tags.get(STATUS_TAG) != status:
+        client.set_tag(run.info.run_id, STATUS_TAG, status)
+        if objective is not None:
+            client.log_metric(run.info.run_id, OBJECTIVE, objective, step=step)
     if run.info.status != MLFLOW_STATUS[status]:
         client.set_terminated(run.info.run_id, status=MLFLOW_STATUS[status])
 
 
 class TrialTracker(tune.Callback):
     """Marks each trial's MLflow run as finished, stopped early (ASHA) or failed as soon as Tune
-    is done with it, so a long sweep shows the truth while it runs."""
+    is done with it, so a long sweep shows the truth while it runs.
+
+    A trial that ASHA stops is marked while Tune is still stopping it, and its driver may then
+    record the interrupted training as FAILED: the marks are applied again whenever a trial
+    starts (the stopped trial's resources are free by then), and at the end of the sweep.
+    """
 
     def __init__(self, uri: str, parent_run_id: str, max_t: int):
         self.uri, self.parent_run_id, self.max_t = uri, parent_run_id, max_t
+        self.marks: dict[str, tuple[str, float | None, int]] = {}
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._mark(trial, trial_status(trial.last_result, self.max_t))
+        self._record(trial, trial_status(trial.last_result, self.max_t))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._mark(trial, ERRORED)
+        self._record(trial, ERRORED)
 
-    def _mark(self, trial: Any, status: str) -> None:
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._apply()
+
+    def _record(self, trial: Any, status: str) -> None:
+        result = trial.last_result or {}
+        self.marks[trial.trial_id] = (status, result.get(OBJECTIVE), result.get("step", 0))
+        self._apply()
+
+    def _apply(self) -> None:
+        if not self.marks:
+            return
         try:
-            run = trial_runs(self.uri, self.parent_run_id).get(trial.trial_id)
-            if run is not None:
-                result = trial.last_result or {}
-                mark_trial(self.uri, run, status, result.get(OBJECTIVE), result.get("step", 0))
+            runs = trial_runs(self.uri, self.parent_run_id)
+            for trial_id, (status, objective, step) in self.marks.items():
+                if trial_id in runs:
+                    mark_trial(self.uri, runs[trial_id], status, objective, step)
         except Exception as err:  # the tracking server is down: the end of the sweep retries
-            logger.warning("could not mark trial %s in MLflow: %s", trial.trial_id, err)
+            logger.warning("could not mark trials in MLflow: %s", err)
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -325,7 +339,8 @@ def log_best(cfg: Config, uri: str, parent_run_id: str, best: TrialSummary) -> s
     version = None
     if cfg.tune.registered_model:
         version = register_best(uri, cfg.tune.registered_model, parent_run_id, best)
-        client.set_tag(parent_run_id, "svdray.model_version", f"{cfg.tune.registered_model}/{version}")
+        client.set_tag(parent_run_id, "svdray.registered_model", cfg.tune.registered_model)
+        client.set_tag(parent_run_id, "svdray.model_version", version)
     return version
 
 
