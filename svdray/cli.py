@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except UnsafeFileError as err:
         print(f"refused: {err}", file=sys.stderr)
+        return 2
     except (ManifestError, DataError) as err:
         print(f"data error: {err}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
 from svdray.config import Config, flatten
@@ -69,13 +70,14 @@ def start_or_resume_run(
     `skip_params`: config keys not logged as params (a sweep's run leaves out the searched keys,
     so a search by param finds the trials only).
     """
+    # Only explicit clients: mlflow.set_tracking_uri() would also write MLFLOW_TRACKING_URI into
+    # this process's environment, and every later run started here would land in this store.
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(experiment_id=get_or_create_experiment(uri, cfg.mlflow.experiment))
-    client = MlflowClient()
+    experiment_id = get_or_create_experiment(uri, cfg.mlflow.experiment)
+    client = MlflowClient(tracking_uri=uri)
     key = run_key(cfg)
     existing = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
+        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
     )
     if existing:
         run_id = existing[0].info.run_id
@@ -84,16 +86,15 @@ def start_or_resume_run(
     tags = {RUN_KEY_TAG: key}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(
-        experiment.experiment_id, run_name=cfg.mlflow.run_name or cfg.train.name, tags=tags
-    )
+    run = client.create_run(experiment_id, run_name=cfg.mlflow.run_name or cfg.train.name, tags=tags)
     params = {
         k: ("null" if v is None else str(v))[:6000]
         for k, v in flatten(cfg.to_dict()).items()
         if k not in skip_params
     }
-    with mlflow.start_run(run_id=run.info.run_id):
-        mlflow.log_params(params)
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=items[start : start + 100])
     return run.info.run_id
 
 
