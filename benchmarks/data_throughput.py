@@ -209,7 +209,7 @@ def main() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # as in training
-    ray_data(items[:4], cfg)  # worker processes started before timing
+    ray_data(items[:8], cfg)  # two worker processes started (and their imports done) before timing
 
     # Rounds interleave the methods and each keeps its best round: on a shared machine the
     # other processes' load comes and goes, and the best round is the least disturbed one.

@@ -49,6 +49,7 @@ from svdray.config import DataConfig, ModelConfig
 from svdray.data.buckets import assign_buckets
 from svdray.data.dataset import (
     CRASH_RETRIES,
+    clip_motion_bucket,
     decode_item,
     item_fps,
     one_example_blocks,
@@ -58,7 +59,6 @@ from svdray.data.dataset import (
 )
 from svdray.data.manifest import Reject
 from svdray.data.video import IMAGE_NOT_FOUND, VIDEO_NOT_FOUND, ClipError, to_model_range
-from svdray.model.conditioning import motion_bucket_from_clip
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def decode_for_cache(batch: dict[str, np.ndarray], cfg: DataConfig) -> dict[str,
     try:
         frames, image = decode_item(item, cfg, window_seed(key))
         error, reason = "", ""
-        bucket = motion_bucket_from_clip(to_model_range(frames), cfg.motion_bucket_scale)
+        bucket = clip_motion_bucket(frames, cfg)
         video, image = frames.numpy(), image.numpy()
     except Exception as err:
         error = str(err)

@@ -27,7 +27,6 @@ import ray.data
 from svdray.config import DataConfig
 from svdray.data.buckets import assign_buckets
 from svdray.data.video import ClipError, FrameSpec, decode_clip, to_model_range
-from svdray.model.conditioning import motion_bucket_from_clip
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +112,14 @@ def motion_bucket(item: dict[str, Any], frames, cfg: DataConfig) -> float:
         return float(item["motion_bucket_id"])
     if cfg.motion_bucket_id is not None:
         return float(cfg.motion_bucket_id)
+    return clip_motion_bucket(frames, cfg)
+
+
+def clip_motion_bucket(frames, cfg: DataConfig) -> float:
+    # Imported here: diffusers and transformers take seconds to import, and every Ray worker
+    # that decodes imports this module; only runs that derive the bucket from motion need it.
+    from svdray.model.conditioning import motion_bucket_from_clip
+
     return motion_bucket_from_clip(to_model_range(frames), cfg.motion_bucket_scale)
 
 
