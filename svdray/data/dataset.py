@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -184,6 +185,13 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DataConfig, ledger=None) -> 
     }
 
 
+def map_with_bounded_retries(ds: ray.data.Dataset, fn, **kwargs) -> ray.data.Dataset:
+    """`ds.map_batches(fn, ...)` whose tasks are retried CRASH_RETRIES times, not forever."""
+    with warnings.catch_warnings():  # the remote-argument deprecation, for Ray 2.64
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return ds.map_batches(fn, max_retries=CRASH_RETRIES, **kwargs)
+
+
 def planned_dataset(items: list[dict[str, Any]]) -> ray.data.Dataset:
     """The plan as a Dataset of blocks of ROWS_PER_TASK examples, in order."""
     return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / ROWS_PER_TASK)))
@@ -249,11 +257,11 @@ def build_training_dataset(
 
 def decoded_stream(items: list[dict[str, Any]], cfg: DataConfig, ledger=None) -> ray.data.Dataset:
     """Planned examples -> decoded examples, one per block, in plan order."""
-    decoded = planned_dataset(items).map_batches(
+    decoded = map_with_bounded_retries(
+        planned_dataset(items),
         decode_batch,
         batch_size=1,
         num_cpus=cfg.decode_cpus,
-        max_retries=CRASH_RETRIES,
         fn_kwargs=dict(cfg=cfg, ledger=ledger),
     )
     return one_example_blocks(decoded, cfg.strict)
