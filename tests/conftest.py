@@ -131,11 +131,8 @@ def one_clip_manifest(tmp_path, square_clip) -> Path:
     return write_manifest([{"video": str(square_clip), "prompt": "a square"}], tmp_path / "one.jsonl")
 
 
-def ffmpeg_clip(
-    path: Path, width: int, height: int, seconds: float, fps: float, args: tuple[str, ...] = ()
-) -> Path:
-    """A test-pattern clip of any size and length made by ffmpeg (imageio-ffmpeg's binary);
-    `args` go before the output (e.g. a `-vf setpts=...` for variable frame rate)."""
+def ffmpeg_clip(path: Path, width: int, height: int, seconds: float, fps: float) -> Path:
+    """A test-pattern clip of any size (odd ones too) and length, made by ffmpeg."""
     import subprocess
 
     import imageio_ffmpeg
@@ -143,7 +140,7 @@ def ffmpeg_clip(
     path.parent.mkdir(parents=True, exist_ok=True)
     pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
     command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i"]
-    command += [f"testsrc=size={width}x{height}:rate={fps}:duration={seconds}", *args]
+    command += [f"testsrc=size={width}x{height}:rate={fps}:duration={seconds}"]
     command += ["-c:v", "libx264", "-pix_fmt", pix_fmt, str(path)]
     subprocess.run(command, check=True)
     return path
