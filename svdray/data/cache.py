@@ -48,9 +48,10 @@ from safetensors.torch import save_file
 from svdray.config import DataConfig, ModelConfig
 from svdray.data.buckets import assign_buckets
 from svdray.data.dataset import (
-    CRASH_RETRIES,
+    clip_motion_bucket,
     decode_item,
     item_fps,
+    map_with_bounded_retries,
     one_example_blocks,
     plan_epochs,
     plan_item,
@@ -58,7 +59,6 @@ from svdray.data.dataset import (
 )
 from svdray.data.manifest import Reject
 from svdray.data.video import IMAGE_NOT_FOUND, VIDEO_NOT_FOUND, ClipError, to_model_range
-from svdray.model.conditioning import motion_bucket_from_clip
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def decode_for_cache(batch: dict[str, np.ndarray], cfg: DataConfig) -> dict[str,
     try:
         frames, image = decode_item(item, cfg, window_seed(key))
         error, reason = "", ""
-        bucket = motion_bucket_from_clip(to_model_range(frames), cfg.motion_bucket_scale)
+        bucket = clip_motion_bucket(frames, cfg)
         video, image = frames.numpy(), image.numpy()
     except Exception as err:
         error = str(err)
@@ -310,11 +310,11 @@ def ensure_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig
     logger.info("latent cache %s: %d hits, %d to compute", lookup.folder, hits, len(todo))
     if todo:
         actors, gpus = encoder_pool_size(cfg)
-        decoded = planned_dataset(todo).map_batches(
+        decoded = map_with_bounded_retries(
+            planned_dataset(todo),
             decode_for_cache,
             batch_size=1,
             num_cpus=cfg.decode_cpus,
-            max_retries=CRASH_RETRIES,
             fn_kwargs=dict(cfg=cfg),
         )
         results = decoded.map_batches(

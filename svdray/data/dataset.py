@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -27,7 +28,6 @@ import ray.data
 from svdray.config import DataConfig
 from svdray.data.buckets import assign_buckets
 from svdray.data.video import ClipError, FrameSpec, decode_clip, to_model_range
-from svdray.model.conditioning import motion_bucket_from_clip
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,14 @@ def motion_bucket(item: dict[str, Any], frames, cfg: DataConfig) -> float:
         return float(item["motion_bucket_id"])
     if cfg.motion_bucket_id is not None:
         return float(cfg.motion_bucket_id)
+    return clip_motion_bucket(frames, cfg)
+
+
+def clip_motion_bucket(frames, cfg: DataConfig) -> float:
+    # Imported here: diffusers and transformers take seconds to import, and every Ray worker
+    # that decodes imports this module; only runs that derive the bucket from motion need it.
+    from svdray.model.conditioning import motion_bucket_from_clip
+
     return motion_bucket_from_clip(to_model_range(frames), cfg.motion_bucket_scale)
 
 
@@ -175,6 +183,13 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DataConfig, ledger=None) -> 
         "clip_id": np.array([str(item["clip_id"])], dtype=object),
         "epoch": np.array([int(item["epoch"])], np.int64),
     }
+
+
+def map_with_bounded_retries(ds: ray.data.Dataset, fn, **kwargs) -> ray.data.Dataset:
+    """`ds.map_batches(fn, ...)` whose tasks are retried CRASH_RETRIES times, not forever."""
+    with warnings.catch_warnings():  # the remote-argument deprecation, for Ray 2.64
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return ds.map_batches(fn, max_retries=CRASH_RETRIES, **kwargs)
 
 
 def planned_dataset(items: list[dict[str, Any]]) -> ray.data.Dataset:
@@ -242,11 +257,11 @@ def build_training_dataset(
 
 def decoded_stream(items: list[dict[str, Any]], cfg: DataConfig, ledger=None) -> ray.data.Dataset:
     """Planned examples -> decoded examples, one per block, in plan order."""
-    decoded = planned_dataset(items).map_batches(
+    decoded = map_with_bounded_retries(
+        planned_dataset(items),
         decode_batch,
         batch_size=1,
         num_cpus=cfg.decode_cpus,
-        max_retries=CRASH_RETRIES,
         fn_kwargs=dict(cfg=cfg, ledger=ledger),
     )
     return one_example_blocks(decoded, cfg.strict)

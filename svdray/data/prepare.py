@@ -26,7 +26,7 @@ import numpy as np
 import ray.data
 
 from svdray.config import DataConfig
-from svdray.data.dataset import CRASH_RETRIES
+from svdray.data.dataset import map_with_bounded_retries
 from svdray.data.manifest import DataError, ManifestError, Reject, scan_manifest, write_manifest
 from svdray.data.video import TOO_SHORT, ClipError, probe_image, probe_video
 
@@ -95,14 +95,14 @@ def probe_batch(batch: dict[str, np.ndarray], num_frames: int, fps: float) -> di
 
 
 def _probe_pass(rows: list[dict[str, Any]], num_frames: int, fps: float, cpus: float, per_task: int) -> list:
-    ds = ray.data.from_items(
-        [{"row": json.dumps(r, default=str)} for r in rows],
-        override_num_blocks=max(1, min(len(rows) // per_task, 1000)),
-    ).map_batches(
+    ds = map_with_bounded_retries(
+        ray.data.from_items(
+            [{"row": json.dumps(r, default=str)} for r in rows],
+            override_num_blocks=max(1, min(len(rows) // per_task, 1000)),
+        ),
         probe_batch,
         batch_size=per_task,
         num_cpus=cpus,
-        max_retries=CRASH_RETRIES,
         fn_kwargs=dict(num_frames=num_frames, fps=fps),
     )
     # A decoder that crashes its worker process (it happens on some corrupt files) costs the rows
