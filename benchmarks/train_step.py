@@ -473,6 +473,20 @@ def plain_loop(cfg: Config, warmup: int, steps: int, cached: bool) -> dict[str, 
 # (b) svdray's loop under a TorchTrainer
 
 
+def cached_dataset(cfg: Config):
+    """The plain loop's uint8 batches as a Ray Data dataset, one row per example, enough for
+    `train.max_steps`: what the Ray Data pipeline delivers, with nothing left to decode."""
+    import ray.data
+
+    batches = [example_batch(cfg, "cpu", seed) for seed in range(2)]
+    rows = [
+        {k: v[j].numpy() for k, v in batches[step % 2].items()}
+        for step in range(cfg.train.max_steps)
+        for j in range(cfg.train.batch_size)
+    ]
+    return ray.data.from_items(rows)
+
+
 def probed_train_loop(loop_config: dict[str, Any]) -> None:
     """svdray's loop, unchanged; afterwards the worker writes what only it can see."""
     from svdray.train.loop import train_loop_per_worker
@@ -506,13 +520,6 @@ def trainer_loop(cfg: Config, warmup: int, steps: int, workdir: Path, tag: str) 
     ray.data.DataContext.get_current().enable_progress_bars = False
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_or_resume_run(cfg)
-    # The same uint8 batches as the plain loop, as rows of a Ray Data dataset: nothing to decode.
-    batches = [example_batch(cfg, "cpu", seed) for seed in range(2)]
-    rows = [
-        {k: v[j].numpy() for k, v in batches[step % 2].items()}
-        for step in range(cfg.train.max_steps)
-        for j in range(cfg.train.batch_size)
-    ]
     probe_path = workdir / f"probe-{tag}.json"
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
@@ -530,7 +537,7 @@ def trainer_loop(cfg: Config, warmup: int, steps: int, workdir: Path, tag: str) 
             num_workers=1, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(name=cfg.train.name, storage_path=cfg.train.storage_path),
-        datasets={"train": ray.data.from_items(rows)},
+        datasets={"train": cached_dataset(cfg)},
     )
     fit_started = time.perf_counter()
     trainer.fit()
