@@ -4,9 +4,11 @@ throughput at least 0.9 of the plain loop's).
 
 Data loading is excluded: both loops get the same precomputed uint8 batches (the trainer through a
 Ray Data dataset of them, nothing to decode). Both run with the same torch thread count (Ray sets the
-worker's OMP_NUM_THREADS from its CPUs). The sequence is plain, trainer reporting every step, trainer
-reporting every `--log-every` steps, plain again (a warmed-up process: it bounds the drift of a
-shared machine's load); then the parts: Ray Data's fetch per batch in a worker, and one MLflow log.
+worker's OMP_NUM_THREADS from its CPUs). The sequence: plain; trainer reporting every step; trainer
+reporting every `--log-every` steps; the plain loop itself run as a Ray Train worker's function (what
+the worker's surroundings cost, without Ray Data, reports or MLflow); plain again (a warmed-up
+process: it bounds the drift of a shared machine's load); then the parts: Ray Data's fetch per batch
+in a worker, and one MLflow log call.
 
     python benchmarks/trainer_overhead.py --out trainer_overhead.json
 """
@@ -35,6 +37,8 @@ from train_step import (  # benchmarks/ is the script's folder
     trainer_loop,
 )
 
+from svdray.config import config_from_dict
+
 
 def data_only_loop(loop_config: dict[str, Any]) -> None:
     """The loop's data path alone: `svdray.train.loop.batches` over this worker's shard, timed per
@@ -50,6 +54,40 @@ def data_only_loop(loop_config: dict[str, Any]) -> None:
         times.append(now - last)
         last = now
     Path(loop_config["probe_path"]).write_text(json.dumps(times))
+
+
+def plain_in_worker_loop(loop_config: dict[str, Any]) -> None:
+    """The plain loop, unchanged, run as a Ray Train worker's training function: no Ray Data, no
+    reports, no MLflow, only the worker's surroundings (its threads, Ray's processes)."""
+    from train_step import plain_loop
+
+    cfg = config_from_dict(loop_config["config"], check_files=False)
+    result = plain_loop(cfg, loop_config["warmup"], loop_config["steps"], False)
+    Path(loop_config["probe_path"]).write_text(json.dumps(result))
+
+
+def plain_in_worker(cfg, warmup: int, steps: int, workdir: Path) -> dict[str, Any]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from svdray.train.trainer import init_ray
+
+    init_ray(cfg)
+    probe_path = workdir / "probe-plain-in-worker.json"
+    TorchTrainer(
+        plain_in_worker_loop,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "warmup": warmup,
+            "steps": steps,
+            "probe_path": str(probe_path),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(name="plain-in-worker", storage_path=cfg.train.storage_path),
+    ).fit()
+    return json.loads(probe_path.read_text())
 
 
 def data_fetch(cfg, workdir: Path) -> dict[str, Any]:
@@ -134,6 +172,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
         runs.append(
+            measure(
+                "plain, in a Ray Train worker",
+                plain_in_worker,
+                config(1, args.steps),
+                args.warmup,
+                args.steps,
+                workdir,
+            )
+        )
+        runs.append(
             measure("plain, again", plain_loop, config(1, args.steps), args.warmup, args.steps, False)
         )
         # Where the rest goes: the data path per batch, and one MLflow log call.
@@ -195,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--warmup", type=int, default=20, help="untimed steps (the sparse run's logging interval)"
     )
-    parser.add_argument("--steps", type=int, default=40, help="timed steps of the plain and sparse runs")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps of the plain and sparse runs")
     parser.add_argument("--steps-every-step", type=int, default=6, help="timed steps, reporting every step")
     parser.add_argument("--log-every", type=int, default=20, help="the sparse run's train.log_every")
     # One thread each by default: on a small shared machine two OpenMP threads spin-wait for cores
