@@ -349,9 +349,10 @@ def make_config(
 def option_variants(cfg: Config, device: torch.device) -> list[str]:
     """Each memory/speed option flipped from the baseline config, as `key=value` overrides, the
     slowest to measure (float32 compute, compilation) last."""
-    fused = device.type == "cuda" if cfg.speed.fused_adamw is None else cfg.speed.fused_adamw
-    kernels = ["flash", "efficient", "cudnn", "math"] if device.type == "cuda" else ["flash", "math"]
-    return [
+    cuda = device.type == "cuda"
+    fused = cuda if cfg.speed.fused_adamw is None else cfg.speed.fused_adamw
+    kernels = ["flash", "efficient", "cudnn", "math"] if cuda else ["flash", "math"]
+    variants = [
         CACHED,
         f"train.gradient_checkpointing={str(not cfg.train.gradient_checkpointing).lower()}",
         f"model.frozen_dtype={'float32' if cfg.model.frozen_dtype != 'float32' else 'bfloat16'}",
@@ -363,6 +364,9 @@ def option_variants(cfg: Config, device: torch.device) -> list[str]:
         f"train.mixed_precision={'no' if cfg.train.mixed_precision == 'bf16' else 'bf16'!r}",
         f"speed.compile_unet={str(not cfg.speed.compile_unet).lower()}",
     ]
+    if not cuda:  # the loop autocasts on CUDA only: on a CPU this variant is the baseline again
+        variants = [v for v in variants if not v.startswith("train.mixed_precision=")]
+    return variants
 
 
 def example_batch(cfg: Config, device: torch.device | str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -469,6 +473,25 @@ def plain_loop(cfg: Config, warmup: int, steps: int, cached: bool) -> dict[str, 
 # (b) svdray's loop under a TorchTrainer
 
 
+def cached_dataset(cfg: Config):
+    """The plain loop's uint8 batches as a Ray Data dataset, one row per example, enough for
+    `train.max_steps`: what the Ray Data pipeline delivers, with nothing left to decode."""
+    import ray.data
+
+    batches = [example_batch(cfg, "cpu", seed) for seed in range(2)]
+    rows = [
+        # clip_id/epoch as decoded examples carry them (the loop skips rows without a clip_id).
+        {
+            **{k: v[j].numpy() for k, v in batches[step % 2].items()},
+            "clip_id": f"bench-{step}-{j}",
+            "epoch": 0,
+        }
+        for step in range(cfg.train.max_steps)
+        for j in range(cfg.train.batch_size)
+    ]
+    return ray.data.from_items(rows)
+
+
 def probed_train_loop(loop_config: dict[str, Any]) -> None:
     """svdray's loop, unchanged; afterwards the worker writes what only it can see."""
     from svdray.train.loop import train_loop_per_worker
@@ -502,18 +525,6 @@ def trainer_loop(cfg: Config, warmup: int, steps: int, workdir: Path, tag: str) 
     ray.data.DataContext.get_current().enable_progress_bars = False
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_or_resume_run(cfg)
-    # The same uint8 batches as the plain loop, as rows of a Ray Data dataset: nothing to decode.
-    batches = [example_batch(cfg, "cpu", seed) for seed in range(2)]
-    rows = [
-        # clip_id/epoch as decoded examples carry them (the loop skips rows without a clip_id).
-        {
-            **{k: v[j].numpy() for k, v in batches[step % 2].items()},
-            "clip_id": f"bench-{step}-{j}",
-            "epoch": 0,
-        }
-        for step in range(cfg.train.max_steps)
-        for j in range(cfg.train.batch_size)
-    ]
     probe_path = workdir / f"probe-{tag}.json"
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
@@ -531,7 +542,7 @@ def trainer_loop(cfg: Config, warmup: int, steps: int, workdir: Path, tag: str) 
             num_workers=1, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(name=cfg.train.name, storage_path=cfg.train.storage_path),
-        datasets={"train": ray.data.from_items(rows)},
+        datasets={"train": cached_dataset(cfg)},
     )
     fit_started = time.perf_counter()
     trainer.fit()
@@ -614,7 +625,7 @@ def plan(
 
 
 def run_measurement(
-    m: Measurement, args: argparse.Namespace, pipeline_dir: Path, workdir: Path, index: int, rate: float
+    m: Measurement, args: argparse.Namespace, pipeline_dir: Path, workdir: Path, index: int
 ) -> dict[str, Any]:
     cfg = make_config(
         m.case, pipeline_dir, workdir, args.set + m.overrides, args.warmup + args.steps, args.cpus_per_worker
@@ -640,11 +651,15 @@ def run_measurement(
         if args.flops_only:
             record["status"] = "flops only"
             return record
+        # Measured next to each step timing: on a shared CPU the rate drifts with the load.
+        record["matmul_flops_per_s"] = matmul_rate(
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )["flops_per_s"]
         if m.path == "plain":
             record.update(plain_loop(cfg, args.warmup, args.steps, cached))
         else:
             record.update(trainer_loop(cfg, args.warmup, args.steps, workdir, f"{index}"))
-        record["mfu"] = record["flops_per_step"] / record["step_s_median"] / rate
+        record["mfu"] = record["flops_per_step"] / record["step_s_median"] / record["matmul_flops_per_s"]
         record["status"] = "ok"
     except torch.cuda.OutOfMemoryError:
         record["status"] = "oom"
@@ -700,7 +715,10 @@ def cell(result: dict[str, Any], show) -> str:
 def print_table(report: dict[str, Any]) -> None:
     env, matmul = report["environment"], report["matmul"]
     print(f"\n{env['device']} ({env['device_type']}), {env['date']}")
-    print(f"matmul rate ({matmul['dtype']}, n={matmul['n']}): {matmul['flops_per_s'] / 1e12:.2f} TFLOP/s")
+    print(
+        f"matmul rate ({matmul['dtype']}, n={matmul['n']}): {matmul['flops_per_s'] / 1e12:.2f} TFLOP/s "
+        "at the start; MFU uses the rate measured next to each row"
+    )
     print("  ".join(f"{title:<{width}}" for title, width, _ in COLUMNS))
     for result in report["results"]:
         print("  ".join(f"{cell(result, show):<{width}}" for _, width, show in COLUMNS))
@@ -744,9 +762,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(
                     f"[{time.perf_counter() - started:6.0f}s] {m.case.label} {m.variant} {m.path}", flush=True
                 )
-                record = run_measurement(
-                    m, args, pipeline_dir, workdir, index, report["matmul"]["flops_per_s"]
-                )
+                record = run_measurement(m, args, pipeline_dir, workdir, index)
             report["results"].append(record)
             report["comparisons"] = comparisons(report["results"])
             report["elapsed_s"] = time.perf_counter() - started
