@@ -111,7 +111,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    log_every: int = 1
+    log_every: int = 1  # MLflow step metrics and the progress line
+    # Metric-only reports to Ray (Tune's ASHA sees these; checkpoints always report). Ray Train
+    # 2.60 takes at most one report per ~2 s poll and blocks the loop on the next one, so
+    # reporting every fast step would make each step last 2 s (benchmarks/trainer_overhead.py).
+    report_every: int = 10
     seed: int = 0
     storage_path: str = ""  # Ray Train results; defaults to <output_dir>/ray
     # Debug aid: every worker also saves its own final LoRA to <output_dir>/workers/rank<N>,
@@ -389,6 +393,7 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         "train.num_workers": cfg.train.num_workers,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.log_every": cfg.train.log_every,
+        "train.report_every": cfg.train.report_every,
         "sample.steps": cfg.sample.steps,
         "train.max_bad_steps": cfg.train.max_bad_steps,
         "validate.every": cfg.validate.every,

@@ -317,7 +317,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{state.step:08d}")
             last_checkpoint_step = state.step
-        elif state.step % cfg.train.log_every == 0 or "val_loss" in metrics:
+        elif state.step % cfg.train.report_every == 0 or "val_loss" in metrics:
             ray.train.report(metrics)
 
     if rank == 0:
