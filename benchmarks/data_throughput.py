@@ -179,8 +179,8 @@ def epoch_times(work: Path, rows: list[dict], cache: bool) -> dict[str, float]:
 
 def step_cpu_seconds(work: Path, rows: list[dict], repeats: int = 5) -> dict[str, float]:
     """CPU seconds of one training step (loss + backward, batch 2, 8 frames at 64x96) on the tiny
-    model, from decoded clips and from their cache entries: CPU time, unlike wall time, does not
-    depend on what else the machine runs."""
+    model, from decoded clips and from their cache entries, on one thread: CPU time, unlike wall
+    time, hardly depends on what else the machine runs."""
     from svdray.config import ModelConfig, ObjectiveConfig
     from svdray.data.cache import LatentEncoder
     from svdray.model.pipeline import load_pipeline, save_tiny_pipeline
@@ -211,6 +211,8 @@ def step_cpu_seconds(work: Path, rows: list[dict], repeats: int = 5) -> dict[str
         pipe.vae.eval(), pipe.image_encoder.eval(), pipe.feature_extractor, pipe.vae.config.scaling_factor
     )
     out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # waiting threads spin under contention and would count as CPU time
     for name, batch in batches.items():
         generator = torch.Generator().manual_seed(0)
         training_loss(pipe.unet, frozen, batch, ObjectiveConfig(), generator).backward()  # warm-up
@@ -218,6 +220,7 @@ def step_cpu_seconds(work: Path, rows: list[dict], repeats: int = 5) -> dict[str
         for _ in range(repeats):
             training_loss(pipe.unet, frozen, batch, ObjectiveConfig(), generator).backward()
         out[name] = (time.process_time() - started) / repeats
+    torch.set_num_threads(threads)
     return out
 
 

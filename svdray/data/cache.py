@@ -65,7 +65,6 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = "svdray-latents-1"
 CACHED_FIELDS = ("latent_mean", "latent_std", "image_embedding", "image", "motion_bucket")
 CACHE_UNREADABLE = "cache_unreadable"
-READ_CPUS = 0.25  # reading one entry is a few small file reads, not a decode
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -394,7 +393,9 @@ def build_cached_dataset(
     items = plan_epochs(rows, num_samples, seed, cfg.shuffle, skip, sizes, group)
     for item in items:
         item["key"], item["shard"] = cache.entries[item["clip_id"]]
+    # Reading takes the decode slots (data.decode_cpus): a smaller share would start more worker
+    # processes than reading a few files per example needs, competing with training as they start.
     read = planned_dataset(items).map_batches(
-        read_cached_batch, batch_size=1, num_cpus=READ_CPUS, fn_kwargs=dict(cfg=cfg, ledger=ledger)
+        read_cached_batch, batch_size=1, num_cpus=cfg.decode_cpus, fn_kwargs=dict(cfg=cfg, ledger=ledger)
     )
     return one_example_blocks(read, cfg.strict)
