@@ -22,7 +22,7 @@ from svdray.config import Config
 from svdray.data.dataset import build_training_dataset
 from svdray.data.prepare import training_rows
 from svdray.data.run import build_run_data, finish_run_data
-from svdray.data.video import FrameSpec, decode_clip
+from svdray.data.video import ClipError, FrameSpec, decode_clip
 from svdray.report import plot_loss_curve
 from svdray.sample import load_sampling_pipeline, sample_video, write_mp4, write_preview
 from svdray.tracking import metric_history
@@ -197,21 +197,29 @@ def run_training(
         metrics=result.metrics or {},
     )
     finish_run_data(data, uri, run_id)
-    log_results(cfg, output, rows[0])
+    log_results(cfg, output, rows)
     tracking.end_run(uri, run_id)
     return output
 
 
-def conditioning_image(cfg: Config, first_row: dict) -> Image.Image:
-    """`sample.image`, or the first frame of the first clip as training would crop it."""
+def conditioning_image(cfg: Config, rows: list[dict]) -> Image.Image:
+    """`sample.image`, or the first frame of the first clip that still decodes (a clip can break
+    after `prepare`), cropped as training crops it."""
     if cfg.sample.image:
         return Image.open(cfg.sample.image).convert("RGB")
     spec = FrameSpec(1, cfg.data.fps, cfg.data.height, cfg.data.width, "first", "center")
-    _, image = decode_clip(first_row["video"], spec, seed=0, image_path=first_row.get("image"))
-    return Image.fromarray(image.permute(1, 2, 0).numpy())
+    errors = []
+    for row in rows:
+        try:
+            _, image = decode_clip(row["video"], spec, seed=0, image_path=row.get("image"))
+        except ClipError as err:
+            errors.append(str(err))
+            continue
+        return Image.fromarray(image.permute(1, 2, 0).numpy())
+    raise ClipError("no clip decodes for the sample's conditioning image: " + "; ".join(errors[:3]))
 
 
-def log_results(cfg: Config, result: TrainingResult, first_row: dict) -> None:
+def log_results(cfg: Config, result: TrainingResult, rows: list[dict]) -> None:
     """The LoRA, a loss-curve PNG and (if enabled) a video sampled with the trained LoRA."""
     artifacts: dict[str, Path] = {"lora": result.lora_dir}
     curve = metric_history(result.tracking_uri, result.mlflow_run_id, "loss")
@@ -227,7 +235,7 @@ def log_results(cfg: Config, result: TrainingResult, first_row: dict) -> None:
         pipe = load_sampling_pipeline(cfg.model.pretrained, result.lora_dir)
         frames = sample_video(
             pipe,
-            conditioning_image(cfg, first_row),
+            conditioning_image(cfg, rows),
             cfg.data.height,
             cfg.data.width,
             num_frames,
