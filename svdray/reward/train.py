@@ -25,7 +25,6 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from diffusers.optimization import get_scheduler
-from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file
 
 from svdray import tracking
@@ -39,9 +38,9 @@ from svdray.reward.rewards import RewardSet, build_reward
 from svdray.reward.sampler import SamplingSpec, sample_frames
 from svdray.sample import write_preview
 from svdray.tracking import MetricWriter
-from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from svdray.train.loop import build_models, mean_across_workers, restore_rng, rng_snapshot
-from svdray.train.trainer import init_ray, resolve_paths
+from svdray.train.checkpoint import save_checkpoint
+from svdray.train.loop import build_models, mean_across_workers, restore_rng, restore_state, rng_snapshot
+from svdray.train.trainer import init_ray, make_trainer, resolve_paths
 
 logger = logging.getLogger("svdray.reward")
 
@@ -118,11 +117,8 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.optim.warmup_steps)
 
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state, rng_states = load_checkpoint(ckpt_dir, raw_unet, optimizer, lr_scheduler)
+    state, rng_states, _ = restore_state(loop_config, raw_unet, optimizer, lr_scheduler)
+    if rng_states is not None:
         restore_rng(rng_states, generator, rank)
 
     writer = MetricWriter(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
@@ -266,28 +262,16 @@ def run_reward_training(cfg: Config) -> RewardResult:
         cfg, cfg.reward.eval_manifest or cfg.data.manifest, cfg.reward.eval_images
     )
     scheduler_config = dict(load_pipeline(cfg.model.pretrained).scheduler.config)
-    trainer = TorchTrainer(
+    trainer = make_trainer(
+        cfg,
         reward_loop_per_worker,
-        train_loop_config={
+        {
             "config": cfg.to_dict(),
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
             "scheduler_config": scheduler_config,
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={
-                "CPU": cfg.train.cpus_per_worker,
-                **({"GPU": 1} if cfg.train.use_gpu else {}),
-            },
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.train.name,
-            storage_path=cfg.train.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-        ),
-        datasets={"train": ray.data.from_items([{"image": image} for image in images])},
+        ray.data.from_items([{"image": image} for image in images]),
     )
     try:
         trainer.fit()

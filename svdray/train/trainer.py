@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 import ray.train
@@ -108,6 +110,36 @@ def shared_training_dataset(cfg: Config) -> ray.data.Dataset:
     )
 
 
+def make_trainer(
+    cfg: Config,
+    loop: Callable[[dict[str, Any]], Any],
+    loop_config: dict[str, Any],
+    dataset: ray.data.Dataset,
+    callbacks: list[ray.train.UserCallback] | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer of a run (`svdray train`, `svdray reward-train`, Tune trials): workers and
+    resources from `train.*`, a stable name for resuming, bounded checkpoints, worker restarts."""
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.name,
+            storage_path=cfg.train.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # A dead worker (or node) restarts the worker group from the latest checkpoint.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets={"train": dataset},
+    )
+
+
 def run_training(
     cfg: Config,
     *,
@@ -149,30 +181,18 @@ def run_training(
     else:
         data_skip = 0  # a shared stream starts at its beginning: the loop skips what was consumed
 
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = make_trainer(
+        cfg,
         train_loop_per_worker,
-        train_loop_config={
+        {
             "config": cfg.to_dict(),
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
             "data_skip": data_skip,
             "resume_from": cfg.train.resume_from,
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.train.name,
-            storage_path=cfg.train.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            # A dead worker (or node) restarts the worker group from the latest checkpoint.
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=callbacks,
-        ),
-        datasets={"train": dataset},
+        dataset,
+        callbacks,
     )
     try:
         result = trainer.fit()
