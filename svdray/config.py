@@ -48,7 +48,8 @@ class DataConfig:
     # An int uses that bucket for every clip; null computes it from the clip's motion.
     motion_bucket_id: int | None = 127
     motion_bucket_scale: float = 4.0  # bucket = scale * temporal pixel std (0..255 units), clamped
-    decode_cpus: float = 1.0  # CPUs per Ray Data decode task
+    decode_cpus: float = 1.0  # CPUs per decoder (a Ray Data actor)
+    decoders: int = 0  # most decoders at once; 0: as many as the cluster's CPUs hold at decode_cpus
     # false: bad rows are rejected (listed in rejects.jsonl, counted in MLflow) and training goes
     # on; true: any bad row stops the run before training, listing every one.
     strict: bool = False
@@ -434,6 +435,8 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
             raise ConfigError(f"data.buckets[{i}]: {err}") from None
         if not height or not width or height % 8 or width % 8:
             raise ConfigError(f"data.buckets[{i}]: {bucket!r}: sides must be positive multiples of 8")
+    if cfg.data.decoders < 0:
+        raise ConfigError(f"data.decoders: must be 0 (as many as CPUs hold) or more, got {cfg.data.decoders}")
     if cfg.data.cache_batch_size <= 0:
         raise ConfigError(f"data.cache_batch_size: must be positive, got {cfg.data.cache_batch_size}")
     if check_files:

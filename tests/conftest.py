@@ -96,6 +96,7 @@ def write_config(tmp_path, tiny_pipeline_dir):
                 "width": 32,
                 "fps": 7.0,
                 "decode_cpus": 0.5,
+                "decoders": 1,
             },
             "lora": {"rank": 4, "alpha": 4},
             "optim": {"lr": 1e-3},

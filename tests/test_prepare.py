@@ -307,7 +307,7 @@ def test_training_feeds_every_accepted_clip_once(
 
     path = write_config(
         tmp_path / "prepared",
-        data={"start": "random", "crop": "random"},
+        data={"start": "random", "crop": "random", "decoders": 2},  # two decoders, one order
         train={"name": "epoch", "num_workers": 2, "max_steps": 2, "batch_size": 1, "checkpoint_every": 2},
     )
     assert cli.main(["train", "--config", str(path)]) == 0

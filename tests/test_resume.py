@@ -57,6 +57,7 @@ def config_tree(root: Path, pipeline_dir: Path, name: str, **train) -> dict:
             "width": 32,
             "fps": 7.0,
             "decode_cpus": 0.5,
+            "decoders": 1,
         },
         "lora": {"rank": 4, "alpha": 4},
         # Warmup then cosine: a resume that lost the scheduler state would change the lr.

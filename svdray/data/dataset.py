@@ -4,24 +4,30 @@ The driver plans every epoch up front (a seeded permutation per epoch), so the o
 and each example's random start and crop are fixed by the run seed alone. A resumed run skips
 exactly the examples it has already trained on, and no worker's timing changes what it sees.
 
-Decoding runs as Ray tasks of a few examples each (task start-up costs about as much as
-decoding a small clip, so one example per task would waste a core on a small machine); each
-task emits every example as a block of its own. Ray Train hands blocks to its workers in order, each
-to the worker that has received the fewest rows (with `preserve_order`), so one-example blocks
-deal the stream out round-robin: n workers taking k examples each consume exactly the first
-n * k examples of the plan, which is what makes "one epoch feeds every clip once" hold.
+Decoding runs in a pool of long-lived decoder actors, each handed runs of several examples with
+the next run already queued: Ray Data leaves a decode slot idle for about 0.2 s at every task
+boundary (its scheduler notices a finished task within 0.1 s, then starts the next) and spends
+tens of milliseconds of CPU on each task's bookkeeping, so one example per task, or a task pool
+that waits for a task to end before starting the next, loses a sixth of a small machine's CPU
+(benchmarks/RESULTS.md). Every example still leaves its decoder as a block of its own. Ray Train
+hands blocks to its workers in order, each to the worker that has received the fewest rows (with
+`preserve_order`), so one-example blocks deal the stream out round-robin: n workers taking k
+examples each consume exactly the first n * k examples of the plan, which is what makes "one
+epoch feeds every clip once" hold.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 
@@ -31,7 +37,15 @@ from svdray.data.video import ClipError, FrameSpec, decode_clip, to_model_range
 
 logger = logging.getLogger(__name__)
 
-ROWS_PER_TASK = 4  # examples decoded per Ray task: amortises the task overhead
+ROWS_PER_TASK = 4  # examples per input block of the cache and probing tasks
+# A decoder's run of examples is bounded by what it emits (at most DECODE_RUN_BYTES of decoded
+# frames: with `preserve_order` a run's examples may wait in the object store until the runs
+# before it are consumed), by MAX_DECODE_RUN, and by what is left of the stream: runs shrink
+# towards its end so that every decoder gets MIN_RUNS_PER_DECODER of what remains, and the
+# stream does not end with one decoder working through a long run while the others idle.
+DECODE_RUN_BYTES = 256 * 2**20
+MAX_DECODE_RUN = 16
+MIN_RUNS_PER_DECODER = 4
 # Ray Data retries a task whose worker died forever by default; a decoder that crashes on a
 # corrupt file would then hang the run. One retry covers a transient loss (a killed process).
 # (Passed as a Ray remote argument: deprecated for Ray 2.64, the only way in the pinned 2.60.)
@@ -47,7 +61,7 @@ def example_seed(run_seed: int, epoch: int, clip_id: str) -> int:
 
 
 def plan_item(row: dict[str, Any], size: tuple[int, int], epoch: int, seed: int) -> dict[str, Any]:
-    """One planned example: everything a decode task needs, with fixed types (an Arrow schema)."""
+    """One planned example: everything a decoder needs, with fixed types (an Arrow schema)."""
     return {
         "video": row["video"],
         "image": row.get("image") or "",
@@ -186,15 +200,48 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DataConfig, ledger=None) -> 
 
 
 def map_with_bounded_retries(ds: ray.data.Dataset, fn, **kwargs) -> ray.data.Dataset:
-    """`ds.map_batches(fn, ...)` whose tasks are retried CRASH_RETRIES times, not forever."""
+    """`ds.map_batches(fn, ...)` whose tasks (or, for a class run by an actor pool, whose actor
+    tasks after a restart) are retried CRASH_RETRIES times, not forever."""
+    retries = {"max_task_retries" if isinstance(fn, type) else "max_retries": CRASH_RETRIES}
     with warnings.catch_warnings():  # the remote-argument deprecation, for Ray 2.64
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        return ds.map_batches(fn, max_retries=CRASH_RETRIES, **kwargs)
+        return ds.map_batches(fn, **retries, **kwargs)
 
 
 def planned_dataset(items: list[dict[str, Any]]) -> ray.data.Dataset:
     """The plan as a Dataset of blocks of ROWS_PER_TASK examples, in order."""
     return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / ROWS_PER_TASK)))
+
+
+def decode_slots(cfg: DataConfig) -> int:
+    """The decoder pool's maximum: data.decoders, else as many as the cluster's CPUs hold at
+    data.decode_cpus each (Ray Data grows the pool from one as CPUs are free next to training)."""
+    cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else float(os.cpu_count() or 1)
+    fit = max(1, int(cpus // cfg.decode_cpus))
+    return min(fit, cfg.decoders) if cfg.decoders else fit
+
+
+def decode_runs(items: list[dict[str, Any]], cfg: DataConfig, decoders: int) -> list[list[dict[str, Any]]]:
+    """The plan cut into decoder runs (one actor task each): see DECODE_RUN_BYTES."""
+    pixels = max(int(item["height"]) * int(item["width"]) for item in items)
+    example_bytes = (cfg.num_frames + 1) * 3 * pixels  # the frames and the conditioning image
+    longest = max(1, min(MAX_DECODE_RUN, DECODE_RUN_BYTES // example_bytes))
+    runs, start = [], 0
+    while start < len(items):
+        size = max(1, min(longest, (len(items) - start) // (MIN_RUNS_PER_DECODER * decoders)))
+        runs.append(items[start : start + size])
+        start += size
+    return runs
+
+
+class ClipDecoder:
+    """A Ray Data decoder actor: `decode_batch` in a process that lives as long as the stream."""
+
+    def __init__(self, cfg: DataConfig, ledger=None):
+        self.cfg, self.ledger = cfg, ledger
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return decode_batch(batch, self.cfg, self.ledger)
 
 
 def same_shape_batches(
@@ -224,9 +271,9 @@ def one_example_blocks(ds: ray.data.Dataset, strict: bool) -> ray.data.Dataset:
     """Make every example its own block, so Ray Train deals examples to workers round-robin.
 
     A map task packs its outputs into blocks of up to `target_max_block_size` bytes; with a
-    limit of one byte each example is emitted as a block of its own, inside the decode task
+    limit of one byte each example is emitted as a block of its own, inside the decoder
     (a `repartition` would be a separate operator whenever its resources differ from the
-    decode's, costing a task per block). Unless strict, a task whose worker process dies (a
+    decode's, costing a task per block). Unless strict, a run whose decoder dies twice (a
     decoder crashing on a corrupt file) loses its few examples instead of ending the run: Ray
     Data logs the error and goes on.
     """
@@ -257,11 +304,17 @@ def build_training_dataset(
 
 def decoded_stream(items: list[dict[str, Any]], cfg: DataConfig, ledger=None) -> ray.data.Dataset:
     """Planned examples -> decoded examples, one per block, in plan order."""
+    decoders = decode_slots(cfg)
+    runs = ray.data.from_arrow([pa.Table.from_pylist(run) for run in decode_runs(items, cfg, decoders)])
+    # A decoder whose process dies (a crash on a corrupt file) is restarted by Ray Data, and the
+    # run it held retried CRASH_RETRIES times.
     decoded = map_with_bounded_retries(
-        planned_dataset(items),
-        decode_batch,
+        runs,
+        ClipDecoder,
+        fn_constructor_kwargs=dict(cfg=cfg, ledger=ledger),
         batch_size=1,
+        # Two runs in flight per decoder: the next is queued while one decodes, no idle gap.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders, max_tasks_in_flight_per_actor=2),
         num_cpus=cfg.decode_cpus,
-        fn_kwargs=dict(cfg=cfg, ledger=ledger),
     )
     return one_example_blocks(decoded, cfg.strict)
