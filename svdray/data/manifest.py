@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,8 +79,9 @@ class RowError(ValueError):
 
 
 def _resolve(path: str, base: Path) -> str:
+    # abspath, not resolve: a symbolic link keeps the name the user gave it (in rejects, too)
     p = Path(path).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
+    return str(p if p.is_absolute() else os.path.abspath(base / p))
 
 
 def _is_missing(value: Any) -> bool:
@@ -159,7 +161,8 @@ def normalize_row(raw: dict[str, Any], base: Path, clip_id: str, media_dir: Path
 
 def duplicate_key(row: dict[str, Any]) -> tuple:
     """Two rows with the same key train on the same pixels (the prompt does not condition SVD)."""
-    return (row["video"], row.get("image", ""), row.get("start_frame"), row.get("fps"))
+    image = os.path.realpath(row["image"]) if row.get("image") else ""
+    return (os.path.realpath(row["video"]), image, row.get("start_frame"), row.get("fps"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ EMPTY_FILE = "empty_file"
 UNREADABLE_FILE = "unreadable_file"
 NOT_A_VIDEO = "not_a_video"
 NO_VIDEO_STREAM = "no_video_stream"
+UNSUPPORTED_CODEC = "unsupported_codec"
 DECODE_FAILED = "decode_failed"
 TOO_SHORT = "too_short"
 START_OUT_OF_RANGE = "start_out_of_range"
@@ -159,6 +160,12 @@ def open_video(path: str, size: tuple[int, int] | None = None):
     import decord  # imported here so that processes that never decode need not load it
 
     if not os.path.exists(path):
+        if os.path.islink(path):
+            target = os.readlink(path)
+            raise ClipError(
+                f"{path}: video not found (a symbolic link to {target}, which does not exist)",
+                VIDEO_NOT_FOUND,
+            )
         raise ClipError(f"{path}: video not found", VIDEO_NOT_FOUND)
     if not os.path.isfile(path):
         raise ClipError(f"{path}: not a file", NOT_A_FILE)
@@ -172,6 +179,13 @@ def open_video(path: str, size: tuple[int, int] | None = None):
     except Exception as err:
         message = _first_line(err)
         if "video stream" in message:
+            codec = video_codec(path)
+            if codec:
+                raise ClipError(
+                    f"{path}: its video is {codec}, which decord's FFmpeg cannot decode; re-encode it, "
+                    "e.g. ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4",
+                    UNSUPPORTED_CODEC,
+                ) from err
             raise ClipError(f"{path}: the file has no video stream", NO_VIDEO_STREAM) from err
         if "av_read_frame" in message:  # the index opened, the frame data did not
             message = f"{path}: frames cannot be read (truncated or corrupt file)"
@@ -181,6 +195,32 @@ def open_video(path: str, size: tuple[int, int] | None = None):
             NOT_A_VIDEO,
         ) from err
     return reader
+
+
+def video_codec(path: str) -> str | None:
+    """The codec of the file's first video stream as FFmpeg names it, or None if it has none.
+
+    Asked of imageio-ffmpeg's FFmpeg, which reads more codecs (AV1, VP9) than decord's build: only
+    for files where decord finds no video stream, to tell "no video" from "video it cannot decode".
+    """
+    import re
+    import subprocess
+
+    import imageio_ffmpeg
+
+    try:
+        probe = subprocess.run(
+            [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"Stream #\d+:\d+.*?: Video: (\w+)", probe.stderr)
+    return found.group(1) if found else None
 
 
 def frame_timestamps(reader, path: str) -> np.ndarray:
@@ -228,6 +268,7 @@ def probe_video(path: str, start_frame: int | None = None) -> dict[str, Any]:
     start = {} if start_frame is None else {"start_time": round(float(times[start_frame]), 4)}
     return {
         **start,
+        "rotation": display_rotation(path),  # already applied: height and width are as displayed
         "frames": count,
         "fps": round(float(reader.get_avg_fps()), 4),
         "height": int(pixels.shape[1]),
@@ -257,6 +298,67 @@ def probe_image(path: str) -> dict[str, Any]:
     }
 
 
+MP4_CONTAINERS = {"moov", "trak", "mdia"}
+
+
+def display_rotation(path: str) -> int:
+    """Degrees a player turns the first video track of an MP4/MOV file by (its display matrix:
+    phones record sideways and set it); 0 for other files and unrotated tracks.
+
+    decord applies the rotation to full-size frames, but returns broken 4-channel frames when it
+    is also asked to scale them: rotated clips are decoded at full size. Only box headers and the
+    two small boxes needed are read, so this costs a few reads however long the clip is.
+    """
+    import struct
+
+    def boxes(f, start: int, end: int):
+        while start + 8 <= end:
+            f.seek(start)
+            size, kind = struct.unpack(">I4s", f.read(8))
+            header = 8
+            if size == 1:
+                (size,) = struct.unpack(">Q", f.read(8))
+                header = 16
+            elif size == 0:
+                size = end - start
+            if size < header:
+                return
+            yield kind.decode("latin-1"), start + header, min(start + size, end)
+            start += size
+
+    def rotation_of(f, start: int, end: int) -> int | None:
+        matrix, handler = None, None
+        for kind, body, stop in boxes(f, start, end):
+            if kind == "tkhd":
+                f.seek(body)
+                version = f.read(1)[0]
+                f.seek(body + 4 + (32 if version == 1 else 20) + 16)
+                a, b = struct.unpack(">ii", f.read(8))
+                matrix = (a, b)
+            elif kind == "mdia":
+                for inner, inner_body, _ in boxes(f, body, stop):
+                    if inner == "hdlr":
+                        f.seek(inner_body + 8)
+                        handler = f.read(4)
+        if handler != b"vide" or matrix is None:
+            return None
+        return round(math.degrees(math.atan2(-matrix[1], matrix[0]))) % 360
+
+    try:
+        with open(path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            for kind, body, stop in boxes(f, 0, end):
+                if kind == "moov":
+                    for inner, inner_body, inner_stop in boxes(f, body, stop):
+                        if inner == "trak":
+                            rotation = rotation_of(f, inner_body, inner_stop)
+                            if rotation is not None:
+                                return rotation
+    except (OSError, struct.error, IndexError):
+        return 0  # not an MP4/MOV file, or a broken one: decord's own errors name the problem
+    return 0
+
+
 def decode_size(source: tuple[int, int] | None, spec: FrameSpec) -> tuple[int, int] | None:
     """What decord should scale frames to while decoding: twice the cover size when the source is
     larger than that (then an antialiased resize), else None (full size, antialiased resize)."""
@@ -283,15 +385,35 @@ def decode_clip(
     `svdray prepare`, lets decord scale large frames while decoding.
     """
     rng = np.random.default_rng(seed)
-    reader = open_video(video_path, decode_size(source_size, spec))
+    scaled = None if display_rotation(video_path) else decode_size(source_size, spec)
+    reader = open_video(video_path, scaled)
     try:
         timestamps = frame_timestamps(reader, video_path)
         indices = frame_indices(timestamps, spec, rng, video_path, start_frame)
-        array = reader.get_batch(indices.tolist()).asnumpy()
     except ClipError:
         raise
     except Exception as err:
         raise _decode_error(video_path, err) from err
+    array = None
+    if scaled:
+        # decord fails or returns 4-channel frames when scaling to some widths (8 to 72 px:
+        # intermediates of tiny training sizes) and rotated clips it was not told about: those
+        # are decoded at full size instead.
+        try:
+            array = reader.get_batch(indices.tolist()).asnumpy()
+        except Exception:
+            array = None
+        if array is not None and array.shape[-1] != 3:
+            array = None
+        if array is None:
+            reader = open_video(video_path)
+    if array is None:
+        try:
+            array = reader.get_batch(indices.tolist()).asnumpy()
+        except Exception as err:
+            raise _decode_error(video_path, err) from err
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ClipError(f"{video_path}: decoded frames of unexpected shape {array.shape}", DECODE_FAILED)
     crop_at = (0.5, 0.5) if spec.crop == "center" else (float(rng.uniform()), float(rng.uniform()))
     frames = resize_and_crop(torch.from_numpy(array).permute(0, 3, 1, 2), spec, crop_at)
     if image_path:
