@@ -149,3 +149,27 @@ def test_bucketed_stream_batches_one_bucket_each(ray_cluster, tmp_path, square_c
         assert batch["video"].dtype == np.uint8 and batch["image"].shape[0] == 2
         shapes = {"p": (4, 3, 32, 16), "w": (4, 3, 16, 32), "s": (4, 3, 16, 32)}  # square: first listed
         assert {shapes[str(c)] for c in batch["clip_id"]} == {batch["video"].shape[1:]}
+
+
+def test_decoders_killed_mid_stream_lose_and_repeat_nothing(ray_cluster, square_clip):
+    """Both decoder processes are killed (SIGKILL) after 5 examples: Ray Data restarts them and
+    retries the runs they held, and the stream still delivers every planned example once, in
+    plan order."""
+    import os
+    import signal
+
+    import psutil
+
+    rows = [{"video": str(square_clip), "clip_id": f"c{i}", "height": 64, "width": 64} for i in range(16)]
+    cfg = DataConfig(num_frames=4, height=32, width=32, fps=7.0, decode_cpus=0.5, decoders=2)
+    plan = [(i["clip_id"], i["epoch"]) for i in plan_epochs(rows, 48, seed=0, shuffle=True)]
+    fed, killed = [], []
+    for block in build_training_dataset(rows, cfg, 48, seed=0).iter_batches(batch_size=None):
+        fed.extend(zip(map(str, block["clip_id"]), map(int, block["epoch"]), strict=True))
+        if len(fed) >= 5 and not killed:
+            for process in psutil.process_iter(["cmdline"]):
+                if "ClipDecoder" in " ".join(process.info["cmdline"] or []):
+                    os.kill(process.pid, signal.SIGKILL)
+                    killed.append(process.pid)
+            assert killed, "no decoder process found"
+    assert fed == plan

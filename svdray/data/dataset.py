@@ -223,7 +223,7 @@ def decode_slots(cfg: DataConfig) -> int:
 
 def decode_runs(items: list[dict[str, Any]], cfg: DataConfig, decoders: int) -> list[list[dict[str, Any]]]:
     """The plan cut into decoder runs (one actor task each): see DECODE_RUN_BYTES."""
-    pixels = max(int(item["height"]) * int(item["width"]) for item in items)
+    pixels = max([int(item["height"]) * int(item["width"]) for item in items] + [cfg.height * cfg.width])
     example_bytes = (cfg.num_frames + 1) * 3 * pixels  # the frames and the conditioning image
     longest = max(1, min(MAX_DECODE_RUN, DECODE_RUN_BYTES // example_bytes))
     runs, start = [], 0
@@ -268,7 +268,8 @@ def same_shape_batches(
 
 
 def one_example_blocks(ds: ray.data.Dataset, strict: bool) -> ray.data.Dataset:
-    """Make every example its own block, so Ray Train deals examples to workers round-robin.
+    """Make every example its own block, in plan order, so Ray Train deals examples to workers
+    round-robin.
 
     A map task packs its outputs into blocks of up to `target_max_block_size` bytes; with a
     limit of one byte each example is emitted as a block of its own, inside the decoder
@@ -278,6 +279,7 @@ def one_example_blocks(ds: ray.data.Dataset, strict: bool) -> ray.data.Dataset:
     Data logs the error and goes on.
     """
     ds.context.target_max_block_size = 1
+    ds.context.execution_options.preserve_order = True  # plan order: what exact resume relies on
     if not strict:
         ds.context.max_errored_blocks = -1
     return ds
