@@ -370,6 +370,16 @@ def decode_size(source: tuple[int, int] | None, spec: FrameSpec) -> tuple[int, i
     return 2 * cover_h, 2 * cover_w
 
 
+def _scaled_frames(reader, indices: np.ndarray) -> np.ndarray | None:
+    """Frames decord scaled while decoding, or None where its scaling breaks (it fails, or returns
+    4-channel frames, for some widths from 8 to 72 px and for rotated clips): decode at full size."""
+    try:
+        array = reader.get_batch(indices.tolist()).asnumpy()
+    except Exception:
+        return None
+    return array if array.shape[-1] == 3 else None
+
+
 def decode_clip(
     video_path: str,
     spec: FrameSpec,
@@ -394,20 +404,9 @@ def decode_clip(
         raise
     except Exception as err:
         raise _decode_error(video_path, err) from err
-    array = None
-    if scaled:
-        # decord fails or returns 4-channel frames when scaling to some widths (8 to 72 px:
-        # intermediates of tiny training sizes) and rotated clips it was not told about: those
-        # are decoded at full size instead.
-        try:
-            array = reader.get_batch(indices.tolist()).asnumpy()
-        except Exception:
-            array = None
-        if array is not None and array.shape[-1] != 3:
-            array = None
-        if array is None:
-            reader = open_video(video_path)
+    array = _scaled_frames(reader, indices) if scaled else None
     if array is None:
+        reader = open_video(video_path) if scaled else reader
         try:
             array = reader.get_batch(indices.tolist()).asnumpy()
         except Exception as err:
