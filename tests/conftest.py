@@ -81,6 +81,10 @@ def square_clip(tmp_path_factory) -> Path:
     return write_clip(tmp_path_factory.mktemp("clips") / "square.mp4", moving_square_clip(), fps=24)
 
 
+# The data section of every tiny training run: small clips, one decoder next to the workers.
+TINY_DATA = {"num_frames": 8, "height": 32, "width": 32, "fps": 7.0, "decode_cpus": 0.5, "decoders": 1}
+
+
 @pytest.fixture
 def write_config(tmp_path, tiny_pipeline_dir):
     """Write a tiny-run YAML config into tmp_path with the given section overrides."""
@@ -89,15 +93,7 @@ def write_config(tmp_path, tiny_pipeline_dir):
     def _write(manifest: Path, **sections) -> Path:
         tree = {
             "model": {"pretrained": str(tiny_pipeline_dir)},
-            "data": {
-                "manifest": str(manifest),
-                "num_frames": 8,
-                "height": 32,
-                "width": 32,
-                "fps": 7.0,
-                "decode_cpus": 0.5,
-                "decoders": 1,
-            },
+            "data": {"manifest": str(manifest), **TINY_DATA},
             "lora": {"rank": 4, "alpha": 4},
             "optim": {"lr": 1e-3},
             "train": {

