@@ -56,7 +56,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from svdray.config import Config, apply_overrides, config_from_dict  # noqa: E402
 from svdray.model.lora import add_lora, lora_parameters  # noqa: E402
 from svdray.model.objective import sample_sigmas  # noqa: E402
-from svdray.train.speed import adamw, mixed_precision  # noqa: E402
+from svdray.model.precision import mixed_precision  # noqa: E402
+from svdray.train.optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from svdray.train.step import (  # noqa: E402
     EncodedBatch,
     FrozenModels,
@@ -364,8 +365,6 @@ def option_variants(cfg: Config, device: torch.device) -> list[str]:
         f"train.mixed_precision={'no' if cfg.train.mixed_precision == 'bf16' else 'bf16'!r}",
         f"speed.compile_unet={str(not cfg.speed.compile_unet).lower()}",
     ]
-    if not cuda:  # the loop autocasts on CUDA only: on a CPU this variant is the baseline again
-        variants = [v for v in variants if not v.startswith("train.mixed_precision=")]
     return variants
 
 
@@ -412,8 +411,6 @@ def step_stats(ends: dict[int, float], warmup: int, cfg: Config) -> dict[str, An
 
 def plain_loop(cfg: Config, warmup: int, steps: int, cached: bool) -> dict[str, Any]:
     """The same models, objective, optimizer and schedule as the Ray Train loop, in a bare loop."""
-    from diffusers.optimization import get_scheduler
-
     from svdray.train.loop import build_models
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -422,13 +419,8 @@ def plain_loop(cfg: Config, warmup: int, steps: int, cached: bool) -> dict[str, 
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000)
     frozen, unet = build_models(cfg, device)
-    optimizer = adamw(lora_parameters(unet), cfg.optim, cfg.speed, device)
-    lr_scheduler = get_scheduler(
-        "cosine" if cfg.optim.schedule == "cosine" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=cfg.optim.warmup_steps,
-        num_training_steps=cfg.train.max_steps,
-    )
+    optimizer = build_optimizer(lora_parameters(unet), cfg.optim, cfg.speed, device)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     batches = [example_batch(cfg, device, seed) for seed in range(2)]
     encoded = []
     if cached:

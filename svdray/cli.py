@@ -139,35 +139,53 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    """Every input is checked, naming its flag, before any model loads."""
     from pathlib import Path
 
-    from PIL import Image
+    from svdray.data.video import ClipError, load_image
+    from svdray.safeload import check_pipeline_folder
+    from svdray.sample import SAMPLE_FLAGS, sampling_config
 
-    from svdray.safeload import check_folder, check_pipeline_folder
-    from svdray.sample import load_sampling_pipeline, sample_video, write_mp4
-
-    if Path(args.pipeline).exists():
-        check_pipeline_folder(args.pipeline, "--pipeline")
     if args.lora:
-        check_folder(args.lora, "--lora")  # before the pipeline loads: fail fast
-    pipe = load_sampling_pipeline(args.pipeline, args.lora)
-    image = Image.open(args.image)
-    height = args.height or image.height // 8 * 8
-    width = args.width or image.width // 8 * 8
-    frames = sample_video(
-        pipe,
-        image,
-        height,
-        width,
-        args.num_frames or pipe.unet.config.num_frames,
-        steps=args.steps,
-        fps=args.fps,
-        motion_bucket_id=args.motion_bucket,
-        noise_aug_strength=args.noise_aug_strength,
-        seed=args.seed,
+        from svdray.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+        from svdray.safeload import check_folder, check_safetensors
+
+        check_folder(args.lora, "--lora")
+        if not (Path(args.lora) / ADAPTER_CONFIG).is_file():
+            raise FileNotFoundError(f"--lora: {args.lora} has no {ADAPTER_CONFIG} (not a LoRA folder)")
+        check_safetensors(Path(args.lora) / ADAPTER_WEIGHTS, "--lora")
+    try:
+        image = load_image(args.image)
+    except ClipError as err:
+        raise FileNotFoundError(f"--image: {err}") from None
+    out = Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        raise ConfigError(f"--out: {out} must end in .mp4")
+    if out.is_dir():
+        raise ConfigError(f"--out: {out} is a folder; give the .mp4 file to write")
+    flags = {flag: getattr(args, flag) for flag in SAMPLE_FLAGS}
+    cfg, from_run = sampling_config(args.lora, flags)
+    if not from_run:  # no training run to follow: the image's own size, the UNet's frame count
+        cfg.data.height = args.height or image.shape[1] // 8 * 8
+        cfg.data.width = args.width or image.shape[2] // 8 * 8
+    if Path(cfg.model.pretrained).exists():
+        check_pipeline_folder(cfg.model.pretrained, "--pipeline")
+    elif cfg.model.pretrained.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--pipeline: {cfg.model.pretrained} does not exist")
+
+    from svdray.model.sampler import load_sampling_models, sample_video, sampling_spec
+    from svdray.sample import write_mp4
+
+    models = load_sampling_models(cfg.model, args.lora, mixed_precision=cfg.train.mixed_precision)
+    if not from_run and not args.num_frames:
+        cfg.sample.num_frames = models.unet.config.num_frames
+    spec = sampling_spec(cfg)
+    frames = sample_video(models, image, spec)
+    write_mp4(frames, out, spec.fps)
+    print(
+        f"{len(frames)} frames ({spec.height}x{spec.width}, fps {spec.fps:g}, motion bucket "
+        f"{spec.bucket_for(None):g}, {spec.steps} steps) written to {out}"
     )
-    write_mp4(frames, args.out, args.fps)
-    print(f"{len(frames)} frames written to {args.out}")
     return 0
 
 
@@ -267,19 +285,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("sample", help="sample a video from an image, optionally with a LoRA")
-    p.add_argument("--pipeline", required=True, help="pipeline directory or hub id")
+    p = sub.add_parser(
+        "sample",
+        help="sample a video from an image with a trained LoRA, conditioned as its training run was",
+        description="Unset options follow the LoRA's training run (the config next to the LoRA folder): "
+        "its base pipeline, variant, revision, dtypes, size, frame count, fps and motion-bucket rule.",
+    )
     p.add_argument("--lora", help="LoRA folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--image", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--num-frames", type=int)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--fps", type=int, default=7)
-    p.add_argument("--motion-bucket", type=int, default=127)
-    p.add_argument("--noise-aug-strength", type=float, default=0.02)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", required=True, help="conditioning image, cropped to the size like training")
+    p.add_argument("--out", required=True, help="the .mp4 file to write")
+    p.add_argument("--pipeline", help="pipeline folder or hub id (default: the run's model.pretrained)")
+    p.add_argument("--variant", help="weight files variant, e.g. fp16 (default: the run's model.variant)")
+    p.add_argument("--revision", help="hub revision (default: the run's model.revision)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="VAE and image encoder dtype (default: the run's model.frozen_dtype, else float32)",
+    )
+    p.add_argument(
+        "--mixed-precision",
+        choices=["no", "bf16"],
+        help="UNet autocast (default: the run's train.mixed_precision, else no)",
+    )
+    p.add_argument("--num-frames", type=int, help="default: the run's, else the UNet's own")
+    p.add_argument("--height", type=int, help="default: the run's data.height, else the image's")
+    p.add_argument("--width", type=int, help="default: the run's data.width, else the image's")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps, else 25)")
+    p.add_argument("--fps", type=float, help="frame rate conditioning (default: the run's data.fps, else 7)")
+    p.add_argument(
+        "--motion-bucket-id",
+        type=int,
+        help="default: the run's fixed bucket, else 127 (a still image has no motion to compute it from)",
+    )
+    p.add_argument("--noise-aug-strength", type=float, help="default: the run's, else 0.02")
+    p.add_argument("--min-guidance", type=float, help="guidance at the first frame (default 1.0)")
+    p.add_argument("--max-guidance", type=float, help="guidance at the last frame (default 3.0)")
+    p.add_argument("--seed", type=int, help="default: the run's sample.seed, else 0")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("reward-train", help="stage 2: reward-gradient fine-tuning of the LoRA")

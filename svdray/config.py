@@ -151,13 +151,19 @@ class SpeedConfig:
 
 @dataclass
 class SampleConfig:
-    # Used for the video sampled after training; the sampler's own defaults otherwise.
-    enabled: bool = True
+    """How videos are sampled: after training, in validation (`validate.steps`/`seed` aside), in
+    the reward stage (unless `reward.*` overrides) and by `svdray sample --lora` from this run.
+    Unset keys follow training (`svdray.model.sampler.sampling_spec`), so a sample is conditioned
+    as the UNet was trained."""
+
+    enabled: bool = True  # sample a video after training
     image: str | None = None  # conditioning image; default: first frame of the first clip
     num_frames: int | None = None  # default: data.num_frames
     steps: int = 25
-    fps: int | None = None  # default: data.fps
-    motion_bucket_id: int = 127
+    fps: float | None = None  # default: data.fps (the UNet gets fps - 1, as in training)
+    # default: data.motion_bucket_id, or computed from the conditioning clip when that is null
+    # (127 for a still image, which has no motion; the value used is logged)
+    motion_bucket_id: int | None = None
     noise_aug_strength: float = 0.02
     min_guidance: float = 1.0
     max_guidance: float = 3.0
@@ -208,11 +214,12 @@ class RewardConfig:
     sample_steps: int = 8  # denoising steps per sample
     grad_steps: int = 1  # K: backpropagate through the last K denoising steps only
     num_frames: int | None = None  # default: data.num_frames
-    fps: int = 7
-    motion_bucket_id: int = 127
-    noise_aug_strength: float = 0.02
-    min_guidance: float = 1.0
-    max_guidance: float = 3.0
+    # Conditioning of the sampled videos; null: as `sample.*` (which follows training).
+    fps: float | None = None
+    motion_bucket_id: int | None = None
+    noise_aug_strength: float | None = None
+    min_guidance: float | None = None
+    max_guidance: float | None = None
     decode_chunk: int = 8
     check_every: int = 10  # rerun the diagnostics every N steps; stop if rewards collapse
     eval_manifest: str | None = None  # held-out clips for before/after grids; default: data.manifest
@@ -413,8 +420,13 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
             raise ConfigError(f"{key}: must be positive, got {value}")
     if not 1 <= cfg.reward.grad_steps <= cfg.reward.sample_steps:
         raise ConfigError("reward.grad_steps: must be between 1 and reward.sample_steps")
-    for key, value in {"data.fps": cfg.data.fps, "optim.lr": cfg.optim.lr}.items():
-        if not value > 0:
+    for key, value in {
+        "data.fps": cfg.data.fps,
+        "optim.lr": cfg.optim.lr,
+        "sample.fps": cfg.sample.fps,
+        "reward.fps": cfg.reward.fps,
+    }.items():
+        if value is not None and not value > 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
     if not 0 <= cfg.objective.cfg_dropout < 1 / 3:
         raise ConfigError("objective.cfg_dropout: must be in [0, 1/3) (drops use 3p of the unit interval)")

@@ -1,67 +1,15 @@
-"""Sampling videos with the diffusers pipeline, optionally with a trained LoRA, and writing mp4s.
-
-Training validation, `svdray sample` and the demo all come through `sample_video`, so what is
-logged during training is what a user gets from the CLI.
-"""
+"""`svdray sample`'s settings and writing sampled videos: H.264 mp4s and frame grids (sampling
+itself is `svdray.model.sampler`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from svdray.model.lora import load_lora
-from svdray.model.pipeline import load_pipeline
-
-
-def load_sampling_pipeline(
-    pretrained: str | Path,
-    lora_dir: str | Path | None = None,
-    device: str | None = None,
-    dtype: str = "float32",
-):
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(pretrained, dtype)
-    if lora_dir:
-        load_lora(pipe.unet, lora_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def sample_video(
-    pipe,
-    image: Image.Image,
-    height: int,
-    width: int,
-    num_frames: int,
-    steps: int = 25,
-    fps: int = 7,
-    motion_bucket_id: int = 127,
-    noise_aug_strength: float = 0.02,
-    min_guidance: float = 1.0,
-    max_guidance: float = 3.0,
-    seed: int = 0,
-) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames. `fps` is the real frame rate; the pipeline applies SVD's fps - 1."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    frames = pipe(
-        image.convert("RGB").resize((width, height), Image.BICUBIC),
-        height=height,
-        width=width,
-        num_frames=num_frames,
-        num_inference_steps=steps,
-        fps=fps,
-        motion_bucket_id=motion_bucket_id,
-        noise_aug_strength=noise_aug_strength,
-        min_guidance_scale=min_guidance,
-        max_guidance_scale=max_guidance,
-        generator=generator,
-        decode_chunk_size=min(num_frames, 8),
-        output_type="np",
-    ).frames[0]
-    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+from svdray.config import Config, ConfigError, config_from_dict, set_key
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> Path:
@@ -101,3 +49,47 @@ def write_preview(frames: np.ndarray, path: str | Path, columns: int = 8, scale:
     path = Path(path)
     image.save(path)
     return path
+
+
+# `svdray sample` flag -> the config key it sets. Unset flags keep the value of the LoRA's own
+# training run (its config.yaml next to the LoRA), so a sample is conditioned as training was.
+SAMPLE_FLAGS = {
+    "pipeline": "model.pretrained",
+    "variant": "model.variant",
+    "revision": "model.revision",
+    "dtype": "model.frozen_dtype",
+    "mixed_precision": "train.mixed_precision",
+    "num_frames": "sample.num_frames",
+    "height": "data.height",
+    "width": "data.width",
+    "steps": "sample.steps",
+    "fps": "sample.fps",
+    "motion_bucket_id": "sample.motion_bucket_id",
+    "noise_aug_strength": "sample.noise_aug_strength",
+    "min_guidance": "sample.min_guidance",
+    "max_guidance": "sample.max_guidance",
+    "seed": "sample.seed",
+}
+
+
+def sampling_config(lora_dir: str | None, flags: dict[str, Any]) -> tuple[Config, bool]:
+    """The config `svdray sample` samples with, and whether it came from the LoRA's training run:
+    that run's config where one lies next to the LoRA, with the given flags (None: unset) on top.
+    A bad value is a ConfigError naming the flag."""
+    from svdray.export import run_config
+
+    tree = (run_config(lora_dir) if lora_dir else None) or {}
+    from_run = bool(tree)
+    tree.pop("tune", None)  # a run's sweep section is no concern of sampling
+    for flag, value in flags.items():
+        if value is not None:
+            set_key(tree, SAMPLE_FLAGS[flag], value)
+    if not tree.get("model", {}).get("pretrained"):
+        raise ConfigError("--pipeline: required when no training run config lies next to --lora")
+    try:
+        return config_from_dict(tree, check_files=False), from_run
+    except ConfigError as err:
+        for flag, key in SAMPLE_FLAGS.items():
+            if str(err).startswith(key):
+                raise ConfigError(f"--{flag.replace('_', '-')}: {str(err)[len(key) + 2 :]}") from None
+        raise

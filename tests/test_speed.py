@@ -8,7 +8,7 @@ import torch
 from svdray.config import ConfigError, config_from_dict
 from svdray.model.lora import lora_parameters, lora_state_dict, save_lora
 from svdray.train.loop import build_models
-from svdray.train.speed import KernelAttnProcessor, adamw
+from svdray.train.speed import KernelAttnProcessor
 from svdray.train.step import encode_batch, training_loss
 
 CPU = torch.device("cpu")
@@ -90,18 +90,6 @@ def test_compiled_unet_keeps_parameter_names(tiny_pipeline_dir, tmp_path):
     assert isinstance(compiled, type(plain))
     assert lora_state_dict(compiled).keys() == lora_state_dict(plain).keys()
     assert (save_lora(compiled, cfg.lora, tmp_path / "lora") / "adapter_model.safetensors").exists()
-
-
-def test_fused_adamw_follows_the_config(tiny_pipeline_dir):
-    cfg = tiny_config(tiny_pipeline_dir)
-    _, unet = build_models(cfg, CPU)
-    assert not adamw(lora_parameters(unet), cfg.optim, cfg.speed, CPU).defaults["fused"]  # null: CUDA only
-    cfg = tiny_config(tiny_pipeline_dir, fused_adamw=True)
-    optimizer = adamw(lora_parameters(unet), cfg.optim, cfg.speed, CPU)
-    assert optimizer.defaults["fused"]
-    loss = sum(p.sum() for p in lora_parameters(unet))
-    loss.backward()
-    optimizer.step()  # torch's fused AdamW runs on CPU too
 
 
 @pytest.mark.parametrize(

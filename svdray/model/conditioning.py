@@ -15,6 +15,8 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 )
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+from svdray.model.precision import encoder_precision
+
 
 def clip_image_embeddings(
     image_encoder: CLIPVisionModelWithProjection,
@@ -28,12 +30,13 @@ def clip_image_embeddings(
     Done in torch so it runs on the training device.
     """
     dtype = next(image_encoder.parameters()).dtype
-    pixels = _resize_with_antialiasing(images.float(), (224, 224))
-    pixels = (pixels + 1.0) / 2.0
-    mean = torch.tensor(feature_extractor.image_mean, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(feature_extractor.image_std, device=pixels.device).view(1, 3, 1, 1)
-    pixels = (pixels - mean) / std
-    return image_encoder(pixels.to(dtype)).image_embeds.unsqueeze(1)
+    with encoder_precision(images.device):
+        pixels = _resize_with_antialiasing(images.float(), (224, 224))
+        pixels = (pixels + 1.0) / 2.0
+        mean = torch.tensor(feature_extractor.image_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(feature_extractor.image_std, device=pixels.device).view(1, 3, 1, 1)
+        pixels = (pixels - mean) / std
+        return image_encoder(pixels.to(dtype)).image_embeds.unsqueeze(1)
 
 
 def conditioning_latents(
@@ -49,7 +52,8 @@ def conditioning_latents(
     """
     noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     noisy = images + noise_aug_strength.view(-1, 1, 1, 1).to(images.dtype) * noise
-    return vae.encode(noisy.to(vae.dtype)).latent_dist.mode()
+    with encoder_precision(images.device):
+        return vae.encode(noisy.to(vae.dtype)).latent_dist.mode()
 
 
 @dataclass
@@ -80,10 +84,11 @@ def video_latent_distribution(
     batch, frames = video.shape[:2]
     flat = video.flatten(0, 1).to(vae.dtype)
     means, stds = [], []
-    for chunk in flat.split(chunk_size):
-        dist = vae.encode(chunk).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+    with encoder_precision(video.device):
+        for chunk in flat.split(chunk_size):
+            dist = vae.encode(chunk).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
     mean = torch.cat(means).float()
     std = torch.cat(stds).float()
     return LatentDistribution(mean.unflatten(0, (batch, frames)), std.unflatten(0, (batch, frames)))

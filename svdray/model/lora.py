@@ -80,16 +80,34 @@ def save_lora(unet: torch.nn.Module, cfg: LoraConfig, out_dir: str | Path) -> Pa
     return out_dir
 
 
-def load_lora(unet: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
-    """Inject the adapter described in `lora_dir` into `unet` and load its weights (safetensors only)."""
+def load_lora_weights(unet: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
+    """Load a LoRA folder's weights into the adapter already injected in `unet`; every key must
+    land and every LoRA layer must get its weights (a mismatch is an error naming the folder)."""
     lora_dir = check_folder(lora_dir, "LoRA")  # a .pt/.bin handed over is refused, never unpickled
     weights = lora_dir / ADAPTER_WEIGHTS
     if not weights.exists():
         raise FileNotFoundError(f"{weights}: no LoRA weights (expected peft's {ADAPTER_WEIGHTS})")
-    config = peft.LoraConfig.from_pretrained(str(lora_dir))
-    peft.inject_adapter_in_model(config, unet)
     result = peft.set_peft_model_state_dict(unet, load_file(str(weights)))
     unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"{weights}: keys that match no LoRA layer: {unexpected[:5]}")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if unexpected or missing:
+        raise ValueError(
+            f"{weights}: does not match the UNet's LoRA layers (keys that match no layer: "
+            f"{unexpected[:3]}, layers without weights: {missing[:3]}); use the rank, blocks and "
+            "target_modules it was trained with"
+        )
     return unet
+
+
+def load_lora(unet: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
+    """Inject the adapter described in `lora_dir` into `unet` and load its weights (safetensors only).
+
+    peft creates the new LoRA layers in training mode even inside an eval-mode UNet, which would
+    apply LoRA dropout at inference; they are given the UNet's own mode here."""
+    lora_dir = check_folder(lora_dir, "LoRA")
+    missing = [name for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) if not (lora_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{lora_dir}: not a LoRA folder (no {' or '.join(missing)})")
+    peft.inject_adapter_in_model(peft.LoraConfig.from_pretrained(str(lora_dir)), unet)
+    unet.train(unet.training)
+    return load_lora_weights(unet, lora_dir)

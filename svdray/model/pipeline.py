@@ -6,6 +6,7 @@ Both paths end in `StableVideoDiffusionPipeline.from_pretrained`: the tiny pipel
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,6 +52,36 @@ def load_pipeline(
         revision=revision,
         use_safetensors=True,
     )
+
+
+@dataclass
+class FrozenModels:
+    """The parts of the pipeline that never train, with what training and sampling need of them."""
+
+    vae: torch.nn.Module
+    image_encoder: torch.nn.Module
+    feature_extractor: object
+    scaling_factor: float
+    vae_chunk: int = 16  # frames per VAE encode call (`speed.vae_chunk`)
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipe: StableVideoDiffusionPipeline,
+        device: torch.device | str | None = None,
+        dtype: str | None = None,
+    ) -> FrozenModels:
+        """The pipeline's VAE and image encoder, frozen in eval mode (on `device`, in `dtype` if given)."""
+        for module in (pipe.vae, pipe.image_encoder):
+            module.requires_grad_(False).eval()
+            if device is not None or dtype is not None:
+                module.to(device, DTYPES[dtype] if dtype else None)
+        return cls(pipe.vae, pipe.image_encoder, pipe.feature_extractor, pipe.vae.config.scaling_factor)
+
+
+def scheduler_config(pretrained: str | Path, revision: str | None = None) -> dict:
+    """The pipeline's sampler settings (its `scheduler/` config), without loading any weights."""
+    return dict(EulerDiscreteScheduler.load_config(str(pretrained), subfolder="scheduler", revision=revision))
 
 
 def build_tiny_pipeline(seed: int = 0, num_frames: int = 8) -> StableVideoDiffusionPipeline:

@@ -18,28 +18,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import peft
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from diffusers.optimization import get_scheduler
-from safetensors.torch import load_file
 
 from svdray import tracking
 from svdray.config import Config, RewardConfig, config_from_dict
 from svdray.data.manifest import read_manifest
 from svdray.data.video import FrameSpec, decode_clip, to_model_range
-from svdray.model.lora import ADAPTER_WEIGHTS, lora_parameters, save_lora
-from svdray.model.pipeline import load_pipeline
+from svdray.model.lora import load_lora_weights, lora_parameters, save_lora
+from svdray.model.pipeline import scheduler_config
+from svdray.model.precision import mixed_precision
+from svdray.model.sampler import load_sampling_models, sample_frames, sampling_spec
 from svdray.reward.diagnostics import RewardCheckError, diagnose, format_table, raise_on_problems, report
 from svdray.reward.rewards import RewardSet, build_reward
-from svdray.reward.sampler import SamplingSpec, sample_frames
 from svdray.sample import write_preview
 from svdray.tracking import MetricWriter
 from svdray.train.checkpoint import save_checkpoint
 from svdray.train.loop import build_models, mean_across_workers, restore_rng, restore_state, rng_snapshot
+from svdray.train.optim import build_lr_scheduler, build_optimizer
 from svdray.train.trainer import init_ray, make_trainer, resolve_paths
 
 logger = logging.getLogger("svdray.reward")
@@ -55,31 +54,12 @@ def build_reward_set(cfg: RewardConfig) -> RewardSet:
     )
 
 
-def sampling_spec(cfg: Config) -> SamplingSpec:
-    r = cfg.reward
-    return SamplingSpec(
-        num_frames=r.num_frames or cfg.data.num_frames,
-        steps=r.sample_steps,
-        grad_steps=r.grad_steps,
-        fps=r.fps,
-        motion_bucket_id=r.motion_bucket_id,
-        noise_aug_strength=r.noise_aug_strength,
-        min_guidance=r.min_guidance,
-        max_guidance=r.max_guidance,
-        decode_chunk=r.decode_chunk,
-    )
-
-
 def load_init_lora(unet: torch.nn.Module, lora_dir: str) -> None:
     """Load a supervised LoRA into the adapter `build_models` injected from the `lora` config."""
-    weights = load_file(str(Path(lora_dir) / ADAPTER_WEIGHTS))
-    result = peft.set_peft_model_state_dict(unet, weights)
-    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
-    if getattr(result, "unexpected_keys", []) or missing:
-        raise ValueError(
-            f"reward.init_lora {lora_dir}: its adapter does not match the lora section of this config "
-            "(use the rank, blocks and target_modules it was trained with)"
-        )
+    try:
+        load_lora_weights(unet, lora_dir)
+    except ValueError as err:
+        raise ValueError(f"reward.init_lora: {err}") from None
 
 
 def conditioning_images(cfg: Config, manifest: str, limit: int | None = None) -> np.ndarray:
@@ -106,16 +86,11 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
     raw_unet = unet
     unet = ray.train.torch.prepare_model(unet, move_to_device=False)
     rewards = build_reward_set(cfg.reward).to(device)
-    spec = sampling_spec(cfg)
+    spec = sampling_spec(cfg, "reward")
     params = lora_parameters(raw_unet)
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-    )
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.optim.warmup_steps)
+    optimizer = build_optimizer(params, cfg.optim, cfg.speed, device)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    autocast = mixed_precision(cfg.train.mixed_precision, device)
 
     state, rng_states, _ = restore_state(loop_config, raw_unet, optimizer, lr_scheduler)
     if rng_states is not None:
@@ -132,10 +107,15 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 yield to_model_range(torch.as_tensor(batch["image"]).to(device))
 
     images_iter = image_batches()
-    unet.train()
+    # Eval mode (no LoRA dropout): the rewarded videos are the ones inference will sample; the
+    # gradient still flows through the last `reward.grad_steps` steps.
+    unet.eval()
     while state.step < cfg.train.max_steps:
         images = next(images_iter)
-        frames = sample_frames(unet, frozen, loop_config["scheduler_config"], images, spec, generator)
+        with autocast:
+            frames = sample_frames(
+                unet, frozen, loop_config["scheduler_config"], images, spec, generator, cfg.reward.grad_steps
+            )
 
         if state.step % cfg.reward.check_every == 0:
             stats = diagnose(rewards, frames, images, params)
@@ -217,21 +197,19 @@ def unwrap_training_error(err: Exception) -> Exception:
 @torch.no_grad()
 def evaluate(cfg: Config, lora_dir: str | None, images: np.ndarray) -> tuple[dict[str, float], torch.Tensor]:
     """Mean rewards and frames for held-out images: the same seeds every time, no graph."""
-    pipe = load_pipeline(cfg.model.pretrained, "float32", cfg.model.variant, cfg.model.revision)
-    from svdray.train.step import FrozenModels
-
-    frozen = FrozenModels(
-        pipe.vae, pipe.image_encoder, pipe.feature_extractor, pipe.vae.config.scaling_factor
-    )
-    unet = pipe.unet
-    if lora_dir:
-        from svdray.model.lora import load_lora
-
-        load_lora(unet, lora_dir)
+    models = load_sampling_models(cfg.model, lora_dir, "cpu", cfg.train.mixed_precision)
     rewards = build_reward_set(cfg.reward)
     pixels = to_model_range(torch.as_tensor(images))
     generator = torch.Generator().manual_seed(cfg.reward.seed + 10_000)
-    frames = sample_frames(unet.eval(), frozen, pipe.scheduler.config, pixels, sampling_spec(cfg), generator)
+    with models.autocast(pixels.device):
+        frames = sample_frames(
+            models.unet,
+            models.frozen,
+            models.scheduler_config,
+            pixels,
+            sampling_spec(cfg, "reward"),
+            generator,
+        )
     total, parts = rewards(frames, pixels)
     scores = {"reward": float(total.mean())} | {f"reward/{k}": float(v.mean()) for k, v in parts.items()}
     return scores, frames
@@ -261,7 +239,6 @@ def run_reward_training(cfg: Config) -> RewardResult:
     eval_images = conditioning_images(
         cfg, cfg.reward.eval_manifest or cfg.data.manifest, cfg.reward.eval_images
     )
-    scheduler_config = dict(load_pipeline(cfg.model.pretrained).scheduler.config)
     trainer = make_trainer(
         cfg,
         reward_loop_per_worker,
@@ -269,7 +246,7 @@ def run_reward_training(cfg: Config) -> RewardResult:
             "config": cfg.to_dict(),
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
-            "scheduler_config": scheduler_config,
+            "scheduler_config": scheduler_config(cfg.model.pretrained, cfg.model.revision),
         },
         ray.data.from_items([{"image": image} for image in images]),
     )
@@ -307,11 +284,20 @@ def run_reward_check(cfg: Config, report_path: str | Path | None = None) -> list
     if cfg.reward.init_lora:
         load_init_lora(unet, cfg.reward.init_lora)
     rewards = build_reward_set(cfg.reward).to(device)
-    pipe_scheduler = load_pipeline(cfg.model.pretrained).scheduler.config
     images = conditioning_images(cfg, cfg.data.manifest, max(cfg.train.batch_size, 2))
     pixels = to_model_range(torch.as_tensor(images)).to(device)
     generator = torch.Generator(device).manual_seed(cfg.reward.seed)
-    frames = sample_frames(unet, frozen, pipe_scheduler, pixels, sampling_spec(cfg), generator)
+    unet.eval()
+    with mixed_precision(cfg.train.mixed_precision, device):
+        frames = sample_frames(
+            unet,
+            frozen,
+            scheduler_config(cfg.model.pretrained, cfg.model.revision),
+            pixels,
+            sampling_spec(cfg, "reward"),
+            generator,
+            cfg.reward.grad_steps,
+        )
     stats = diagnose(rewards, frames, pixels, lora_parameters(unet))
     if report_path:
         Path(report_path).write_text(json.dumps(report(stats), indent=1))

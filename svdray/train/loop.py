@@ -21,25 +21,21 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from diffusers.optimization import get_scheduler
 
 from svdray import tracking
 from svdray.config import Config, config_from_dict
 from svdray.data.dataset import same_shape_batches
 from svdray.data.ledger import find_ledger
 from svdray.model.lora import add_lora, lora_parameters, save_lora
-from svdray.model.pipeline import load_pipeline
+from svdray.model.pipeline import FrozenModels, load_pipeline, scheduler_config
+from svdray.model.precision import mixed_precision, mixed_precision_dtype
+from svdray.model.sampler import SamplingModels
 from svdray.tracking import MetricWriter
 from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from svdray.train.optim import build_lr_scheduler, build_optimizer
 from svdray.train.speed import apply_speed_options
-from svdray.train.step import FrozenModels, training_loss
-from svdray.train.validate import (
-    load_validation_clips,
-    sample_validation_videos,
-    sampling_pipeline,
-    validation_autocast,
-    validation_loss_all,
-)
+from svdray.train.step import training_loss
+from svdray.train.validate import load_validation_clips, sample_validation_videos, validation_loss_all
 
 logger = logging.getLogger("svdray.train")
 
@@ -58,15 +54,10 @@ BATCH_COLUMNS = (
 def build_models(cfg: Config, device: torch.device) -> tuple[FrozenModels, torch.nn.Module]:
     """Frozen VAE + image encoder in `model.frozen_dtype`, and the float32 UNet with LoRA."""
     pipe = load_pipeline(cfg.model.pretrained, "float32", cfg.model.variant, cfg.model.revision)
-    frozen_dtype = getattr(torch, cfg.model.frozen_dtype)
-    for module in (pipe.vae, pipe.image_encoder):
-        module.requires_grad_(False).eval().to(device, frozen_dtype)
+    frozen = FrozenModels.from_pipeline(pipe, device, cfg.model.frozen_dtype)
     unet = add_lora(pipe.unet, cfg.lora).to(device)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    frozen = FrozenModels(
-        pipe.vae, pipe.image_encoder, pipe.feature_extractor, pipe.vae.config.scaling_factor
-    )
     frozen, unet = apply_speed_options(frozen, unet, cfg.speed, device)
     return frozen, unet
 
@@ -170,20 +161,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     raw_unet = unet
     unet = ray.train.torch.prepare_model(unet, move_to_device=False)
 
-    optimizer = torch.optim.AdamW(
-        lora_parameters(raw_unet),
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-        fused=device.type == "cuda",
-    )
-    lr_scheduler = get_scheduler(
-        "cosine" if cfg.optim.schedule == "cosine" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=cfg.optim.warmup_steps,
-        num_training_steps=cfg.train.max_steps,
-    )
+    optimizer = build_optimizer(lora_parameters(raw_unet), cfg.optim, cfg.speed, device)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
 
     state, rng_states, restored_from = restore_state(loop_config, raw_unet, optimizer, lr_scheduler)
     if rng_states is not None:
@@ -209,11 +188,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         next(data)
 
     validation_clips = load_validation_clips(cfg) if cfg.validate.manifest else []
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda" and cfg.train.mixed_precision == "bf16"
-        else contextlib.nullcontext()
-    )
+    autocast = mixed_precision(cfg.train.mixed_precision, device)
     nan_steps = set(cfg.train.debug_nan_at_steps)
     bad_streak = 0  # skipped updates in a row
     unet.train()
@@ -338,17 +313,25 @@ def run_validation(
     """`val_loss` over the held-out clips (all workers), videos and previews (rank 0, to MLflow).
 
     The RNGs are forked so validation draws nothing from the training streams, and the raw UNet
-    (not the DDP wrapper) runs in eval mode, so no gradient collective is involved."""
+    (not the DDP wrapper) runs in eval mode, so no gradient collective is involved. Both run under
+    training's mixed precision, the encoders in their own dtype, as in a training step."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = next(unet.parameters()).device
     devices = [device] if device.type == "cuda" else []
     unet.eval()
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), validation_autocast(cfg, device):
-        val_loss = validation_loss_all(cfg, unet, frozen, clips, device, rank, world_size)
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with mixed_precision(cfg.train.mixed_precision, device):
+            val_loss = validation_loss_all(cfg, unet, frozen, clips, device, rank, world_size)
         if rank == 0 and cfg.validate.num_videos > 0:
             out_dir = Path(cfg.output_dir) / "validation" / f"step_{step:08d}"
-            sample_validation_videos(cfg, sampling_pipeline(cfg, unet, frozen), clips, out_dir)
+            models = SamplingModels(
+                unet,
+                frozen,
+                scheduler_config(cfg.model.pretrained, cfg.model.revision),
+                mixed_precision_dtype(cfg.train.mixed_precision),
+            )
+            sample_validation_videos(cfg, models, clips, out_dir)
             tracking.log_artifacts(
                 loop_config["tracking_uri"],
                 loop_config["mlflow_run_id"],

@@ -4,21 +4,21 @@ Each option changes how the step runs, never what it computes: the same batch an
 same loss up to floating-point reordering. `benchmarks/train_step.py` measures every one of them.
 
     frozen, unet = apply_speed_options(frozen, unet, cfg.speed, device)   # end of build_models
-    optimizer = adamw(lora_parameters(unet), cfg.optim, cfg.speed, device)
     with mixed_precision(cfg.train.mixed_precision, device): loss = training_loss(...)
+
+(`speed.fused_adamw` is read by `svdray.train.optim.build_optimizer`.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from svdray.config import OptimConfig, SpeedConfig
-from svdray.train.step import FrozenModels
+from svdray.config import SpeedConfig
+from svdray.model.pipeline import FrozenModels
 
 SDPA_BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION],
@@ -85,25 +85,3 @@ def apply_speed_options(
     if speed.compile_unet:
         unet.compile()
     return dataclasses.replace(frozen, vae_chunk=speed.vae_chunk), unet
-
-
-def adamw(
-    params: list[torch.nn.Parameter], optim: OptimConfig, speed: SpeedConfig, device: torch.device
-) -> torch.optim.AdamW:
-    """AdamW with `optim.*`; fused kernel per `speed.fused_adamw` (null: on CUDA only)."""
-    fused = device.type == "cuda" if speed.fused_adamw is None else speed.fused_adamw
-    return torch.optim.AdamW(
-        params,
-        lr=optim.lr,
-        betas=tuple(optim.betas),
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
-        fused=fused,
-    )
-
-
-def mixed_precision(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when `train.mixed_precision` is "bf16"; float32 otherwise."""
-    if device.type == "cuda" and mode == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()

@@ -10,17 +10,7 @@ from svdray.config import ObjectiveConfig
 from svdray.data.video import to_model_range
 from svdray.model import conditioning as cond
 from svdray.model.objective import add_noise, predict_v, sample_sigmas, v_loss, v_target
-
-
-@dataclass
-class FrozenModels:
-    """The parts of the pipeline that never train, with what the step needs of their configs."""
-
-    vae: torch.nn.Module
-    image_encoder: torch.nn.Module
-    feature_extractor: object
-    scaling_factor: float
-    vae_chunk: int = 16  # frames per VAE encode call (`speed.vae_chunk`)
+from svdray.model.pipeline import FrozenModels
 
 
 @dataclass

@@ -14,9 +14,9 @@ from typing import Any
 
 import ray
 import ray.train
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from PIL import Image
 from ray.train.torch import TorchTrainer
 
 from svdray import tracking
@@ -24,9 +24,10 @@ from svdray.config import Config
 from svdray.data.dataset import build_training_dataset
 from svdray.data.prepare import training_rows
 from svdray.data.run import build_run_data, finish_run_data
-from svdray.data.video import ClipError, FrameSpec, decode_clip
+from svdray.data.video import ClipError, FrameSpec, decode_clip, load_image
+from svdray.model.sampler import load_sampling_models, sample_video, sampling_spec
 from svdray.report import plot_loss_curve
-from svdray.sample import load_sampling_pipeline, sample_video, write_mp4, write_preview
+from svdray.sample import write_mp4, write_preview
 from svdray.tracking import metric_history
 from svdray.train.checkpoint import check_checkpoint, read_train_state
 from svdray.train.loop import train_loop_per_worker
@@ -224,25 +225,27 @@ def run_training(
     return output
 
 
-def conditioning_image(cfg: Config, rows: list[dict]) -> Image.Image:
-    """`sample.image`, or the first frame of the first clip that still decodes (a clip can break
-    after `prepare`), cropped as training crops it."""
+def conditioning_image(cfg: Config, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sample's conditioning image (3, H, W) uint8 and the clip it starts (None for
+    `sample.image`): the first clip that still decodes (a clip can break after `prepare`),
+    framed as training frames it."""
     if cfg.sample.image:
-        return Image.open(cfg.sample.image).convert("RGB")
-    spec = FrameSpec(1, cfg.data.fps, cfg.data.height, cfg.data.width, "first", "center")
+        return load_image(cfg.sample.image), None
+    spec = FrameSpec(cfg.data.num_frames, cfg.data.fps, cfg.data.height, cfg.data.width, "first", "center")
     errors = []
     for row in rows:
         try:
-            _, image = decode_clip(row["video"], spec, seed=0, image_path=row.get("image"))
+            frames, image = decode_clip(row["video"], spec, seed=0, image_path=row.get("image"))
         except ClipError as err:
             errors.append(str(err))
             continue
-        return Image.fromarray(image.permute(1, 2, 0).numpy())
+        return image, frames
     raise ClipError("no clip decodes for the sample's conditioning image: " + "; ".join(errors[:3]))
 
 
 def log_results(cfg: Config, result: TrainingResult, rows: list[dict]) -> None:
-    """The LoRA, a loss-curve PNG and (if enabled) a video sampled with the trained LoRA."""
+    """The LoRA, a loss-curve PNG and (if enabled) a video sampled with the trained LoRA, loaded
+    as `svdray sample --lora` loads it and conditioned as training conditioned the UNet."""
     artifacts: dict[str, Path] = {"lora": result.lora_dir}
     curve = metric_history(result.tracking_uri, result.mlflow_run_id, "loss")
     if curve:
@@ -252,26 +255,20 @@ def log_results(cfg: Config, result: TrainingResult, rows: list[dict]) -> None:
         }
         artifacts[""] = plot_loss_curve(series, result.output_dir / "loss_curve.png", cfg.train.name)
     if cfg.sample.enabled:
-        num_frames = cfg.sample.num_frames or cfg.data.num_frames
-        fps = cfg.sample.fps or round(cfg.data.fps)
-        pipe = load_sampling_pipeline(cfg.model.pretrained, result.lora_dir)
-        frames = sample_video(
-            pipe,
-            conditioning_image(cfg, rows),
-            cfg.data.height,
-            cfg.data.width,
-            num_frames,
-            steps=cfg.sample.steps,
-            fps=fps,
-            motion_bucket_id=cfg.sample.motion_bucket_id,
-            noise_aug_strength=cfg.sample.noise_aug_strength,
-            min_guidance=cfg.sample.min_guidance,
-            max_guidance=cfg.sample.max_guidance,
-            seed=cfg.sample.seed,
+        spec = sampling_spec(cfg)
+        models = load_sampling_models(cfg.model, result.lora_dir, mixed_precision=cfg.train.mixed_precision)
+        image, clip = conditioning_image(cfg, rows)
+        frames = sample_video(models, image, spec, clip=clip)
+        bucket = spec.bucket_for(clip)
+        logger.info("sample: fps %g, motion bucket %g, %d steps", spec.fps, bucket, spec.steps)
+        MlflowClient(tracking_uri=result.tracking_uri).set_tag(
+            result.mlflow_run_id,
+            "svdray.sample_conditioning",
+            f"fps={spec.fps:g} motion_bucket_id={bucket:g}",
         )
         samples = result.output_dir / "samples"
         samples.mkdir(exist_ok=True)
-        write_mp4(frames, samples / "sample.mp4", fps)
+        write_mp4(frames, samples / "sample.mp4", spec.fps)
         write_preview(frames, samples / "sample_frames.png", scale=max(1, 256 // cfg.data.height))
         artifacts["samples"] = samples
     tracking.log_artifacts(result.tracking_uri, result.mlflow_run_id, artifacts)

@@ -5,9 +5,10 @@ Every `validate.every` steps (and at the last step) the loop
       fixed noise (`step.validation_loss`), so it moves only when the weights do and can be compared
       between steps, runs and Tune trials;
   (b) on rank 0, samples videos from the first frames of the first `validate.num_videos` held-out
-      clips with `sample.sample_video` - the code behind `svdray sample` - on a pipeline whose UNet
-      is the training UNet itself (LoRA applied, eval mode), and writes per clip an mp4 and, per
-      step, one preview (GIF and PNG) of conditioning frame | sample | ground truth side by side.
+      clips with `svdray.model.sampler.sample_video` - the code behind `svdray sample` - on the
+      training UNet itself (LoRA applied, eval mode) with the run's sampling spec, and writes per
+      clip an mp4 and, per step, one preview (GIF and PNG) of conditioning frame | sample | ground
+      truth side by side.
 
 Held-out clips are decoded once, from their first frame, center-cropped: the same frames at every
 validation. Nothing here draws from the training RNGs (the caller forks them), so turning
@@ -16,22 +17,22 @@ validation on or off does not change what training computes.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
 from PIL import Image
 
 from svdray.config import Config
 from svdray.data.manifest import read_manifest
 from svdray.data.video import FrameSpec, decode_clip, to_model_range
 from svdray.model.conditioning import motion_bucket_from_clip
-from svdray.sample import sample_video, write_mp4
-from svdray.train.step import FrozenModels, validation_loss
+from svdray.model.pipeline import FrozenModels
+from svdray.model.sampler import SamplingModels, sample_video, sampling_spec
+from svdray.sample import write_mp4
+from svdray.train.step import validation_loss
 
 
 @dataclass
@@ -53,16 +54,6 @@ def load_validation_clips(cfg: Config) -> list[ValidationClip]:
             bucket = motion_bucket_from_clip(to_model_range(frames), cfg.data.motion_bucket_scale)
         clips.append(ValidationClip(index, frames, image, float(bucket)))
     return clips
-
-
-def validation_autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    """The pipeline hands the frozen encoders' outputs to the float32 UNet; with half-precision
-    frozen models (or bf16 training) that mix runs under autocast, as training does."""
-    if device.type == "cuda" and cfg.train.mixed_precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if cfg.model.frozen_dtype != "float32":
-        return torch.autocast(device.type, dtype=getattr(torch, cfg.model.frozen_dtype))
-    return contextlib.nullcontext()
 
 
 def clip_batch(clip: ValidationClip, fps: float, device: torch.device) -> dict[str, torch.Tensor]:
@@ -93,24 +84,6 @@ def validation_loss_all(
     if world_size > 1:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     return (totals[0] / totals[1]).item()
-
-
-def sampling_pipeline(
-    cfg: Config, unet: torch.nn.Module, frozen: FrozenModels
-) -> StableVideoDiffusionPipeline:
-    """A pipeline around the training UNet: what `svdray sample` would load from this LoRA."""
-    scheduler = EulerDiscreteScheduler.from_pretrained(
-        cfg.model.pretrained, subfolder="scheduler", revision=cfg.model.revision
-    )
-    pipe = StableVideoDiffusionPipeline(
-        vae=frozen.vae,
-        image_encoder=frozen.image_encoder,
-        unet=unet,
-        scheduler=scheduler,
-        feature_extractor=frozen.feature_extractor,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def to_hwc(pixels: torch.Tensor) -> np.ndarray:
@@ -150,30 +123,18 @@ def write_previews(
 
 
 def sample_validation_videos(
-    cfg: Config, pipe: StableVideoDiffusionPipeline, clips: list[ValidationClip], out_dir: Path
+    cfg: Config, models: SamplingModels, clips: list[ValidationClip], out_dir: Path
 ) -> Path:
-    """mp4s and previews for the first `validate.num_videos` clips, written into `out_dir`."""
+    """mp4s and previews for the first `validate.num_videos` clips, written into `out_dir`: each
+    sampled from the clip's conditioning frame with the run's sampling spec (training's fps and
+    motion-bucket rule), seeded by the clip's position so every validation is comparable."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    fps = cfg.sample.fps or round(cfg.data.fps)
+    spec = sampling_spec(cfg, "validate")
     rows = []
     for clip in clips[: cfg.validate.num_videos]:
-        image = Image.fromarray(to_hwc(clip.image))
-        frames = sample_video(
-            pipe,
-            image,
-            cfg.data.height,
-            cfg.data.width,
-            cfg.data.num_frames,
-            steps=cfg.validate.steps,
-            fps=fps,
-            motion_bucket_id=round(clip.motion_bucket_id),
-            noise_aug_strength=cfg.sample.noise_aug_strength,
-            min_guidance=cfg.sample.min_guidance,
-            max_guidance=cfg.sample.max_guidance,
-            seed=cfg.validate.seed + clip.index,
-        )
-        write_mp4(frames, out_dir / f"clip{clip.index:03d}.mp4", fps)
+        frames = sample_video(models, clip.image, spec, clip=clip.video, seed=spec.seed + clip.index)
+        write_mp4(frames, out_dir / f"clip{clip.index:03d}.mp4", spec.fps)
         rows.append((to_hwc(clip.image), frames, to_hwc(clip.video)))
     if rows:
-        write_previews(rows, out_dir, fps, scale=max(1, 128 // cfg.data.height))
+        write_previews(rows, out_dir, spec.fps, scale=max(1, 128 // cfg.data.height))
     return out_dir
