@@ -23,6 +23,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from mlflow.tracking import MlflowClient
 
 from svdray import tracking
 from svdray.config import Config, RewardConfig, config_from_dict
@@ -234,6 +235,11 @@ def run_reward_training(cfg: Config) -> RewardResult:
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_or_resume_run(cfg)
     tracking.log_dict_artifact(uri, run_id, cfg.to_dict(), "config.yaml")
+    # Conditioning images have no clip to compute a motion bucket from: say which one is used.
+    spec = sampling_spec(cfg, "reward")
+    conditioning = f"fps={spec.fps:g} motion_bucket_id={spec.bucket_for(None):g}"
+    logger.info("reward samples: %s, %d steps", conditioning, spec.steps)
+    MlflowClient(tracking_uri=uri).set_tag(run_id, "svdray.sample_conditioning", conditioning)
 
     images = conditioning_images(cfg, cfg.data.manifest)
     eval_images = conditioning_images(
