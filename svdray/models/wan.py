@@ -72,6 +72,59 @@ _TINY_SHIFT = {"i2v": 3.0, "ti2v": 5.0, "a14b": 5.0}
 # Wan2.2-I2V-A14B's switch between experts (wan/configs/wan_i2v_A14B.py: boundary = 0.900).
 _A14B_BOUNDARY_RATIO = 0.9
 
+# Full-size transformer configs (for meta-device FLOP counts and the name-mapping tests).
+# Sources: diffusers' scripts/convert_wan_to_diffusers.py ("Wan-I2V-14B-480p": image_dim 1280,
+# added_kv_proj_dim 5120, in_channels 36, 40 heads x 128, 40 layers, ffn 13824) and Wan's own
+# configs (Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py: dim 3072, 24 heads, 30 layers, ffn 14336,
+# 48 latent channels, no CLIP; wan_i2v_A14B.py: the 14B shape without CLIP, per expert).
+_FULL_SIZE_COMMON = dict(
+    patch_size=(1, 2, 2),
+    attention_head_dim=128,
+    text_dim=4096,
+    freq_dim=256,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+FULL_SIZE_TRANSFORMERS: dict[str, dict] = {
+    "Wan2.1-I2V-14B": dict(
+        _FULL_SIZE_COMMON,
+        num_attention_heads=40,
+        num_layers=40,
+        ffn_dim=13824,
+        in_channels=36,
+        out_channels=16,
+        image_dim=1280,
+        added_kv_proj_dim=5120,
+    ),
+    "Wan2.2-TI2V-5B": dict(
+        _FULL_SIZE_COMMON,
+        num_attention_heads=24,
+        num_layers=30,
+        ffn_dim=14336,
+        in_channels=48,
+        out_channels=48,
+    ),
+    "Wan2.2-I2V-A14B": dict(
+        _FULL_SIZE_COMMON,
+        num_attention_heads=40,
+        num_layers=40,
+        ffn_dim=13824,
+        in_channels=36,
+        out_channels=16,
+    ),
+}
+
+
+def meta_transformer(name: str) -> WanTransformer3DModel:
+    """A full-size transformer with no storage (meta device): names, shapes and FLOPs only."""
+    if name not in FULL_SIZE_TRANSFORMERS:
+        raise ValueError(f"{name!r} is not one of {sorted(FULL_SIZE_TRANSFORMERS)}")
+    with torch.device("meta"):
+        return WanTransformer3DModel(**FULL_SIZE_TRANSFORMERS[name])
+
+
 _TOKENIZER_CORPUS = [
     "a cat walks on the grass in the sun",
     "a dog runs along a beach at sunset, waves in the background",
