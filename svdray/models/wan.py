@@ -338,6 +338,7 @@ def normalize_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Ten
     return (latents.float() - mean) / std
 
 
+@torch.no_grad()
 def encode_video(vae: AutoencoderKLWan, video: torch.Tensor) -> LatentDistribution:
     """Normalised VAE posterior of clips, (B, F, 3, H, W) in [-1, 1] -> mean/std of (B, C, T, h, w).
 
@@ -419,7 +420,8 @@ def condition_latents(
     latent = normalize_latents(vae, vae.encode(clip.to(vae.dtype)).latent_dist.mode())
     if expand_timesteps:
         return latent
-    mask = latent.new_zeros(latent.shape[0], _MASK_CHANNELS, t_lat, *latent.shape[-2:])
+    # One mask channel per frame of a temporal group of the VAE (the pipeline's own layout).
+    mask = latent.new_zeros(latent.shape[0], vae.config.scale_factor_temporal, t_lat, *latent.shape[-2:])
     mask[:, :, 0] = 1.0
     return torch.cat([mask, latent], dim=1)
 
