@@ -1,0 +1,183 @@
+"""Model FLOPs of one Wan image-to-video LoRA training step at full size, counted on the meta device.
+
+Per case (model, frames x height x width, batch 1): the transformer's forward and backward with
+LoRA on the attention projections (svdray.models.wan.training_loss, so exactly the training
+inputs), and the frozen encoders' forwards a step without a latent cache would add: the VAE
+encoding the clip, the VAE encoding the condition clip ((image, zeros...) for Wan2.1/A14B, the
+image alone for TI2V), UMT5-XXL on 512 tokens and, for Wan2.1, CLIP ViT-H/14. Counted with
+torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions and attention, no recompute.
+Nothing is allocated, so this runs on any machine in about a minute.
+
+    python benchmarks/wan_flops.py [--rank 32] [--out wan_flops.json]
+
+`step_flops(...)` is the entry point for `benchmarks/train_step.py --family wan`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+from svdray.models import wan
+
+CASES = [
+    ("Wan2.2-TI2V-5B", 121, 704, 1280),
+    ("Wan2.2-TI2V-5B", 49, 480, 832),
+    ("Wan2.1-I2V-14B", 81, 480, 832),
+    ("Wan2.2-I2V-A14B", 81, 480, 832),
+]
+
+# Full-size frozen encoders. VAEs: diffusers' scripts/convert_wan_to_diffusers.py (Wan2.1: the
+# AutoencoderKLWan defaults; Wan2.2: base_dim 160, z_dim 48, residual, 2x2 patchify). UMT5-XXL
+# encoder (google/umt5-xxl) and CLIP ViT-H/14 (open-clip xlm-roberta-large-vit-huge-14) as the
+# Wan-AI *-Diffusers repos configure them.
+_VAE = {
+    16: dict(),
+    48: dict(
+        base_dim=160,
+        decoder_base_dim=256,
+        z_dim=48,
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        latents_mean=[0.0] * 48,
+        latents_std=[1.0] * 48,
+    ),
+}
+_UMT5_XXL = dict(
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+)
+_CLIP_VIT_H = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+)
+
+
+def _count(fn) -> tuple[int, dict[str, int]]:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops(), {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+
+
+def step_flops(
+    model: str, frames: int, height: int, width: int, rank: int = 32, batch: int = 1
+) -> dict[str, Any]:
+    """FLOPs of one training step of `model` (a key of wan.FULL_SIZE_TRANSFORMERS), by part."""
+    wan.check_num_frames(frames, key="frames")
+    transformer = wan.meta_transformer(model)
+    wan.add_wan_lora(transformer, rank=rank, alpha=rank)
+    config = transformer.config
+    z = config.out_channels
+    expand = model == "Wan2.2-TI2V-5B"
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**_VAE[z])
+        text_encoder = UMT5EncoderModel(UMT5Config(**_UMT5_XXL))
+        clip = CLIPVisionModel(CLIPVisionConfig(**_CLIP_VIT_H)) if config.image_dim else None
+    spatial = vae.config.scale_factor_spatial
+    latent_shape = (batch, z, wan.num_latent_frames(frames), height // spatial, width // spatial)
+
+    video = torch.empty(batch, frames, 3, height, width, device="meta")
+    with torch.no_grad():
+        parts = {
+            "vae_video": _count(lambda: wan.encode_video(vae, video))[0],
+            "vae_condition": _count(lambda: wan.condition_latents(vae, video[:, 0], frames, expand))[0],
+            "umt5": _count(
+                lambda: text_encoder(
+                    torch.zeros(batch, wan.MAX_SEQUENCE_LENGTH, dtype=torch.long, device="meta")
+                )
+            )[0],
+        }
+        if clip is not None:
+            pixels = torch.empty(batch, 3, 224, 224, device="meta")
+            parts["clip"] = _count(lambda: clip(pixel_values=pixels, output_hidden_states=True))[0]
+        condition = wan.condition_latents(vae, video[:, 0], frames, expand)
+
+    cond = wan.WanConditioning(
+        prompt_embeds=torch.empty(batch, wan.MAX_SEQUENCE_LENGTH, config.text_dim, device="meta"),
+        image_embeds=torch.empty(batch, 257, config.image_dim, device="meta") if config.image_dim else None,
+        condition=condition,
+    )
+    x0 = torch.empty(latent_shape, device="meta")
+    sigmas = torch.full((batch,), 0.5, device="meta")
+
+    def transformer_step():
+        wan.training_loss(transformer, x0, torch.empty_like(x0), sigmas, cond, expand).mean().backward()
+
+    parts["transformer_fwd_bwd"], by_op = _count(transformer_step)
+    p_t, p_h, p_w = config.patch_size
+    tokens = latent_shape[2] // p_t * latent_shape[3] // p_h * latent_shape[4] // p_w
+    encoders = sum(v for k, v in parts.items() if k != "transformer_fwd_bwd")
+    return {
+        "model": model,
+        "frames": frames,
+        "height": height,
+        "width": width,
+        "batch": batch,
+        "lora_rank": rank,
+        "tokens": tokens,
+        "transformer_params": sum(p.numel() for p in transformer.parameters() if not p.requires_grad),
+        "lora_params": sum(p.numel() for p in transformer.parameters() if p.requires_grad),
+        "flops": parts,
+        "encoders_total": encoders,
+        "total": encoders + parts["transformer_fwd_bwd"],
+        "transformer_by_op": by_op,
+    }
+
+
+def _row(r: dict[str, Any]) -> str:
+    f = r["flops"]
+    t = 1e12
+    clip = f"{f['clip'] / t:.2f}" if "clip" in f else "-"
+    return (
+        f"| {r['model']} | {r['frames']} x {r['height']} x {r['width']} | {r['tokens']} | "
+        f"{f['transformer_fwd_bwd'] / t:,.1f} | {f['vae_video'] / t:,.1f} | {f['vae_condition'] / t:,.1f} | "
+        f"{f['umt5'] / t:.2f} | {clip} | {r['total'] / t:,.1f} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank on the attention projections")
+    parser.add_argument("--out", help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    results = []
+    print(
+        "| model | frames x H x W | tokens | transformer fwd+bwd TFLOP | VAE clip | VAE condition | "
+        "UMT5 | CLIP | step total |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+    for case in CASES:
+        start = time.perf_counter()
+        result = step_flops(*case, rank=args.rank)
+        result["count_s"] = time.perf_counter() - start
+        results.append(result)
+        print(_row(result), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

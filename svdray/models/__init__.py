@@ -1,0 +1,1 @@
+"""Model families behind one interface: each family's loading, conditioning, objective and exports."""
