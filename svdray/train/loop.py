@@ -27,7 +27,8 @@ from svdray import tracking
 from svdray.config import Config, config_from_dict
 from svdray.data.dataset import same_shape_batches
 from svdray.data.ledger import find_ledger
-from svdray.model.lora import add_lora, lora_parameters, save_lora
+from svdray.model.checkpointing import enable_checkpointing
+from svdray.model.lora import add_lora, cast_frozen_weights, lora_parameters, save_lora
 from svdray.model.pipeline import load_pipeline
 from svdray.tracking import MetricWriter
 from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -56,14 +57,15 @@ BATCH_COLUMNS = (
 
 
 def build_models(cfg: Config, device: torch.device) -> tuple[FrozenModels, torch.nn.Module]:
-    """Frozen VAE + image encoder in `model.frozen_dtype`, and the float32 UNet with LoRA."""
+    """Frozen VAE + image encoder in `model.frozen_dtype`, and the UNet with float32 LoRA
+    weights, its frozen weights in `model.unet_dtype`."""
     pipe = load_pipeline(cfg.model.pretrained, "float32", cfg.model.variant, cfg.model.revision)
     frozen_dtype = getattr(torch, cfg.model.frozen_dtype)
     for module in (pipe.vae, pipe.image_encoder):
         module.requires_grad_(False).eval().to(device, frozen_dtype)
-    unet = add_lora(pipe.unet, cfg.lora).to(device)
-    if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    unet = add_lora(pipe.unet, cfg.lora)
+    cast_frozen_weights(unet, getattr(torch, cfg.model.unet_dtype)).to(device)
+    enable_checkpointing(unet, cfg.train.gradient_checkpointing)
     frozen = FrozenModels(
         pipe.vae, pipe.image_encoder, pipe.feature_extractor, pipe.vae.config.scaling_factor
     )

@@ -60,6 +60,8 @@ def validation_autocast(cfg: Config, device: torch.device) -> contextlib.Abstrac
     frozen models (or bf16 training) that mix runs under autocast, as training does."""
     if device.type == "cuda" and cfg.train.mixed_precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if cfg.model.unet_dtype != "float32":  # bf16 frozen UNet weights run under autocast only
+        return torch.autocast(device.type, dtype=getattr(torch, cfg.model.unet_dtype))
     if cfg.model.frozen_dtype != "float32":
         return torch.autocast(device.type, dtype=getattr(torch, cfg.model.frozen_dtype))
     return contextlib.nullcontext()
