@@ -289,7 +289,8 @@ def prepare_meta_models(pipeline_dir: Path, cfg: Config) -> tuple[FrozenModels, 
         module.eval().to(getattr(torch, cfg.model.frozen_dtype))
     cast_frozen_weights(unet, getattr(torch, cfg.model.unet_dtype))
     enable_checkpointing(unet, cfg.train.gradient_checkpointing)
-    return apply_speed_options(frozen, unet, dataclasses.replace(cfg.speed, compile_unet=False), "meta")
+    speed = dataclasses.replace(cfg.speed, compile_unet=False)  # nothing to compile on fake tensors
+    return apply_speed_options(frozen, unet, speed, torch.device("meta"))
 
 
 def count_config(pipeline_dir: Path, cfg: Config, cached: bool = False) -> dict[str, Any]:
