@@ -56,11 +56,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from svdray.config import Config, apply_overrides, config_from_dict  # noqa: E402
 from svdray.model.lora import add_lora, lora_parameters  # noqa: E402
 from svdray.model.objective import sample_sigmas  # noqa: E402
+from svdray.model.pipeline import FrozenModels  # noqa: E402
 from svdray.model.precision import mixed_precision  # noqa: E402
 from svdray.train.optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from svdray.train.step import (  # noqa: E402
     EncodedBatch,
-    FrozenModels,
     apply_cfg_dropout,
     diffusion_loss,
     encode_batch,

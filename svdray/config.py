@@ -29,8 +29,11 @@ class ModelConfig:
     pretrained: str = "stabilityai/stable-video-diffusion-img2vid-xt"
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" to read the half-precision weight files
-    # dtype of the frozen VAE and image encoder; the trained UNet stays float32 (autocast on GPU).
+    # dtype of the frozen VAE and image encoder.
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # dtype of the UNet's frozen weights; its LoRA weights (and their gradients and AdamW state)
+    # stay float32. bfloat16 halves the UNet's 6.1 GB and needs train.mixed_precision: bf16.
+    unet_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
@@ -109,7 +112,10 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     mixed_precision: Literal["no", "bf16"] = "no"
-    gradient_checkpointing: bool = False
+    # false; true: diffusers' own (ResNet blocks and spatial attention blocks only); "full": also
+    # every temporal attention block and the rest of each spatio-temporal transformer
+    # (svdray/model/checkpointing.py), about 4x less activation memory than true at 576x1024.
+    gradient_checkpointing: bool | Literal["full"] = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 1  # MLflow step metrics and the progress line
@@ -447,6 +453,10 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
             raise ConfigError(f"data.buckets[{i}]: {err}") from None
         if not height or not width or height % 8 or width % 8:
             raise ConfigError(f"data.buckets[{i}]: {bucket!r}: sides must be positive multiples of 8")
+    if cfg.model.unet_dtype != "float32" and cfg.train.mixed_precision != "bf16":
+        raise ConfigError(
+            f"model.unet_dtype: {cfg.model.unet_dtype} frozen UNet weights need train.mixed_precision: bf16"
+        )
     if cfg.data.decoders < 0:
         raise ConfigError(f"data.decoders: must be 0 (as many as CPUs hold) or more, got {cfg.data.decoders}")
     if cfg.data.cache_batch_size <= 0:

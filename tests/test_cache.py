@@ -18,8 +18,8 @@ from svdray.config import DataConfig, ModelConfig, ObjectiveConfig, load_config
 from svdray.data.cache import LatentEncoder, lookup_cache, read_entry
 from svdray.data.manifest import write_manifest
 from svdray.data.video import FrameSpec, decode_clip
-from svdray.model.pipeline import load_pipeline
-from svdray.train.step import FrozenModels, encode_batch, training_loss
+from svdray.model.pipeline import FrozenModels, load_pipeline
+from svdray.train.step import encode_batch, training_loss
 from tests.conftest import ffmpeg_clip
 
 

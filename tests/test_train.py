@@ -13,7 +13,8 @@ from svdray.config import load_config
 from svdray.data.manifest import read_manifest, write_manifest
 from svdray.data.video import FrameSpec, decode_clip
 from svdray.model.lora import ADAPTER_WEIGHTS, load_lora
-from svdray.train.step import FrozenModels, validation_loss
+from svdray.model.pipeline import FrozenModels
+from svdray.train.step import validation_loss
 from svdray.train.trainer import run_training
 
 

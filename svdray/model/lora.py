@@ -62,6 +62,22 @@ def add_lora(unet: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     return unet
 
 
+def cast_frozen_weights(unet: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Frozen (non-LoRA) parameters and buffers of `unet` in `dtype`, LoRA parameters untouched.
+
+    In place on each tensor's `.data`, so parameter objects and names stay the same. Meant for
+    bf16 autocast, which casts the float32 LoRA weights and the bf16 frozen ones alike for each
+    matmul, while the optimizer keeps updating float32 LoRA weights.
+    """
+    for param in unet.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(dtype)
+    for buffer in unet.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(dtype)
+    return unet
+
+
 def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
 

@@ -26,7 +26,8 @@ from svdray import tracking
 from svdray.config import Config, config_from_dict
 from svdray.data.dataset import same_shape_batches
 from svdray.data.ledger import find_ledger
-from svdray.model.lora import add_lora, lora_parameters, save_lora
+from svdray.model.checkpointing import enable_checkpointing
+from svdray.model.lora import add_lora, cast_frozen_weights, lora_parameters, save_lora
 from svdray.model.pipeline import FrozenModels, load_pipeline, scheduler_config
 from svdray.model.precision import mixed_precision, mixed_precision_dtype
 from svdray.model.sampler import SamplingModels
@@ -52,12 +53,13 @@ BATCH_COLUMNS = (
 
 
 def build_models(cfg: Config, device: torch.device) -> tuple[FrozenModels, torch.nn.Module]:
-    """Frozen VAE + image encoder in `model.frozen_dtype`, and the float32 UNet with LoRA."""
+    """Frozen VAE + image encoder in `model.frozen_dtype`, and the UNet with float32 LoRA
+    weights, its frozen weights in `model.unet_dtype`."""
     pipe = load_pipeline(cfg.model.pretrained, "float32", cfg.model.variant, cfg.model.revision)
     frozen = FrozenModels.from_pipeline(pipe, device, cfg.model.frozen_dtype)
-    unet = add_lora(pipe.unet, cfg.lora).to(device)
-    if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    unet = add_lora(pipe.unet, cfg.lora)
+    cast_frozen_weights(unet, getattr(torch, cfg.model.unet_dtype)).to(device)
+    enable_checkpointing(unet, cfg.train.gradient_checkpointing)
     frozen, unet = apply_speed_options(frozen, unet, cfg.speed, device)
     return frozen, unet
 

@@ -1,0 +1,459 @@
+"""GPU memory of one SVD-XT LoRA training step, counted without a GPU.
+
+Builds the model on the meta device (no weights, no download: the SVD-XT architecture, or the
+components' configs of a local `model.pretrained` folder), moves it to fake CPU tensors
+(`FakeTensorMode`: shapes, dtypes and storages, no data) and runs one training step there,
+`training_loss` + backward + AdamW step, exactly as the loop builds and runs it. It counts:
+
+  - weights: every parameter and buffer of the UNet, VAE and image encoder, by dtype;
+  - LoRA: the trainable parameters, their gradients and AdamW's state (after its first step);
+  - activations: the tensors autograd saves for backward, as unique storages (views of one
+    tensor count once; weights are not counted again), seen by `saved_tensors_hooks`. A
+    checkpointed region (`torch.utils.checkpoint.checkpoint`, as diffusers and
+    svdray/model/checkpointing.py call it) counts what checkpointing keeps of it (its inputs),
+    and its recomputation peak (what it saves when backward reruns it, nested regions likewise)
+    is added once, the largest region's: backward reruns one region at a time;
+  - encode: the peak of live tensors while the frozen VAE and CLIP encode the batch (no graph,
+    `torch.distributed._tools.mem_tracker.MemTracker`).
+
+estimated peak = weights + LoRA + gradients + AdamW state + max(encode, activations). Not counted:
+the CUDA context and allocator fragmentation (typically 1-3 GB), the gradient buffers alive
+during backward, and DDP's gradient buckets (one more copy of the LoRA gradients). bf16 autocast
+is applied as CPU autocast (what fake CPU tensors dispatch to); CUDA autocast keeps the same
+matmul/convolution outputs in bf16. Attention is counted as a fused kernel (CPU flash attention,
+which saves what CUDA flash / memory-efficient attention save: q, k, v, output, logsumexp).
+
+    python benchmarks/memory.py --config configs/svd_xt_lora.yaml --out m.json
+    python benchmarks/memory.py --config configs/svd_xt_lora.yaml --set train.gradient_checkpointing=true
+    python benchmarks/memory.py --preset svd-xt --out memory_svd_xt.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+import weakref
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mod_tracker import ModTracker
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step, when imported as a module
+
+from train_step import example_batch, meta_models, save_random_pipeline  # noqa: E402
+
+from svdray.config import Config, apply_overrides, config_from_dict, load_config  # noqa: E402
+from svdray.model.checkpointing import enable_checkpointing  # noqa: E402
+from svdray.model.lora import cast_frozen_weights, lora_parameters  # noqa: E402
+from svdray.model.pipeline import FrozenModels  # noqa: E402
+from svdray.train.speed import adamw, apply_speed_options  # noqa: E402
+from svdray.train.step import encode_batch, training_loss  # noqa: E402
+
+GIB = 2**30
+CACHED = "cached_latents"
+
+# --------------------------------------------------------------------------------------------
+# Counting the tensors saved for backward
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+@dataclasses.dataclass
+class Region:
+    """The tensors saved for backward inside one (checkpointed) region, by storage."""
+
+    parent: Region | None = None
+    saved: dict[int, int] = dataclasses.field(default_factory=dict)  # storage key -> bytes
+    children: list[Region] = dataclasses.field(default_factory=list)
+
+    def knows(self, key: int) -> bool:
+        return key in self.saved or (self.parent is not None and self.parent.knows(key))
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(self.saved.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        """Its saved tensors plus the largest recomputation of a region inside it."""
+        return self.saved_bytes + max((c.peak_bytes for c in self.children), default=0)
+
+
+class SavedTensorCounter:
+    """Counts unique storages saved for backward; checkpointed regions by inputs + recompute peak.
+
+    Inside `counting()`, `torch.utils.checkpoint.checkpoint` is replaced by a function that runs
+    the region directly, counting its saved tensors in a child `Region` (what the recomputation
+    will hold) and its tensor inputs in the enclosing one (what checkpointing keeps until then).
+    Losses and gradients are the same as with checkpointing: it only changes when tensors live.
+    """
+
+    def __init__(self, exclude: set[int]):
+        self.exclude = exclude  # weights: counted as such, never as activations
+        self.root = Region()
+        self.current = self.root
+        self._alive: list[torch.UntypedStorage] = []  # keeps storage keys unique while counting
+        self.modules = ModTracker()  # which module saved what, for the root region's breakdown
+        self.by_module: dict[str, int] = defaultdict(int)
+
+    def add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage_key(tensor)
+        if key in self.exclude or self.current.knows(key):
+            return
+        self.current.saved[key] = storage.nbytes()
+        self._alive.append(storage)
+        if self.current is self.root:
+            self.by_module[max(self.modules.parents, key=len)] += storage.nbytes()
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.add(tensor)
+        return tensor
+
+    def checkpoint(self, function, *args, **kwargs):
+        for name in ("use_reentrant", "context_fn", "determinism_check", "debug", "preserve_rng_state"):
+            kwargs.pop(name, None)
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                self.add(value)
+        region = Region(parent=self.current)
+        self.current.children.append(region)
+        self.current = region
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self.current = region.parent
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[SavedTensorCounter]:
+        original = torch.utils.checkpoint.checkpoint
+        torch.utils.checkpoint.checkpoint = self.checkpoint
+        try:
+            with self.modules, torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor):
+                yield self
+        finally:
+            torch.utils.checkpoint.checkpoint = original
+
+
+# --------------------------------------------------------------------------------------------
+# One step, counted
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.untyped_storage().nbytes() for t in {storage_key(t): t for t in tensors}.values())
+
+
+def weights_by_dtype(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, int]]:
+    """Bytes of each module's frozen parameters and buffers, by dtype (LoRA counted apart)."""
+    out: dict[str, dict[str, int]] = {}
+    for name, module in modules.items():
+        by_dtype: dict[str, int] = defaultdict(int)
+        tensors = [p for p in module.parameters() if not p.requires_grad] + list(module.buffers())
+        for t in {storage_key(t): t for t in tensors}.values():
+            by_dtype[str(t.dtype).removeprefix("torch.")] += t.untyped_storage().nbytes()
+        out[name] = dict(by_dtype)
+    return out
+
+
+def cached_batch(cfg: Config, frozen: FrozenModels, clip_dim: int) -> dict[str, torch.Tensor]:
+    """A latent-cache batch (`svdray.data.cache`): latent mean/std, CLIP embedding, clean image."""
+    batch = example_batch(cfg, "meta")
+    b, t, h, w = cfg.train.batch_size, cfg.data.num_frames, cfg.data.height, cfg.data.width
+    factor = 2 ** (len(frozen.vae.config.block_out_channels) - 1)
+    latent = torch.empty(b, t, frozen.vae.config.latent_channels, h // factor, w // factor, device="meta")
+    del batch["video"]
+    return batch | {
+        "latent_mean": latent,
+        "latent_std": latent,
+        "image_embedding": torch.empty(b, 1, clip_dim),
+    }
+
+
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.empty_like(v, device=device) if v.device.type == "meta" else v for k, v in batch.items()}
+
+
+def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast when the run asks for it, on the counting device (the loop's on a GPU)."""
+    if cfg.train.mixed_precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class LiveTensors(TorchDispatchMode):
+    """The peak of bytes held by tensors that ops create while it is active (inputs made before
+    are not counted). A storage counts from the op that creates it until it is freed (a weakref
+    callback: torch keeps one Python object per storage for as long as the storage lives)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                key = storage._cdata
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def encode_peak(frozen: FrozenModels, batch: dict[str, torch.Tensor], device: torch.device) -> int:
+    """Peak bytes of the tensors live while the frozen encoders run (no graph: nothing is saved)."""
+    strength = torch.full((batch["image"].shape[0],), 0.02, device=device)
+    with LiveTensors() as live:
+        encoded = encode_batch(frozen, batch, strength, None)
+    del encoded
+    return live.peak
+
+
+def count_step(
+    frozen: FrozenModels, unet: torch.nn.Module, cfg: Config, cached: bool, device: torch.device
+) -> dict[str, Any]:
+    """Count one step of prepared models (LoRA, dtypes, checkpointing and speed options applied)
+    whose tensors live on `device`: fake CPU tensors for the count, real ones to check it."""
+    unet.train()
+    modules = {"unet": unet, "vae": frozen.vae, "image_encoder": frozen.image_encoder}
+    weights = weights_by_dtype(modules)
+    lora = lora_parameters(unet)
+    clip_dim = frozen.image_encoder.config.projection_dim
+    batch = on_device(cached_batch(cfg, frozen, clip_dim) if cached else example_batch(cfg, "meta"), device)
+    optimizer = adamw(lora, cfg.optim, dataclasses.replace(cfg.speed, fused_adamw=False), device)
+
+    exclude = {storage_key(t) for m in modules.values() for t in (*m.parameters(), *m.buffers())}
+    counter = SavedTensorCounter(exclude)
+    with autocast(cfg, device):
+        encode = encode_peak(frozen, batch, device)
+        with counter.counting():
+            loss = training_loss(unet, frozen, batch, cfg.objective, None)
+        loss.backward()
+    optimizer.step()
+    lora_bytes = tensor_bytes(lora)
+    grads = tensor_bytes(p.grad for p in lora if p.grad is not None)
+    state = tensor_bytes(
+        t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)
+    )
+    activations = counter.root.peak_bytes
+    weight_bytes = {name: sum(by_dtype.values()) for name, by_dtype in weights.items()}
+    peak = sum(weight_bytes.values()) + lora_bytes + grads + state + max(encode, activations)
+    return {
+        "weights_bytes": weights,
+        "unet_weights_gib": weight_bytes["unet"] / GIB,
+        "encoder_weights_gib": (weight_bytes["vae"] + weight_bytes["image_encoder"]) / GIB,
+        "lora_params": sum(p.numel() for p in lora),
+        "lora_bytes": lora_bytes,
+        "lora_grad_bytes": grads,
+        "adamw_state_bytes": state,
+        "saved_bytes": counter.root.saved_bytes,
+        "recompute_peak_bytes": activations - counter.root.saved_bytes,
+        "checkpointed_regions": count_regions(counter.root),
+        # Where the saved (not recomputed) bytes come from: the innermost module saving them.
+        "saved_by_module": dict(sorted(counter.by_module.items(), key=lambda kv: -kv[1])[:15]),
+        "activations_gib": activations / GIB,
+        "encode_peak_gib": encode / GIB,
+        "estimated_peak_gib": peak / GIB,
+    }
+
+
+def count_regions(region: Region) -> int:
+    return sum(1 + count_regions(child) for child in region.children)
+
+
+def prepare_meta_models(pipeline_dir: Path, cfg: Config) -> tuple[FrozenModels, torch.nn.Module]:
+    """The config's models on the meta device, dtypes and checkpointing as `build_models` sets them."""
+    frozen, unet = meta_models(pipeline_dir, cfg)
+    for module in (frozen.vae, frozen.image_encoder):
+        module.eval().to(getattr(torch, cfg.model.frozen_dtype))
+    cast_frozen_weights(unet, getattr(torch, cfg.model.unet_dtype))
+    enable_checkpointing(unet, cfg.train.gradient_checkpointing)
+    speed = dataclasses.replace(cfg.speed, compile_unet=False)  # nothing to compile on fake tensors
+    return apply_speed_options(frozen, unet, speed, torch.device("meta"))
+
+
+def count_config(pipeline_dir: Path, cfg: Config, cached: bool = False) -> dict[str, Any]:
+    """Count one step of `cfg` on fake CPU tensors: no memory, no data, exact shapes and dtypes."""
+    frozen, unet = prepare_meta_models(pipeline_dir, cfg)
+    cpu = torch.device("cpu")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for module in (unet, frozen.vae, frozen.image_encoder):
+            module.to_empty(device=cpu)
+        return count_step(frozen, unet, cfg, cached, cpu)
+
+
+# --------------------------------------------------------------------------------------------
+# Cases
+
+
+# Each memory option with its "on" and "off" value; the preset counts every case with all on,
+# then each one off in turn. cached_latents is a case property, not a config key.
+OPTIONS = {
+    "train.gradient_checkpointing": ("full", True, False),
+    "model.unet_dtype": ("bfloat16", "float32"),
+    "train.mixed_precision": ("bf16", "no"),
+    "model.frozen_dtype": ("bfloat16", "float32"),
+}
+PRESETS = {
+    "svd-xt": dict(
+        shapes=["25x576x1024", "14x576x1024", "25x320x512", "14x320x512"],
+        ranks=[64, 16],
+        base=[f"{key}={values[0]}" for key, values in OPTIONS.items()],
+    )
+}
+
+
+def option_variants(base: Config) -> list[tuple[str, list[str]]]:
+    """(label, overrides): each option switched to its other values; cached latents."""
+    out = [("as given", [])]
+    tree = base.to_dict()
+    for key, values in OPTIONS.items():
+        section, name = key.split(".")
+        for value in values:
+            if value == tree[section][name]:
+                continue
+            overrides = [f"{key}={json.dumps(value)}"]
+            if key == "train.mixed_precision" and value == "no":
+                overrides.append('model.unet_dtype="float32"')  # bf16 weights need bf16 autocast
+            out.append((f"{key}={value}", overrides))
+    out.append((CACHED, []))
+    return out
+
+
+def preset_configs(name: str, template: Config) -> list[Config]:
+    preset = PRESETS[name]
+    out = []
+    for shape in preset["shapes"]:
+        frames, height, width = (int(x) for x in shape.split("x"))
+        for rank in preset["ranks"]:
+            overrides = [f"data.num_frames={frames}", f"data.height={height}", f"data.width={width}"]
+            out.append(
+                with_overrides(
+                    template, [*overrides, f"lora.rank={rank}", f"lora.alpha={rank}", *preset["base"]]
+                )
+            )
+    return out
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    return config_from_dict(apply_overrides(cfg.to_dict(), overrides), check_files=False)
+
+
+def settings(cfg: Config, cached: bool) -> dict[str, Any]:
+    return {
+        "frames": cfg.data.num_frames,
+        "height": cfg.data.height,
+        "width": cfg.data.width,
+        "batch": cfg.train.batch_size,
+        "rank": cfg.lora.rank,
+        "lora.blocks": cfg.lora.blocks,
+        **{key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in OPTIONS},
+        CACHED: cached,
+    }
+
+
+def architecture_dir(cfg: Config, workdir: Path) -> tuple[Path, str]:
+    """A local pipeline folder gives its components' configs; anything else (a hub id) counts the
+    SVD-XT architecture, written as configs alone (no weights, nothing downloaded)."""
+    local = Path(cfg.model.pretrained).expanduser()
+    if (local / "unet" / "config.json").is_file():
+        return local, str(local)
+    return save_random_pipeline(False, workdir / "svd-xt", configs_only=True), "SVD-XT (built-in configs)"
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    template = load_config(args.config, args.set, check_files=False) if args.config else Config()
+    template = with_overrides(template, ["train.grad_accum=1"])  # memory of one micro-batch
+    cases: list[tuple[Config, str, bool]] = []
+    if args.config:
+        for label, overrides in option_variants(template):
+            cases.append((with_overrides(template, overrides), label, label == CACHED))
+    if args.preset:
+        # Every shape and rank with all options on, then each option flipped on the first (the
+        # headline case): the shape and rank do not change which option saves what.
+        configs = preset_configs(args.preset, template)
+        cases += [(cfg, "all on", False) for cfg in configs]
+        for label, overrides in option_variants(configs[0])[1:]:
+            cases.append((with_overrides(configs[0], overrides), label, label == CACHED))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="svdray-memory-") as tmp:
+        pipeline_dir, architecture = architecture_dir(template, Path(tmp))
+        for cfg, label, cached in cases:
+            started = time.perf_counter()
+            row = {"variant": label, "settings": settings(cfg, cached), "architecture": architecture}
+            row.update(count_config(pipeline_dir, cfg, cached))
+            row["count_s"] = time.perf_counter() - started
+            rows.append(row)
+            print_row(row, header=len(rows) == 1)
+            if args.out:
+                Path(args.out).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+COLUMNS = [  # title, width, how to show a row
+    ("case", 22, lambda r: "{frames}x{height}x{width} b{batch} r{rank}".format(**r["settings"])),
+    ("variant", 38, lambda r: r["variant"]),
+    ("UNet w", 7, lambda r: f"{r['unet_weights_gib']:.2f}"),
+    ("enc w", 6, lambda r: f"{r['encoder_weights_gib']:.2f}"),
+    (
+        "LoRA+grad+Adam",
+        15,
+        lambda r: f"{(r['lora_bytes'] + r['lora_grad_bytes'] + r['adamw_state_bytes']) / GIB:.2f}",
+    ),
+    ("encode", 7, lambda r: f"{r['encode_peak_gib']:.2f}"),
+    ("activations", 12, lambda r: f"{r['activations_gib']:.2f}"),
+    ("peak GiB", 8, lambda r: f"{r['estimated_peak_gib']:.2f}"),
+]
+
+
+def print_row(row: dict[str, Any], header: bool = False) -> None:
+    if header:
+        print("  ".join(f"{title:<{width}}" for title, width, _ in COLUMNS))
+    print("  ".join(f"{show(row):<{width}}" for _, width, show in COLUMNS), flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", help="a run config: its shape, LoRA and memory options, then each option flipped"
+    )
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --config")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the full matrix (see PRESETS)")
+    parser.add_argument("--out", help="write one JSON row per case here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.config and not args.preset:
+        raise SystemExit("give --config PATH and/or --preset svd-xt")
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

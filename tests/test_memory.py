@@ -1,0 +1,129 @@
+"""Memory options: "full" gradient checkpointing and bf16 frozen UNet weights change how much the
+step holds, not what it computes; benchmarks/memory.py's count on fake tensors equals the same
+count on a real CPU step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.memory import count_config, count_step
+from svdray.config import ConfigError, config_from_dict
+from svdray.model.lora import lora_parameters, lora_state_dict
+from svdray.train.loop import build_models
+from svdray.train.step import training_loss
+
+CPU = torch.device("cpu")
+
+
+def tiny_config(pipeline_dir, model=None, **train):
+    return config_from_dict(
+        {
+            "model": {"pretrained": str(pipeline_dir), **(model or {})},
+            "data": {"num_frames": 8, "height": 32, "width": 32},
+            "lora": {"rank": 4, "alpha": 4},
+            "objective": {"cfg_dropout": 0.0},
+            "train": train,
+        },
+        check_files=False,
+    )
+
+
+def clip_batch() -> dict[str, torch.Tensor]:
+    video = torch.randint(
+        0, 256, (1, 8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    return {
+        "video": video,
+        "image": video[:, 0].clone(),
+        "fps": torch.full((1,), 7.0),
+        "motion_bucket_id": torch.full((1,), 127.0),
+    }
+
+
+def loss_and_grads(cfg, autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)  # the same LoRA initialisation every time
+    frozen, unet = build_models(cfg, CPU)
+    unet.train()
+    context = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    )
+    with context:
+        loss = training_loss(unet, frozen, clip_batch(), cfg.objective, torch.Generator().manual_seed(1))
+        loss.backward()
+    names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    return loss.detach(), dict(zip(names, [p.grad for p in lora_parameters(unet)], strict=True))
+
+
+def test_full_checkpointing_same_loss_gradients_and_names(tiny_pipeline_dir, torch_single_thread):
+    loss, grads = loss_and_grads(tiny_config(tiny_pipeline_dir))
+    full_loss, full_grads = loss_and_grads(tiny_config(tiny_pipeline_dir, gradient_checkpointing="full"))
+    assert torch.equal(full_loss, loss)
+    assert full_grads.keys() == grads.keys()  # same parameter names: LoRA files and checkpoints unchanged
+    for name, grad in grads.items():
+        torch.testing.assert_close(full_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+    _, unet = build_models(tiny_config(tiny_pipeline_dir, gradient_checkpointing="full"), CPU)
+    _, plain = build_models(tiny_config(tiny_pipeline_dir), CPU)
+    assert lora_state_dict(unet).keys() == lora_state_dict(plain).keys()
+    assert [n for n, _ in unet.named_modules()] == [n for n, _ in plain.named_modules()]
+
+
+def test_full_checkpointing_saves_less_than_diffusers_own(tiny_pipeline_dir, torch_single_thread):
+    """The temporal blocks diffusers leaves out hold most of the activations: "full" keeps fewer."""
+    saved = {}
+    for mode in (False, True, "full"):
+        cfg = tiny_config(tiny_pipeline_dir, gradient_checkpointing=mode)
+        saved[mode] = count_config(tiny_pipeline_dir, cfg)
+    assert saved[False]["checkpointed_regions"] == 0
+    assert saved["full"]["checkpointed_regions"] > saved[True]["checkpointed_regions"] > 0
+    assert saved["full"]["saved_bytes"] < saved[True]["saved_bytes"] < saved[False]["saved_bytes"]
+    assert saved["full"]["activations_gib"] < saved[True]["activations_gib"] < saved[False]["activations_gib"]
+
+
+def test_bf16_unet_weights_match_float32_weights(tiny_pipeline_dir, torch_single_thread):
+    cfg32 = tiny_config(tiny_pipeline_dir, mixed_precision="bf16")
+    cfg16 = tiny_config(tiny_pipeline_dir, {"unet_dtype": "bfloat16"}, mixed_precision="bf16")
+    _, unet = build_models(cfg16, CPU)
+    dtypes = {n: p.dtype for n, p in unet.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+
+    loss, grads = loss_and_grads(cfg32, autocast=True)
+    loss16, grads16 = loss_and_grads(cfg16, autocast=True)
+    torch.testing.assert_close(loss16, loss, rtol=2e-2, atol=1e-3)
+    # bf16 keeps 8 bits of mantissa: compare each gradient tensor as a whole, relative to its norm
+    # plus a small share of the whole gradient's (cross-attention to_q gets ~0 gradient: softmax
+    # over the one image-embedding token does not depend on the query).
+    total = torch.cat([g.flatten() for g in grads.values()]).norm()
+    for name, grad in grads.items():
+        assert grads16[name].dtype == torch.float32
+        error = (grads16[name] - grad).norm()
+        assert error <= 5e-2 * grad.norm() + 1e-3 * total, (name, error.item(), grad.norm().item())
+    everything16 = torch.cat([grads16[name].flatten() for name in grads])
+    assert (everything16 - torch.cat([g.flatten() for g in grads.values()])).norm() < 2e-2 * total
+
+
+def test_bf16_unet_weights_need_bf16_autocast(tiny_pipeline_dir):
+    with pytest.raises(ConfigError, match="model.unet_dtype"):
+        tiny_config(tiny_pipeline_dir, {"unet_dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing"):
+        tiny_config(tiny_pipeline_dir, gradient_checkpointing="some")
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_fake_count_equals_the_real_cpu_count(tiny_pipeline_dir, torch_single_thread, cached):
+    """The benchmark's count on fake tensors (meta-built models, no data) against the same counting
+    code over a real CPU step with real weights: the same bytes, item by item."""
+    cfg = tiny_config(
+        tiny_pipeline_dir, {"unet_dtype": "bfloat16"}, mixed_precision="bf16", gradient_checkpointing="full"
+    )
+    fake = count_config(tiny_pipeline_dir, cfg, cached)
+    frozen, unet = build_models(cfg, CPU)
+    real = count_step(frozen, unet, cfg, cached, CPU)
+    assert real["checkpointed_regions"] == fake["checkpointed_regions"] > 0
+    assert real["weights_bytes"] == fake["weights_bytes"]
+    for key in ("lora_bytes", "lora_grad_bytes", "adamw_state_bytes", "saved_bytes", "recompute_peak_bytes"):
+        assert real[key] > 0 and real[key] == pytest.approx(fake[key], rel=0.1), key
+    for key in ("encode_peak_gib", "activations_gib", "estimated_peak_gib"):
+        assert real[key] > 0 and real[key] == pytest.approx(fake[key], rel=0.1), key
