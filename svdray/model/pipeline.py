@@ -15,7 +15,9 @@ from diffusers import (
     StableVideoDiffusionPipeline,
     UNetSpatioTemporalConditionModel,
 )
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from svdray import console
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,9 +46,10 @@ def load_pipeline(
     revision: str | None = None,
 ) -> StableVideoDiffusionPipeline:
     """Load an SVD pipeline from a local directory or a hub id (weights as safetensors only)."""
+    console.quiet_diffusers()
     return StableVideoDiffusionPipeline.from_pretrained(
         str(pretrained),
-        torch_dtype=DTYPES[dtype],
+        dtype=DTYPES[dtype],
         variant=variant,
         revision=revision,
         use_safetensors=True,
@@ -100,7 +103,9 @@ def build_tiny_pipeline(seed: int = 0, num_frames: int = 8) -> StableVideoDiffus
         )
     finally:
         torch.random.set_rng_state(generator_state)
-    feature_extractor = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224})
+    # The PIL implementation by name: `CLIPImageProcessor` now means the torchvision one, which
+    # transformers replaces by this one (with a warning) when torchvision is not installed.
+    feature_extractor = CLIPImageProcessorPil(crop_size=224, size={"shortest_edge": 224})
     scheduler = EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG)
     return StableVideoDiffusionPipeline(
         vae=vae,
@@ -113,5 +118,6 @@ def build_tiny_pipeline(seed: int = 0, num_frames: int = 8) -> StableVideoDiffus
 
 def save_tiny_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
+    console.quiet_diffusers()
     build_tiny_pipeline(seed).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
