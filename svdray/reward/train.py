@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,15 @@ from svdray.data.manifest import read_manifest
 from svdray.data.video import FrameSpec, decode_clip, to_model_range
 from svdray.model.lora import ADAPTER_WEIGHTS, lora_parameters, save_lora
 from svdray.model.pipeline import load_pipeline
+from svdray.progress import BoardReporter, create_board
 from svdray.reward.diagnostics import RewardCheckError, diagnose, format_table, raise_on_problems, report
 from svdray.reward.rewards import RewardSet, build_reward
 from svdray.reward.sampler import SamplingSpec, sample_frames
 from svdray.sample import write_preview
-from svdray.tracking import MetricWriter
+from svdray.tracking import MetricWriter, mlflow_metrics
 from svdray.train.checkpoint import save_checkpoint
 from svdray.train.loop import build_models, mean_across_workers, restore_rng, restore_state, rng_snapshot
-from svdray.train.trainer import init_ray, make_trainer, resolve_paths
+from svdray.train.trainer import init_ray, make_trainer, resolve_paths, training_progress
 
 logger = logging.getLogger("svdray.reward")
 
@@ -132,8 +134,12 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 yield to_model_range(torch.as_tensor(batch["image"]).to(device))
 
     images_iter = image_batches()
+    progress = (
+        BoardReporter(context.get_experiment_name(), cfg.train.max_steps, "reward") if rank == 0 else None
+    )
     unet.train()
     while state.step < cfg.train.max_steps:
+        started = time.perf_counter()
         images = next(images_iter)
         frames = sample_frames(unet, frozen, loop_config["scheduler_config"], images, spec, generator)
 
@@ -164,6 +170,7 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.samples_seen += cfg.train.batch_size * world_size
+        step_time = time.perf_counter() - started
 
         metrics = {
             "reward": mean_across_workers(total.detach().mean()),
@@ -174,8 +181,10 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics.update(
             {f"reward/{name}": mean_across_workers(v.detach().mean()) for name, v in parts.items()}
         )
+        if progress:
+            progress.step(state.step, metrics["reward"], cfg.train.batch_size * world_size / step_time)
         if writer and state.step % cfg.train.log_every == 0:
-            writer.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+            writer.log(mlflow_metrics(metrics), step=state.step)
             logger.info(
                 "reward step %d/%d reward %.5f grad_norm %.3g",
                 state.step,
@@ -194,7 +203,7 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "lora")
+        save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "lora", cfg.model.pretrained)
 
 
 @dataclass
@@ -253,8 +262,9 @@ def run_reward_training(cfg: Config) -> RewardResult:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
+    board = create_board(cfg.train.name)
     uri = tracking.tracking_uri(cfg)
-    run_id = tracking.start_or_resume_run(cfg)
+    run_id = tracking.start_or_resume_run(cfg, sections=("model", "data", "lora", "optim", "train", "reward"))
     tracking.log_dict_artifact(uri, run_id, cfg.to_dict(), "config.yaml")
 
     images = conditioning_images(cfg, cfg.data.manifest)
@@ -274,7 +284,8 @@ def run_reward_training(cfg: Config) -> RewardResult:
         ray.data.from_items([{"image": image} for image in images]),
     )
     try:
-        trainer.fit()
+        with training_progress(cfg, board, "reward-train"), tracking.SystemMetrics(uri, run_id):
+            trainer.fit()
     except Exception as err:
         tracking.end_run(uri, run_id, status="FAILED")
         cause = unwrap_training_error(err)

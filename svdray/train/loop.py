@@ -29,7 +29,8 @@ from svdray.data.dataset import same_shape_batches
 from svdray.data.ledger import find_ledger
 from svdray.model.lora import add_lora, lora_parameters, save_lora
 from svdray.model.pipeline import load_pipeline
-from svdray.tracking import MetricWriter
+from svdray.progress import BoardReporter
+from svdray.tracking import MetricWriter, mlflow_metrics
 from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from svdray.train.speed import apply_speed_options
 from svdray.train.step import FrozenModels, training_loss
@@ -60,7 +61,9 @@ def build_models(cfg: Config, device: torch.device) -> tuple[FrozenModels, torch
     pipe = load_pipeline(cfg.model.pretrained, "float32", cfg.model.variant, cfg.model.revision)
     frozen_dtype = getattr(torch, cfg.model.frozen_dtype)
     for module in (pipe.vae, pipe.image_encoder):
-        module.requires_grad_(False).eval().to(device, frozen_dtype)
+        module.requires_grad_(False).eval().to(device)
+        if frozen_dtype != torch.float32:  # diffusers warns on any dtype cast, a no-op one too
+            module.to(frozen_dtype)
     unet = add_lora(pipe.unet, cfg.lora).to(device)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -195,7 +198,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         )
         # Marks where this attempt took over in the MLflow run; the steps it redoes are logged
         # again (the later value of a step is the one that counts, see tracking.metric_history).
-        writer.log({"resumed_from_step": state.step}, step=state.step)
+        writer.log(mlflow_metrics({"resumed_from_step": state.step}), step=state.step)
+    # The driver's progress line (steps, ETA, loss EMA, val_loss) is fed by rank 0.
+    progress = BoardReporter(context.get_experiment_name(), cfg.train.max_steps) if rank == 0 else None
     last_checkpoint_step = state.step if restored_from else None
 
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world_size
@@ -265,14 +270,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "step": state.step,
         }
         if not good and rank == 0:
-            logger.warning(
-                "step %d: non-finite loss %s or gradient norm %s, update skipped (%d in a row, %d in all)",
-                state.step,
-                loss_value,
-                metrics["grad_norm"],
-                bad_streak,
-                state.bad_steps,
+            warning = (
+                f"step {state.step}: non-finite loss {loss_value} or gradient norm {metrics['grad_norm']}, "
+                f"update skipped ({bad_streak} in a row, {state.bad_steps} in all)"
             )
+            logger.warning(warning)
+            progress.note("warning: " + warning)
         if bad_streak >= cfg.train.max_bad_steps:
             kept = f"step_{last_checkpoint_step:08d}" if last_checkpoint_step is not None else "none yet"
             message = (
@@ -282,7 +285,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             )
             if writer:
                 logger.error(message)
-                writer.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+                writer.log(mlflow_metrics(metrics), step=state.step)
             ray.train.report(metrics)
             return {"stopped": message, "step": state.step, "bad_steps": state.bad_steps}
 
@@ -292,8 +295,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 cfg, raw_unet, frozen, validation_clips, loop_config, state.step
             )
             unet.train()
+        if progress:
+            progress.step(state.step, loss_value, metrics["samples_per_s"], metrics.get("val_loss"))
         if writer and (state.step % cfg.train.log_every == 0 or "val_loss" in metrics):
-            writer.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+            writer.log(mlflow_metrics(metrics), step=state.step)
             logger.info(
                 "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.2f samples/s",
                 state.step,
@@ -321,7 +326,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(metrics)
 
     if rank == 0:
-        save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "lora")
+        save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "lora", cfg.model.pretrained)
     if cfg.train.save_worker_loras:
         save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "workers" / f"rank{rank}")
     return {"step": state.step, "bad_steps": state.bad_steps}
