@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from svdray import console
@@ -373,8 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     console.configure(args.verbose)
+    os.environ[console.COMMAND_ENV] = shlex.join(["svdray", *argv])  # the runs' source and description
     try:
         return args.func(args)
     except ConfigError as err:

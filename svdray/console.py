@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 VERBOSE_ENV = "SVDRAY_VERBOSE"
+COMMAND_ENV = "SVDRAY_COMMAND"  # the `svdray ...` command line, for the MLflow runs it starts
 
 # Read by the Hugging Face libraries when they first log; a local Ray instance started from this
 # process passes them on to every worker. jobs/runtime_env.yaml sets the same for Ray jobs.
@@ -51,9 +53,14 @@ def configure(verbose_output: bool = False) -> None:
         return
     for key, value in QUIET_LIBRARY_ENV.items():
         os.environ.setdefault(key, value)
-    handler = logging.StreamHandler()
-    handler.setFormatter(QuietFormatter())
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    # Our notes go to stdout with the progress lines (in order); warnings and errors to stderr.
+    notes = logging.StreamHandler(sys.stdout)
+    notes.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = logging.StreamHandler(sys.stderr)
+    problems.setLevel(logging.WARNING)
+    for handler in (notes, problems):
+        handler.setFormatter(QuietFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[notes, problems])
     logging.getLogger("svdray").setLevel(logging.INFO)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -13,6 +13,7 @@ names (`loss`, `val_loss`: `tune.metric` names one of them). One-off counts are 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import mlflow
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from svdray import console
 from svdray.config import Config, flatten
 
 RUN_KEY_TAG = "svdray.run_key"
@@ -125,10 +127,16 @@ def run_params(cfg: Config, sections: Iterable[str], skip: Collection[str] = ())
     return params
 
 
+def command_line() -> str:
+    """The command that started this process: `svdray ...` as typed (the CLI records it, also for
+    `python -m svdray.cli` and job entrypoints), else this Python's own argv."""
+    return os.environ.get(console.COMMAND_ENV) or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
 def git_tags() -> dict[str, str]:
     """Where the running code comes from: the command, and the git commit of svdray's checkout."""
     tags = {
-        "mlflow.source.name": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "mlflow.source.name": command_line(),
         "mlflow.source.type": "LOCAL",
     }
     repo = Path(__file__).resolve().parent.parent

@@ -46,11 +46,11 @@ def test_train_console_and_mlflow_run(mlflow_ui, tmp_path, tiny_pipeline_dir, sk
     print(console)
     assert result.returncode == 0, console
 
-    # Quiet: no line looks like trouble, and the end-of-run summary comes last.
-    lines = [line for line in console.splitlines() if line.strip()]
+    # Quiet: nothing on stderr, no line looks like trouble, the end-of-run summary comes last.
+    assert result.stderr == ""
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert [line for line in lines if TROUBLE.search(line)] == []
     assert lines[-1] == f"browse with: svdray ui --config {path}"
-    assert not result.stderr.strip()
     # Not a terminal: plain progress lines, the last one at 6/6 with elapsed time, ETA, the loss
     # EMA and the validation loss.
     progress = [line for line in lines if line.startswith("train ")]
@@ -85,7 +85,7 @@ def test_train_console_and_mlflow_run(mlflow_ui, tmp_path, tiny_pipeline_dir, sk
     description = tags["mlflow.note.content"]
     assert f"train --config {path}" in description and str(tiny_pipeline_dir) in description
     assert "2 clips" in description and str(held_out) in description and str(tmp_path / "out") in description
-    assert "svdray.cli train --config" in tags["mlflow.source.name"]
+    assert tags["mlflow.source.name"] == f"svdray train --config {path}"
     assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
 
     # The sampled video's preview: conditioning | sample | ground truth, 256-pixel panels, animated.

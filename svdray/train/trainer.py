@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,7 +262,7 @@ def run_description(cfg: Config, prepared: Prepared) -> str:
     """The run's description in the MLflow UI (markdown): what ran, on what, and where it wrote."""
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
     lines = [
-        f"- **command**: `{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
+        f"- **command**: `{tracking.command_line()}`",
         f"- **model**: `{cfg.model.pretrained}` with a rank-{cfg.lora.rank} LoRA on the "
         f"{' and '.join(cfg.lora.blocks)} attention ({', '.join(cfg.lora.target_modules)}); "
         f"{cfg.train.max_steps} steps of {global_batch} clips, lr {cfg.optim.lr:g} ({cfg.optim.schedule})",
