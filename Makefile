@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	@mkdir -p $(DEMO)
 	@test -f $(DEMO)/tiny-svd/model_index.json || $(VENV)/bin/svdray tiny-model --out $(DEMO)/tiny-svd --seed 0
-	$(VENV)/bin/svdray demo-data --out $(DEMO)/manifest.jsonl
+	$(VENV)/bin/svdray demo-data --out $(DEMO)/manifest.jsonl --validate-manifest $(DEMO)/val.jsonl
 	RAY_AUTH_MODE=disabled $(VENV)/bin/svdray train --config configs/demo.yaml
 
 test: setup

@@ -195,7 +195,7 @@ def epoch_times(work: Path, rows: list[dict], cache: bool) -> dict[str, float]:
     started = time.perf_counter()
     result = run_training(cfg)
     out["run_s"] = time.perf_counter() - started
-    history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "samples_per_s")
+    history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "data/samples_per_s")
     out["steps_s"] = sum(2 / m.value for m in history)
     return out
 

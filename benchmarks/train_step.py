@@ -543,10 +543,10 @@ def trainer_loop(cfg: Config, warmup: int, steps: int, workdir: Path, tag: str) 
 
     client = MlflowClient(tracking_uri=uri)
     # Rank 0 stamps each logged step's metrics (ms) right after the step: the step ends.
-    ends = {m.step: m.timestamp / 1000 for m in client.get_metric_history(run_id, "loss")}
+    ends = {m.step: m.timestamp / 1000 for m in client.get_metric_history(run_id, "train/loss")}
     stats = step_stats(ends, warmup, cfg)
     # The loop's own samples_per_s covers data fetch to optimizer step, not reporting or MLflow.
-    own = [m.value for m in client.get_metric_history(run_id, "samples_per_s") if m.step > warmup]
+    own = [m.value for m in client.get_metric_history(run_id, "data/samples_per_s") if m.step > warmup]
     stats["loop_step_s_median"] = statistics.median(cfg.train.batch_size / v for v in own)
     stats["log_every"] = cfg.train.log_every
     stats["fit_s"] = fit_s

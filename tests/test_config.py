@@ -57,3 +57,26 @@ def test_cli_rejects_bad_config_before_any_work(one_clip_manifest, write_config,
     assert proc.returncode == 2
     assert "optim.learning_rate: unknown key" in proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_explains_itself(capsys):
+    """Every option of every command (but `sample`, rewritten apart) has help text, and the help
+    shows defaults; `svdray --version`; `svdray ui --host`."""
+    import argparse
+
+    from svdray import cli
+
+    parser = cli.build_parser()
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in subparsers.choices.items():
+        if name == "sample":
+            continue
+        for action in sub._actions:
+            assert action.help, f"svdray {name} {action.option_strings}: no help text"
+    assert "(default: 127.0.0.1)" in " ".join(subparsers.choices["ui"].format_help().split())
+    assert cli.build_parser().parse_args(["ui", "--host", "0.0.0.0"]).host == "0.0.0.0"
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.startswith("svdray ")
+    assert cli.build_parser().parse_args(["train", "--config", "x.yaml", "--verbose"]).verbose
+    assert cli.build_parser().parse_args(["--verbose", "train", "--config", "x.yaml"]).verbose

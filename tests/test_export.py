@@ -201,3 +201,24 @@ def test_export_config_is_read_from_the_run(run_dir) -> None:
         == yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["pretrained"]
     )
     assert json.loads((run_dir / "lora" / ADAPTER_CONFIG).read_text())["r"] == LORA.rank
+
+
+def test_export_from_an_mlflow_run_id(run_dir, tmp_path) -> None:
+    """--run also takes an MLflow run id: the run's lora/ and config.yaml artifacts are the run."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("export", artifact_location=str(tmp_path / "mlruns"))
+    run_id = client.create_run(experiment).info.run_id
+    client.log_artifacts(run_id, str(run_dir / "lora"), artifact_path="lora")
+    client.log_artifact(run_id, str(run_dir / "config.yaml"))
+    out = tmp_path / "peft"
+    command = ["export", "--run", run_id, "--format", "peft", "--out", str(out), "--tracking-uri", uri]
+    assert cli.main(command) == 0
+    exported = load_file(str(out / ADAPTER_WEIGHTS))
+    trained = load_file(str(run_dir / "lora" / ADAPTER_WEIGHTS))
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+
+    missing = "0" * 32  # a run id this store does not have: an error naming --run, exit code 2
+    assert cli.main([*command[:2], missing, *command[3:]]) == 2

@@ -30,7 +30,8 @@ def test_train_job_stop_and_resume(ray_head, tmp_path, one_clip_manifest, write_
         one_clip_manifest,
         train={"name": "stopme", "max_steps": steps, "checkpoint_every": every, "log_every": 1},
     )
-    entrypoint = ["python", "jobs/train.py", "--config", str(path)]
+    # --verbose: the workers' step lines and resume messages in the job's log, checked below.
+    entrypoint = ["python", "jobs/train.py", "--config", str(path), "--verbose"]
     run_dir = tmp_path / "out" / "ray" / "stopme"
 
     first = job_id("stop")
@@ -66,7 +67,7 @@ def test_train_job_stop_and_resume(ray_head, tmp_path, one_clip_manifest, write_
     assert [r.info.run_name for r in runs] == ["stopme"]
     run = runs[0]
     assert run.info.status == "FINISHED"
-    counts = Counter(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    counts = Counter(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert set(counts) == set(range(1, steps + 1))
     assert all(counts[s] == 1 for s in range(1, k + 1)) and max(counts.values()) <= 2
     assert (tmp_path / "out" / "lora" / "adapter_model.safetensors").exists()

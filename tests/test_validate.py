@@ -66,7 +66,7 @@ def test_previews_put_condition_sample_and_truth_side_by_side(tmp_path):
         return np.full(shape, value, np.uint8)
 
     rows = [(solid(10), solid(100, 6), solid(200, 6)), (solid(20), solid(110, 6), solid(210, 6))]
-    gif, png = write_previews(rows, tmp_path, fps=7, scale=2)
+    gif, png = write_previews(rows, tmp_path, fps=7, scale=2, min_side=64)
     with Image.open(gif) as image:
         first = np.asarray(image.convert("RGB"))
     assert first.shape == (2 * 64, 3 * 64, 3)
@@ -75,6 +75,18 @@ def test_previews_put_condition_sample_and_truth_side_by_side(tmp_path):
     strip = np.asarray(Image.open(png).convert("RGB"))
     assert strip.shape == (4 * 64, 7 * 64, 3)  # per clip: cond + 6 sample frames, cond + 6 truth frames
     assert [strip[64 * r, 64, 0] for r in range(4)] == [100, 200, 110, 210]
+
+
+def test_previews_are_upscaled_to_256_pixels_and_play(tmp_path):
+    """32-pixel frames become 256-pixel panels (the MLflow UI shows them at their own size), and the
+    GIF has every frame; with no ground truth (a given sample.image) a line is conditioning | sample."""
+    frames = np.stack([np.full((32, 32, 3), 10 * t, np.uint8) for t in range(6)])
+    gif, png = write_previews([(frames[0], frames, None)], tmp_path, fps=7, scale=4)
+    with Image.open(gif) as image:
+        assert image.size == (2 * 256, 256) and image.n_frames == 6
+        image.seek(5)
+        assert np.asarray(image.convert("RGB"))[0, 256, 0] == 50
+    assert Image.open(png).size == (7 * 256, 256)
 
 
 @pytest.mark.parametrize(

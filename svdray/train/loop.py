@@ -31,7 +31,8 @@ from svdray.model.lora import add_lora, cast_frozen_weights, lora_parameters, sa
 from svdray.model.pipeline import FrozenModels, load_pipeline, scheduler_config
 from svdray.model.precision import mixed_precision, mixed_precision_dtype
 from svdray.model.sampler import SamplingModels
-from svdray.tracking import MetricWriter
+from svdray.progress import BoardReporter
+from svdray.tracking import MetricWriter, mlflow_metrics
 from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from svdray.train.optim import build_lr_scheduler, build_optimizer
 from svdray.train.speed import apply_speed_options
@@ -176,7 +177,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         )
         # Marks where this attempt took over in the MLflow run; the steps it redoes are logged
         # again (the later value of a step is the one that counts, see tracking.metric_history).
-        writer.log({"resumed_from_step": state.step}, step=state.step)
+        writer.log(mlflow_metrics({"resumed_from_step": state.step}), step=state.step)
+    # The driver's progress line (steps, ETA, loss EMA, val_loss) is fed by rank 0.
+    progress = BoardReporter(context.get_experiment_name(), cfg.train.max_steps) if rank == 0 else None
     last_checkpoint_step = state.step if restored_from else None
 
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world_size
@@ -242,14 +245,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "step": state.step,
         }
         if not good and rank == 0:
-            logger.warning(
-                "step %d: non-finite loss %s or gradient norm %s, update skipped (%d in a row, %d in all)",
-                state.step,
-                loss_value,
-                metrics["grad_norm"],
-                bad_streak,
-                state.bad_steps,
+            warning = (
+                f"step {state.step}: non-finite loss {loss_value} or gradient norm {metrics['grad_norm']}, "
+                f"update skipped ({bad_streak} in a row, {state.bad_steps} in all)"
             )
+            logger.warning(warning)
+            progress.note("warning: " + warning)
         if bad_streak >= cfg.train.max_bad_steps:
             kept = f"step_{last_checkpoint_step:08d}" if last_checkpoint_step is not None else "none yet"
             message = (
@@ -259,7 +260,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             )
             if writer:
                 logger.error(message)
-                writer.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+                writer.log(mlflow_metrics(metrics), step=state.step)
             ray.train.report(metrics)
             return {"stopped": message, "step": state.step, "bad_steps": state.bad_steps}
 
@@ -269,8 +270,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 cfg, raw_unet, frozen, validation_clips, loop_config, state.step
             )
             unet.train()
+        if progress:
+            progress.step(state.step, loss_value, metrics["samples_per_s"], metrics.get("val_loss"))
         if writer and (state.step % cfg.train.log_every == 0 or "val_loss" in metrics):
-            writer.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+            writer.log(mlflow_metrics(metrics), step=state.step)
             logger.info(
                 "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.2f samples/s",
                 state.step,
@@ -298,7 +301,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(metrics)
 
     if rank == 0:
-        save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "lora")
+        save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "lora", cfg.model.pretrained)
     if cfg.train.save_worker_loras:
         save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "workers" / f"rank{rank}")
     return {"step": state.step, "bad_steps": state.bad_steps}

@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,18 +20,20 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
-from svdray import tracking
+from svdray import console, tracking
 from svdray.config import Config
 from svdray.data.dataset import build_training_dataset
-from svdray.data.prepare import training_rows
+from svdray.data.prepare import Prepared, training_rows
 from svdray.data.run import build_run_data, finish_run_data
 from svdray.data.video import ClipError, FrameSpec, decode_clip, load_image
 from svdray.model.sampler import load_sampling_models, sample_video, sampling_spec
+from svdray.progress import Progress, create_board, watch
 from svdray.report import plot_loss_curve
-from svdray.sample import write_mp4, write_preview
+from svdray.sample import write_mp4
 from svdray.tracking import metric_history
 from svdray.train.checkpoint import check_checkpoint, read_train_state
 from svdray.train.loop import train_loop_per_worker
+from svdray.train.validate import to_hwc, write_previews
 
 logger = logging.getLogger("svdray.train")
 
@@ -50,14 +53,24 @@ class TrainingResult:
 
 
 def init_ray(cfg: Config) -> None:
-    """Connect to a cluster (ray.address or RAY_ADDRESS) or start a local one bound to 127.0.0.1."""
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host=cfg.ray.dashboard_host)
+    """Connect to a cluster (ray.address or RAY_ADDRESS) or start a local one bound to 127.0.0.1.
+
+    Unless --verbose, the workers' output stays in Ray's log files (the console shows our progress
+    line; a worker's error still reaches the driver as the run's exception)."""
+    if not ray.is_initialized():
+        quiet = not console.verbose()
+        options = {"log_to_driver": not quiet, "logging_level": logging.ERROR if quiet else logging.INFO}
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, **options)
+        else:
+            ray.init(
+                num_cpus=cfg.ray.num_cpus,
+                include_dashboard=True,
+                dashboard_host=cfg.ray.dashboard_host,
+                **options,
+            )
+    console.quiet_ray_data()
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -138,6 +151,9 @@ def make_trainer(
             callbacks=callbacks,
         ),
         datasets={"train": dataset},
+        # The stream's own execution options (plan order kept): without them Ray Train copies the
+        # global context's, reading a deprecated option on the way (a warning in every run).
+        dataset_config=ray.train.DataConfig(execution_options={"train": dataset.context.execution_options}),
     )
 
 
@@ -147,12 +163,14 @@ def run_training(
     parent_run_id: str | None = None,
     callbacks: list[ray.train.UserCallback] | None = None,
     dataset: ray.data.Dataset | None = None,
+    progress: bool = True,
 ) -> TrainingResult:
     """Fit the run's TorchTrainer and log it to MLflow; resumes a previous attempt of the same run.
 
     For Tune trials: `parent_run_id` makes the MLflow run a child of the sweep's run, `callbacks`
-    go into the trainer's RunConfig (Tune's TuneReportCallback), and `dataset` is a stream
-    `shared_training_dataset` built once for every trial (the loop skips what a checkpoint consumed).
+    go into the trainer's RunConfig (Tune's TuneReportCallback), `dataset` is a stream
+    `shared_training_dataset` built once for every trial (the loop skips what a checkpoint consumed),
+    and `progress=False` leaves the console to the sweep's own progress line.
     """
     cfg = resolve_paths(cfg)
     if cfg.train.resume_from:
@@ -161,6 +179,8 @@ def run_training(
     # The resolved config next to the run's outputs: `svdray export` reads the base model from it.
     (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     init_ray(cfg)
+    # Started now, not with the trainer's dozen actors: fewer processes starting at once.
+    board = create_board(cfg.train.name) if progress else None
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_or_resume_run(cfg, parent_run_id=parent_run_id)
     tracking.log_dict_artifact(uri, run_id, cfg.to_dict(), "config.yaml")
@@ -179,6 +199,7 @@ def run_training(
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
     data = build_run_data(cfg, cfg.train.max_steps * global_batch, data_skip, uri, run_id)
     rows = data.rows
+    tracking.set_description(uri, run_id, run_description(cfg, data.prepared))
     if dataset is None:
         dataset = data.dataset
     else:
@@ -198,7 +219,8 @@ def run_training(
         callbacks,
     )
     try:
-        result = trainer.fit()
+        with training_progress(cfg, board), tracking.SystemMetrics(uri, run_id):
+            result = trainer.fit()
     except BaseException:
         tracking.end_run(uri, run_id, status="FAILED")
         raise
@@ -225,6 +247,45 @@ def run_training(
     return output
 
 
+@contextlib.contextmanager
+def training_progress(cfg: Config, board: Any | None, label: str = "train") -> Iterator[None]:
+    """The driver's progress line while the block (trainer.fit) runs, fed by rank 0 through
+    `board` (`svdray.progress.create_board`; None: no line, e.g. in a Tune trial)."""
+    if board is None:
+        yield
+        return
+    with watch(board, Progress(label, cfg.train.max_steps)):
+        yield
+
+
+def run_description(cfg: Config, prepared: Prepared) -> str:
+    """The run's description in the MLflow UI (markdown): what ran, on what, and where it wrote."""
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
+    lines = [
+        f"- **command**: `{tracking.command_line()}`",
+        f"- **model**: `{cfg.model.pretrained}` with a rank-{cfg.lora.rank} LoRA on the "
+        f"{' and '.join(cfg.lora.blocks)} attention ({', '.join(cfg.lora.target_modules)}); "
+        f"{cfg.train.max_steps} steps of {global_batch} clips, lr {cfg.optim.lr:g} ({cfg.optim.schedule})",
+        f"- **data**: {len(prepared.rows)} clips of `{cfg.data.manifest}` "
+        f"({len(prepared.rejects)} rejected), "
+        f"{cfg.data.num_frames} frames at {cfg.data.fps:g} fps, {cfg.data.height}x{cfg.data.width}",
+    ]
+    if cfg.validate.manifest:
+        lines.append(
+            f"- **validation**: `{cfg.validate.manifest}` every {cfg.validate.every} steps: `val/loss` "
+            "(fixed sigma grid and noise, comparable across steps and runs); previews in "
+            "`validation/step_*/preview.gif` (conditioning | sample | ground truth)"
+        )
+    lines.append(
+        f"- **outputs**: `{cfg.output_dir}` (LoRA in `lora/`, checkpoints in `{cfg.train.storage_path}`); "
+        "this run's artifacts: `lora/`, `config.yaml`, `loss_curve.png`, `data/`"
+        + (", `samples/preview.gif`" if cfg.sample.enabled else "")
+    )
+    if cfg.mlflow.description:
+        lines += ["", cfg.mlflow.description.strip()]
+    return "\n".join(lines) + "\n"
+
+
 def conditioning_image(cfg: Config, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The sample's conditioning image (3, H, W) uint8 and the clip it starts (None for
     `sample.image`): the first clip that still decodes (a clip can break after `prepare`),
@@ -245,13 +306,14 @@ def conditioning_image(cfg: Config, rows: list[dict]) -> tuple[torch.Tensor, tor
 
 def log_results(cfg: Config, result: TrainingResult, rows: list[dict]) -> None:
     """The LoRA, a loss-curve PNG and (if enabled) a video sampled with the trained LoRA, loaded
-    as `svdray sample --lora` loads it and conditioned as training conditioned the UNet."""
+    as `svdray sample --lora` loads it and conditioned as training conditioned the UNet, with a
+    preview GIF (conditioning | sample | ground truth) large enough to judge in the MLflow UI."""
     artifacts: dict[str, Path] = {"lora": result.lora_dir}
-    curve = metric_history(result.tracking_uri, result.mlflow_run_id, "loss")
+    curve = metric_history(result.tracking_uri, result.mlflow_run_id, "train/loss")
     if curve:
         series = {
             "train loss": curve,
-            "validation loss": metric_history(result.tracking_uri, result.mlflow_run_id, "val_loss"),
+            "validation loss": metric_history(result.tracking_uri, result.mlflow_run_id, "val/loss"),
         }
         artifacts[""] = plot_loss_curve(series, result.output_dir / "loss_curve.png", cfg.train.name)
     if cfg.sample.enabled:
@@ -261,14 +323,15 @@ def log_results(cfg: Config, result: TrainingResult, rows: list[dict]) -> None:
         frames = sample_video(models, image, spec, clip=clip)
         bucket = spec.bucket_for(clip)
         logger.info("sample: fps %g, motion bucket %g, %d steps", spec.fps, bucket, spec.steps)
-        MlflowClient(tracking_uri=result.tracking_uri).set_tag(
+        tracking.set_tags(
+            result.tracking_uri,
             result.mlflow_run_id,
-            "svdray.sample_conditioning",
-            f"fps={spec.fps:g} motion_bucket_id={bucket:g}",
+            {"svdray.sample_conditioning": f"fps={spec.fps:g} motion_bucket_id={bucket:g}"},
         )
         samples = result.output_dir / "samples"
         samples.mkdir(exist_ok=True)
         write_mp4(frames, samples / "sample.mp4", spec.fps)
-        write_preview(frames, samples / "sample_frames.png", scale=max(1, 256 // cfg.data.height))
+        truth = to_hwc(clip) if clip is not None else None
+        write_previews([(to_hwc(image), frames, truth)], samples, spec.fps)
         artifacts["samples"] = samples
     tracking.log_artifacts(result.tracking_uri, result.mlflow_run_id, artifacts)

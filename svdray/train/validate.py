@@ -92,24 +92,39 @@ def to_hwc(pixels: torch.Tensor) -> np.ndarray:
 
 
 def write_previews(
-    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], out_dir: Path, fps: float, scale: int = 1
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+    out_dir: Path,
+    fps: float,
+    scale: int = 1,
+    min_side: int = 256,
 ) -> list[Path]:
-    """rows of (conditioning frame (H, W, 3), sample (T, H, W, 3), ground truth (T, H, W, 3)).
+    """rows of (conditioning frame (H, W, 3), sample (T, H, W, 3), ground truth (T, H, W, 3) or None).
 
     preview.gif animates one line per clip: conditioning frame | sample | ground truth.
     preview.png shows every frame: per clip, the sample's frames on one line and the ground
     truth's below, each line starting with the conditioning frame.
+    Both are upscaled (nearest neighbour, at least `scale` times) until a frame's shorter side is
+    `min_side` pixels: a 32-pixel clip is unreadable in the MLflow UI's artifact viewer.
     """
-    num_frames = min(min(len(sample), len(truth)) for _, sample, truth in rows)
+    frame_counts = [
+        len(sample) if truth is None else min(len(sample), len(truth)) for _, sample, truth in rows
+    ]
+    num_frames = min(frame_counts)
     gif_frames = []
     for t in range(num_frames):
-        lines = [np.concatenate([cond, sample[t], truth[t]], axis=1) for cond, sample, truth in rows]
+        lines = [
+            np.concatenate([cond, sample[t], *([] if truth is None else [truth[t]])], axis=1)
+            for cond, sample, truth in rows
+        ]
         gif_frames.append(np.concatenate(lines, axis=0))
     strips = []
     for cond, sample, truth in rows:
         strips.append(np.concatenate([cond, *sample[:num_frames]], axis=1))
-        strips.append(np.concatenate([cond, *truth[:num_frames]], axis=1))
+        if truth is not None:
+            strips.append(np.concatenate([cond, *truth[:num_frames]], axis=1))
     png = np.concatenate(strips, axis=0)
+    side = min(rows[0][0].shape[:2])
+    scale = max(scale, -(-min_side // side))
 
     def upscale(array: np.ndarray) -> Image.Image:
         image = Image.fromarray(array)

@@ -31,8 +31,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from svdray import tracking
+from svdray import console, tracking
 from svdray.config import Config, ConfigError, config_from_dict, set_key
+from svdray.progress import Progress
 from svdray.train.trainer import init_ray, resolve_paths, run_training, shared_training_dataset
 from svdray.tune.report import (
     ERRORED,
@@ -115,6 +116,7 @@ def run_trial(
         parent_run_id=parent_run_id,
         callbacks=[ObjectiveReport(cfg.tune.metric, cfg.tune.metric_window)],
         dataset=dataset,
+        progress=False,  # the sweep's driver shows the trials' progress
     )
 
 
@@ -184,6 +186,54 @@ class TrialTracker(tune.Callback):
             logger.warning("could not mark trials in MLflow: %s", err)
 
 
+class TrialProgress(tune.Callback):
+    """The sweep's progress line in the driver: trials done of `num_samples`, running, stopped
+    early and failed, and the best objective so far."""
+
+    def __init__(self, num_samples: int, mode: str, max_t: int):
+        self.progress = Progress("tune", num_samples, unit="trials")
+        self.mode, self.max_t = mode, max_t
+        self.ended: dict[str, str] = {}  # trial id -> finished | stopped_early | error
+        self.running: set[str] = set()
+        self.best: float | None = None
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.add(trial.trial_id)
+        self._show()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        objective = result.get(OBJECTIVE)
+        if objective is not None:
+            better = min if self.mode == "min" else max
+            self.best = objective if self.best is None else better(self.best, objective)
+        self._show()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, trial_status(trial.last_result or {}, self.max_t))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, ERRORED)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.progress.close()
+
+    def _end(self, trial: Any, status: str) -> None:
+        self.running.discard(trial.trial_id)
+        self.ended[trial.trial_id] = status
+        self._show()
+
+    def _show(self) -> None:
+        statuses = list(self.ended.values())
+        self.progress.update(
+            len(self.ended),
+            running=str(len(self.running)),
+            finished=str(statuses.count(FINISHED)),
+            stopped=str(statuses.count(STOPPED)),
+            failed=str(statuses.count(ERRORED)),
+            best=f"{self.best:.4g}" if self.best is not None else "",
+        )
+
+
 def _trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
@@ -192,7 +242,9 @@ def start_parent_run(cfg: Config) -> str:
     """The sweep's MLflow run: found again by its run key (storage path + sweep name) on resume."""
     tree = set_key(cfg.to_dict(), "train.name", sweep_name(cfg))
     run_id = tracking.start_or_resume_run(
-        config_from_dict(tree, check_files=False), skip_params=set(cfg.tune.search_space)
+        config_from_dict(tree, check_files=False),
+        skip_params=set(cfg.tune.search_space),
+        sections=(*tracking.TRAIN_SECTIONS, "tune"),
     )
     client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
     client.set_tag(run_id, SWEEP_TAG, sweep_name(cfg))
@@ -252,7 +304,11 @@ def fit_trials(cfg: Config, uri: str, parent_run_id: str) -> tune.ResultGrid:
             run_config=tune.RunConfig(
                 name=sweep_name(cfg),
                 storage_path=cfg.train.storage_path,
-                callbacks=[TrialTracker(uri, parent_run_id, trial_steps(cfg))],
+                callbacks=[
+                    TrialTracker(uri, parent_run_id, trial_steps(cfg)),
+                    TrialProgress(cfg.tune.num_samples, cfg.tune.mode, trial_steps(cfg)),
+                ],
+                verbose=None if console.verbose() else 0,  # quiet: the line above instead of Tune's tables
             ),
         )
     return tuner.fit()
