@@ -39,8 +39,9 @@ from svdray.reward.sampler import SamplingSpec, sample_frames
 from svdray.sample import write_preview
 from svdray.tracking import MetricWriter
 from svdray.train.checkpoint import save_checkpoint
+from svdray.train.failures import training_failure
 from svdray.train.loop import build_models, mean_across_workers, restore_rng, restore_state, rng_snapshot
-from svdray.train.trainer import init_ray, make_trainer, resolve_paths
+from svdray.train.trainer import init_ray, make_trainer, raise_training_failure, resolve_paths
 
 logger = logging.getLogger("svdray.reward")
 
@@ -208,10 +209,10 @@ class RewardResult:
 
 
 def unwrap_training_error(err: Exception) -> Exception:
-    """The worker's own exception (e.g. RewardCheckError) out of Ray Train's wrapper, if it has one."""
-    for cause in (getattr(err, "worker_failures", None) or {}).values():
-        return cause
-    return err
+    """The worker's own svdray exception (e.g. RewardCheckError) out of Ray Train's and svdray's
+    wrappers (svdray.train.failures), if it has one."""
+    failure = training_failure(err)
+    return failure.original if failure is not None and failure.original is not None else err
 
 
 @torch.no_grad()
@@ -276,10 +277,12 @@ def run_reward_training(cfg: Config) -> RewardResult:
     try:
         trainer.fit()
     except Exception as err:
-        tracking.end_run(uri, run_id, status="FAILED")
         cause = unwrap_training_error(err)
         if isinstance(cause, RewardCheckError):
+            tracking.end_run(uri, run_id, status="FAILED")
             raise RewardCheckError(str(cause)) from err
+        raise_training_failure(err, uri, run_id)
+        tracking.end_run(uri, run_id, status="FAILED")
         raise
 
     lora_dir = output_dir / "lora"

@@ -29,6 +29,7 @@ from svdray.report import plot_loss_curve
 from svdray.sample import load_sampling_pipeline, sample_video, write_mp4, write_preview
 from svdray.tracking import metric_history
 from svdray.train.checkpoint import check_checkpoint, read_train_state
+from svdray.train.failures import StopOnTrainingFailed, stop_on_errors, training_failure
 from svdray.train.loop import train_loop_per_worker
 
 logger = logging.getLogger("svdray.train")
@@ -118,12 +119,14 @@ def make_trainer(
     callbacks: list[ray.train.UserCallback] | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer of a run (`svdray train`, `svdray reward-train`, Tune trials): workers and
-    resources from `train.*`, a stable name for resuming, bounded checkpoints, worker restarts."""
+    resources from `train.*`, a stable name for resuming, bounded checkpoints, worker restarts
+    after lost workers, and an error in the run's code or config ending the run at once (it would
+    recur on every restart; see svdray.train.failures)."""
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
-        loop,
+        stop_on_errors(loop),
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
@@ -134,7 +137,7 @@ def make_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             # A dead worker (or node) restarts the worker group from the latest checkpoint.
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), StopOnTrainingFailed()],
         ),
         datasets={"train": dataset},
     )
@@ -198,7 +201,8 @@ def run_training(
     )
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as err:
+        raise_training_failure(err, uri, run_id)
         tracking.end_run(uri, run_id, status="FAILED")
         raise
     outcome = result.return_value
@@ -222,6 +226,18 @@ def run_training(
     log_results(cfg, output, rows)
     tracking.end_run(uri, run_id)
     return output
+
+
+def raise_training_failure(err: BaseException, uri: str, run_id: str) -> None:
+    """If `trainer.fit()` raised because a worker's error would recur on a restart: log its
+    traceback, tag and end the MLflow run, and raise that TrainingFailed in place of Ray's wrapper."""
+    failure = training_failure(err)
+    if failure is None:
+        return
+    logger.error("training worker %d failed:\n%s", failure.rank, failure.worker_traceback)
+    MlflowClient(tracking_uri=uri).set_tag(run_id, "svdray.failed", str(failure)[:5000])
+    tracking.end_run(uri, run_id, status="FAILED")
+    raise failure from None
 
 
 def conditioning_image(cfg: Config, rows: list[dict]) -> Image.Image:
