@@ -41,7 +41,13 @@ from svdray.tracking import MetricWriter
 from svdray.train.checkpoint import save_checkpoint
 from svdray.train.failures import training_failure
 from svdray.train.loop import build_models, mean_across_workers, restore_rng, restore_state, rng_snapshot
-from svdray.train.trainer import init_ray, make_trainer, raise_training_failure, resolve_paths
+from svdray.train.trainer import (
+    init_ray,
+    make_trainer,
+    raise_training_failure,
+    resolve_paths,
+    write_run_config,
+)
 
 logger = logging.getLogger("svdray.reward")
 
@@ -252,7 +258,7 @@ def run_reward_training(cfg: Config) -> RewardResult:
     if cfg.reward.init_lora:
         cfg.reward.init_lora = str(Path(cfg.reward.init_lora).resolve())
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    write_run_config(cfg)
     init_ray(cfg)
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_or_resume_run(cfg)

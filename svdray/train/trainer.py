@@ -74,6 +74,14 @@ def resolve_paths(cfg: Config) -> Config:
     return cfg
 
 
+def write_run_config(cfg: Config) -> Path:
+    """The resolved config next to the run's outputs: `svdray export` reads the base model from it."""
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(cfg.output_dir) / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
+
+
 def latest_checkpoint(cfg: Config) -> ray.train.Checkpoint | None:
     """The newest checkpoint of a previous attempt of this run (same storage path and name)."""
     run_dir = Path(cfg.train.storage_path) / cfg.train.name
@@ -159,9 +167,7 @@ def run_training(
     cfg = resolve_paths(cfg)
     if cfg.train.resume_from:
         check_checkpoint(cfg.train.resume_from)  # before anything starts: never a pickle
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    # The resolved config next to the run's outputs: `svdray export` reads the base model from it.
-    (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_run_config(cfg)
     init_ray(cfg)
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_or_resume_run(cfg, parent_run_id=parent_run_id)
