@@ -15,6 +15,7 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
 from svdray.config import load_config
+from svdray.data.manifest import RowError
 from svdray.data.video import ClipError
 from svdray.tracking import metric_history
 from tests.conftest import free_port
@@ -35,7 +36,7 @@ def collective_after_peer_died(rank: int, port: int, errors) -> None:
 
 
 def test_which_errors_a_restart_can_cure() -> None:
-    from svdray.train.failures import TrainingFailed, restart_can_cure
+    from svdray.train.failures import TrainingFailed, restart_can_cure, svdray_error
 
     context = multiprocessing.get_context("spawn")
     errors = context.Queue()
@@ -60,6 +61,13 @@ def test_which_errors_a_restart_can_cure() -> None:
         RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
     ):
         assert not restart_can_cure(err), err
+
+    # svdray's own exception rides along (for callers that handle it by type) when it rebuilds
+    # from its reduced form; a RowError (two arguments, one message) does not.
+    clip_error = ClipError("clip.mp4: cannot decode")
+    assert svdray_error(clip_error) is clip_error
+    assert svdray_error(RowError("missing", "row 3: no video")) is None
+    assert svdray_error(ValueError("bad shape")) is None
 
     # Ray ships TrainingFailed from the worker to the controller and the driver.
     failure = TrainingFailed("TypeError", "Got unsupported ScalarType BFloat16", 1, 250, "Traceback ...")

@@ -17,6 +17,7 @@ worker error alike (its FailureConfig offers no way to tell them apart), so:
 
 from __future__ import annotations
 
+import copy
 import functools
 import traceback
 from collections.abc import Callable
@@ -83,6 +84,18 @@ def steps_done(tb: Any) -> int | None:
     return step
 
 
+def svdray_error(err: BaseException) -> BaseException | None:
+    """`err` if it is one of svdray's own exceptions and rebuilds from its reduced form (how Ray
+    ships it to the controller and the driver); else None."""
+    if not type(err).__module__.startswith("svdray."):
+        return None
+    try:
+        copy.copy(err)  # rebuilt through __reduce_ex__, as unpickling would
+    except Exception:
+        return None
+    return err
+
+
 def stop_on_errors(loop: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
     """`loop` (a Ray Train worker function), with exceptions a restart cannot cure raised as
     TrainingFailed; the others (and BaseExceptions) pass through for Ray Train to restart."""
@@ -100,7 +113,7 @@ def stop_on_errors(loop: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str,
                 ray.train.get_context().get_world_rank(),
                 steps_done(err.__traceback__),
                 "".join(traceback.format_exception(err)),
-                err if type(err).__module__.startswith("svdray.") else None,
+                svdray_error(err),
             ) from err
 
     return worker
