@@ -21,9 +21,11 @@ def load_sampling_pipeline(
     lora_dir: str | Path | None = None,
     device: str | None = None,
     dtype: str = "float32",
+    variant: str | None = None,
+    revision: str | None = None,
 ):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(pretrained, dtype)
+    pipe = load_pipeline(pretrained, dtype, variant, revision)
     if lora_dir:
         load_lora(pipe.unet, lora_dir)
     pipe.set_progress_bar_config(disable=True)

@@ -276,7 +276,9 @@ def log_results(cfg: Config, result: TrainingResult, rows: list[dict]) -> None:
     if cfg.sample.enabled:
         num_frames = cfg.sample.num_frames or cfg.data.num_frames
         fps = cfg.sample.fps or round(cfg.data.fps)
-        pipe = load_sampling_pipeline(cfg.model.pretrained, result.lora_dir)
+        pipe = load_sampling_pipeline(
+            cfg.model.pretrained, result.lora_dir, variant=cfg.model.variant, revision=cfg.model.revision
+        )
         frames = sample_video(
             pipe,
             conditioning_image(cfg, rows),
