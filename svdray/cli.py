@@ -75,11 +75,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = args.set + ([f"train.resume_from={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)  # validated before anything starts
+    from svdray.train.failures import TrainingFailed
     from svdray.train.trainer import TrainingStopped, run_training
 
     try:
         result = run_training(cfg)
-    except TrainingStopped as err:
+    except (TrainingStopped, TrainingFailed) as err:
         print(f"training {err}", file=sys.stderr)
         return 1
     print(training_summary(result, args.config))
@@ -196,11 +197,15 @@ def cmd_reward_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     from svdray.reward.diagnostics import RewardCheckError
     from svdray.reward.train import run_reward_training
+    from svdray.train.failures import TrainingFailed
 
     try:
         result = run_reward_training(cfg)
     except RewardCheckError as err:
         print(f"reward training stopped: {err}", file=sys.stderr)
+        return 1
+    except TrainingFailed as err:
+        print(f"reward training {err}", file=sys.stderr)
         return 1
     print(f"LoRA:        {result.lora_dir}")
     print(

@@ -3,16 +3,28 @@
 `torch.load` on a `.pt`/`.bin`/`.ckpt` runs arbitrary code from the file (it is a pickle), so
 svdray never calls it. Files and folders a user hands to a command go through these checks first,
 so a pickle gets a clear refusal naming the file instead of a loader's traceback. The check looks
-at the bytes, not only the name: a safetensors file starts with an 8-byte little-endian header
-length followed by the JSON header's `{`; torch.save writes a zip (`PK`) or a raw pickle (`0x80`).
+at the bytes, not only the name, and decides by structure: a safetensors file is an 8-byte
+little-endian header length, a JSON object of that length describing each tensor (dtype, shape,
+byte range), then the data those ranges lie in. Only a file that is not one is sniffed for what
+torch.save writes (a zip, `PK`, or a raw pickle, `0x80` and its protocol number): the first byte
+alone would also match the one safetensors header length in 256 whose low byte is 0x80. Nothing
+is ever unpickled.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import struct
 from pathlib import Path
 
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".pickletensor"})
+# The safetensors format's own limit on the JSON header (safetensors' MAX_HEADER_SIZE).
+MAX_HEADER_BYTES = 100_000_000
+# Bits per element of the safetensors dtypes; a dtype not listed is checked by its byte range only.
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4}
+DTYPE_BITS |= {"F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16}
+DTYPE_BITS |= {"I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64}
 
 
 class UnsafeFileError(ValueError):
@@ -28,22 +40,69 @@ def _refusal(path: Path, what: str) -> UnsafeFileError:
     )
 
 
-def looks_like_pickle(path: Path) -> bool:
-    """By name, or by the bytes torch.save writes (a zip archive or a pickle protocol opcode)."""
-    if path.suffix in PICKLE_SUFFIXES:
-        return True
+def safetensors_header(path: Path) -> dict | None:
+    """The JSON header of `path` if the file is structurally safetensors, else None.
+
+    Structure, not the first bytes: the header length fits the file, the header is a JSON object,
+    and every tensor entry has a dtype, a shape and a byte range inside the data that follows (of
+    the size its dtype and shape need, for the dtypes listed in DTYPE_BITS). Reads only the header."""
+    size = path.stat().st_size
     with path.open("rb") as f:
-        head = f.read(4)
-    return head.startswith((b"PK\x03\x04", b"\x80"))
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        (header_len,) = struct.unpack("<Q", head)
+        if not 2 <= header_len <= min(size - 8, MAX_HEADER_BYTES):
+            return None
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    data_bytes = size - 8 - header_len
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict):
+                return None
+        elif not _valid_tensor_entry(entry, data_bytes):
+            return None
+    return header
+
+
+def _valid_tensor_entry(entry: object, data_bytes: int) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return False
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets):
+        return False
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_bytes:
+        return False
+    bits = DTYPE_BITS.get(entry["dtype"])
+    return bits is None or math.prod(shape) * bits == (end - begin) * 8
 
 
 def is_safetensors(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
+    return safetensors_header(path) is not None
+
+
+def looks_like_pickle(path: Path) -> bool:
+    """By name; else, for a file that is not structurally safetensors, by the bytes torch.save
+    writes (a zip archive or a pickle protocol opcode)."""
+    if path.suffix in PICKLE_SUFFIXES:
+        return True
+    if is_safetensors(path):
         return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return 0 < header_len <= path.stat().st_size - 8 and head[8:9] == b"{"
+    with path.open("rb") as f:
+        head = f.read(4)
+    # A pickle of protocol 2-5 opens with PROTO (0x80) and its protocol number.
+    return head.startswith(b"PK\x03\x04") or (
+        head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    )
 
 
 def check_safetensors(path: str | Path, what: str) -> Path:

@@ -1,19 +1,24 @@
 """Pickles handed to any svdray command are refused with a message naming the file; nothing is
-ever unpickled (torch.load and pickle.load are tripwires during these tests)."""
+ever unpickled (torch.load and pickle.load are tripwires during these tests). Real safetensors
+files are accepted whatever their first byte: the check decides by the file's structure."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from svdray import cli
 from svdray.config import ConfigError, load_config
 from svdray.model.lora import ADAPTER_CONFIG
-from svdray.safeload import UnsafeFileError, check_safetensors
+from svdray.model.pipeline import load_pipeline
+from svdray.safeload import UnsafeFileError, check_folder, check_pipeline_folder, check_safetensors
 from svdray.train.checkpoint import load_checkpoint
 
 
@@ -106,3 +111,88 @@ def test_checkpoint_loading_refuses_pickles(pickles) -> None:
             load_checkpoint(folder, torch.nn.Linear(1, 1), None, None)
     with pytest.raises(UnsafeFileError, match="pickle"):
         check_safetensors(pickles["disguised"] / "adapter_model.safetensors", "LoRA")
+
+
+def resave_with_header_ending_in_0x80(path: Path) -> bytes:
+    """Rewrite a real safetensors file with the same tensors and metadata padded until its header
+    length's low byte, the file's first byte, is 0x80 (as one header length in 256 has); returns
+    the file's first 10 bytes."""
+    tensors = load_file(str(path))
+    for pad in range(2048):
+        save_file(tensors, str(path), metadata={"format": "pt", "pad": "x" * pad})
+        head = path.read_bytes()[:10]
+        if head[0] == 0x80:
+            return head
+    raise AssertionError(f"no padding gave {path} a header length ending in 0x80")
+
+
+def test_safetensors_starting_with_0x80_is_accepted(
+    tiny_pipeline_dir, tmp_path, write_config, one_clip_manifest
+) -> None:
+    """The issue's case: a pipeline whose fp16 VAE file begins `80 b4 00 00 00 00 00 00 7b 22`."""
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(tiny_pipeline_dir, pipeline)
+    vae_file = pipeline / "vae" / "diffusion_pytorch_model.safetensors"
+    expected = load_file(str(vae_file))
+    head = resave_with_header_ending_in_0x80(vae_file)
+    assert head[0] == 0x80 and head[8:9] == b"{", head
+    assert struct.unpack("<Q", head[:8])[0] % 256 == 0x80
+
+    assert check_safetensors(vae_file, "VAE") == vae_file
+    assert check_folder(vae_file.parent, "VAE") == vae_file.parent
+    assert check_pipeline_folder(pipeline, "model.pretrained") == pipeline
+    cfg = load_config(write_config(one_clip_manifest, model={"pretrained": str(pipeline)}))
+    assert cfg.model.pretrained == str(pipeline)
+    vae = load_pipeline(pipeline).vae.state_dict()  # the file is real: diffusers loads the same weights
+    assert vae.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(vae[key], value, rtol=0, atol=0)
+
+
+def test_pickles_named_safetensors_are_refused(tmp_path) -> None:
+    tensors = {"w": torch.zeros(2, 2)}
+    raw = tmp_path / "raw" / "model.safetensors"  # pickle protocol 2..5: starts with 0x80
+    zipped = tmp_path / "zipped" / "model.safetensors"  # torch.save: a zip archive
+    for path in (raw, zipped):
+        path.parent.mkdir()
+    for protocol in (2, 4, 5):
+        raw.write_bytes(pickle.dumps(tensors, protocol=protocol))
+        assert raw.read_bytes()[0] == 0x80
+        with pytest.raises(UnsafeFileError, match=r"model.safetensors is a pickle"):
+            check_safetensors(raw, "weights")
+        with pytest.raises(UnsafeFileError, match=r"model.safetensors is a pickle"):
+            check_folder(raw.parent, "weights")
+    torch.save(tensors, zipped)
+    for check in (check_safetensors, lambda p, what: check_pipeline_folder(p.parent.parent, what)):
+        for path in (raw, zipped):
+            with pytest.raises(UnsafeFileError, match=r"model.safetensors is a pickle"):
+                check(path, "weights")
+
+
+def test_broken_safetensors_structure_is_not_accepted(tmp_path) -> None:
+    """A header that parses but does not describe the file: data cut short, a byte range of the
+    wrong size for its dtype and shape, a header that is not a JSON object."""
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.zeros(4, 4), "b": torch.ones(4)}, str(good))
+    assert check_safetensors(good, "weights") == good
+    data = good.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+
+    def write(name: str, header_obj: object, body: bytes) -> Path:
+        raw = json.dumps(header_obj).encode()
+        path = tmp_path / name
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+        return path
+
+    body = data[8 + header_len :]
+    wrong_size = json.loads(json.dumps(header))
+    wrong_size["w"]["shape"] = [4, 5]
+    for path in (
+        write("short.safetensors", header, body[:-4]),
+        write("wrong_size.safetensors", wrong_size, body),
+        write("list.safetensors", [header], body),
+        write("no_offsets.safetensors", {"w": {"dtype": "F32", "shape": [4, 4]}}, body),
+    ):
+        with pytest.raises(UnsafeFileError, match="not a safetensors file"):
+            check_safetensors(path, "weights")

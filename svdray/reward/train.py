@@ -39,9 +39,17 @@ from svdray.reward.rewards import RewardSet, build_reward
 from svdray.sample import write_preview
 from svdray.tracking import MetricWriter, mlflow_metrics
 from svdray.train.checkpoint import save_checkpoint
+from svdray.train.failures import training_failure
 from svdray.train.loop import build_models, mean_across_workers, restore_rng, restore_state, rng_snapshot
 from svdray.train.optim import build_lr_scheduler, build_optimizer
-from svdray.train.trainer import init_ray, make_trainer, resolve_paths, training_progress
+from svdray.train.trainer import (
+    init_ray,
+    make_trainer,
+    raise_training_failure,
+    resolve_paths,
+    training_progress,
+    write_run_config,
+)
 
 logger = logging.getLogger("svdray.reward")
 
@@ -197,10 +205,10 @@ class RewardResult:
 
 
 def unwrap_training_error(err: Exception) -> Exception:
-    """The worker's own exception (e.g. RewardCheckError) out of Ray Train's wrapper, if it has one."""
-    for cause in (getattr(err, "worker_failures", None) or {}).values():
-        return cause
-    return err
+    """The worker's own svdray exception (e.g. RewardCheckError) out of Ray Train's and svdray's
+    wrappers (svdray.train.failures), if it has one."""
+    failure = training_failure(err)
+    return failure.original if failure is not None and failure.original is not None else err
 
 
 @torch.no_grad()
@@ -238,7 +246,7 @@ def run_reward_training(cfg: Config) -> RewardResult:
     if cfg.reward.init_lora:
         cfg.reward.init_lora = str(Path(cfg.reward.init_lora).resolve())
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    write_run_config(cfg)
     init_ray(cfg)
     board = create_board(cfg.train.name)
     uri = tracking.tracking_uri(cfg)
@@ -269,10 +277,12 @@ def run_reward_training(cfg: Config) -> RewardResult:
         with training_progress(cfg, board, "reward-train"), tracking.SystemMetrics(uri, run_id):
             trainer.fit()
     except Exception as err:
-        tracking.end_run(uri, run_id, status="FAILED")
         cause = unwrap_training_error(err)
         if isinstance(cause, RewardCheckError):
+            tracking.end_run(uri, run_id, status="FAILED")
             raise RewardCheckError(str(cause)) from err
+        raise_training_failure(err, uri, run_id)
+        tracking.end_run(uri, run_id, status="FAILED")
         raise
 
     lora_dir = output_dir / "lora"

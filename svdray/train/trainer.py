@@ -32,6 +32,7 @@ from svdray.report import plot_loss_curve
 from svdray.sample import write_mp4
 from svdray.tracking import metric_history
 from svdray.train.checkpoint import check_checkpoint, read_train_state
+from svdray.train.failures import StopOnTrainingFailed, stop_on_errors, training_failure
 from svdray.train.loop import train_loop_per_worker
 from svdray.train.validate import to_hwc, write_previews
 
@@ -87,6 +88,14 @@ def resolve_paths(cfg: Config) -> Config:
     return cfg
 
 
+def write_run_config(cfg: Config) -> Path:
+    """The resolved config next to the run's outputs: `svdray export` reads the base model from it."""
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(cfg.output_dir) / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
+
+
 def latest_checkpoint(cfg: Config) -> ray.train.Checkpoint | None:
     """The newest checkpoint of a previous attempt of this run (same storage path and name)."""
     run_dir = Path(cfg.train.storage_path) / cfg.train.name
@@ -132,12 +141,14 @@ def make_trainer(
     callbacks: list[ray.train.UserCallback] | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer of a run (`svdray train`, `svdray reward-train`, Tune trials): workers and
-    resources from `train.*`, a stable name for resuming, bounded checkpoints, worker restarts."""
+    resources from `train.*`, a stable name for resuming, bounded checkpoints, worker restarts
+    after lost workers, and an error in the run's code or config ending the run at once (it would
+    recur on every restart; see svdray.train.failures)."""
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
-        loop,
+        stop_on_errors(loop),
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
@@ -148,7 +159,7 @@ def make_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             # A dead worker (or node) restarts the worker group from the latest checkpoint.
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), StopOnTrainingFailed()],
         ),
         datasets={"train": dataset},
         # The stream's own execution options (plan order kept): without them Ray Train copies the
@@ -175,9 +186,7 @@ def run_training(
     cfg = resolve_paths(cfg)
     if cfg.train.resume_from:
         check_checkpoint(cfg.train.resume_from)  # before anything starts: never a pickle
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    # The resolved config next to the run's outputs: `svdray export` reads the base model from it.
-    (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_run_config(cfg)
     init_ray(cfg)
     # Started now, not with the trainer's dozen actors: fewer processes starting at once.
     board = create_board(cfg.train.name) if progress else None
@@ -221,7 +230,8 @@ def run_training(
     try:
         with training_progress(cfg, board), tracking.SystemMetrics(uri, run_id):
             result = trainer.fit()
-    except BaseException:
+    except BaseException as err:
+        raise_training_failure(err, uri, run_id)
         tracking.end_run(uri, run_id, status="FAILED")
         raise
     outcome = result.return_value
@@ -284,6 +294,18 @@ def run_description(cfg: Config, prepared: Prepared) -> str:
     if cfg.mlflow.description:
         lines += ["", cfg.mlflow.description.strip()]
     return "\n".join(lines) + "\n"
+
+
+def raise_training_failure(err: BaseException, uri: str, run_id: str) -> None:
+    """If `trainer.fit()` raised because a worker's error would recur on a restart: log its
+    traceback, tag and end the MLflow run, and raise that TrainingFailed in place of Ray's wrapper."""
+    failure = training_failure(err)
+    if failure is None:
+        return
+    logger.error("training worker %d failed:\n%s", failure.rank, failure.worker_traceback)
+    MlflowClient(tracking_uri=uri).set_tag(run_id, "svdray.failed", str(failure)[:5000])
+    tracking.end_run(uri, run_id, status="FAILED")
+    raise failure from None
 
 
 def conditioning_image(cfg: Config, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:

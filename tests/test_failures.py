@@ -1,0 +1,110 @@
+"""An error that would recur on a restart stops the run at once with its message and step; the
+failures a restart cures (lost workers, a collective whose peer died) are still restarted within
+`train.max_failures` (tests/test_resume.py kills a worker for real and checks the restart)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+
+import pytest
+import ray.exceptions
+import torch
+import torch.distributed as dist
+from mlflow.tracking import MlflowClient
+
+from svdray.config import load_config
+from svdray.data.manifest import RowError
+from svdray.data.video import ClipError
+from svdray.tracking import metric_history
+from tests.conftest import free_port
+
+
+def collective_after_peer_died(rank: int, port: int, errors) -> None:
+    """Two gloo ranks all-reduce once; then rank 1 exits and rank 0's next all-reduce fails."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    tensor = torch.ones(4)
+    dist.all_reduce(tensor)
+    if rank == 1:
+        os._exit(0)
+    try:
+        dist.all_reduce(tensor)
+    except RuntimeError as err:
+        errors.put((type(err).__name__, str(err)))
+
+
+def test_which_errors_a_restart_can_cure() -> None:
+    from svdray.train.failures import TrainingFailed, restart_can_cure, svdray_error
+
+    context = multiprocessing.get_context("spawn")
+    errors = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=collective_after_peer_died, args=(r, port, errors)) for r in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=120)
+    kind, message = errors.get(timeout=10)
+    assert kind == "RuntimeError", message
+    # The real error gloo raises on the surviving rank, and Ray's and torch's own failure types.
+    assert restart_can_cure(RuntimeError(message)), message
+    assert restart_can_cure(ray.exceptions.ActorDiedError())
+    assert restart_can_cure(dist.DistNetworkError("store connection lost"))
+    # Errors of the code, the model or the config recur.
+    for err in (
+        TypeError("Got unsupported ScalarType BFloat16"),
+        ValueError("bad shape"),
+        ClipError("clip.mp4: cannot decode"),
+        FileExistsError("out/validation"),
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+    ):
+        assert not restart_can_cure(err), err
+
+    # svdray's own exception rides along (for callers that handle it by type) when it rebuilds
+    # from its reduced form; a RowError (two arguments, one message) does not.
+    clip_error = ClipError("clip.mp4: cannot decode")
+    assert svdray_error(clip_error) is clip_error
+    assert svdray_error(RowError("missing", "row 3: no video")) is None
+    assert svdray_error(ValueError("bad shape")) is None
+
+    # Ray ships TrainingFailed from the worker to the controller and the driver.
+    failure = TrainingFailed("TypeError", "Got unsupported ScalarType BFloat16", 1, 250, "Traceback ...")
+    copy = pickle.loads(pickle.dumps(failure))
+    assert str(copy) == str(failure) and copy.step == 250 and copy.worker_traceback == "Traceback ..."
+    assert "on worker 1 after step 250: TypeError: Got unsupported ScalarType BFloat16" in str(copy)
+
+
+def test_error_in_validation_stops_the_run_at_once(
+    ray_cluster, write_config, one_clip_manifest, tmp_path
+) -> None:
+    """Validation at step 2 cannot write its videos (`<output_dir>/validation` is a file). With
+    train.max_failures=2 Ray Train would restart from step 1's checkpoint and fail the same way
+    twice more; the run stops after the first attempt with the error and its step instead."""
+    from svdray.train.failures import TrainingFailed
+    from svdray.train.trainer import run_training
+
+    train = {"name": "fails", "max_steps": 3, "checkpoint_every": 1, "max_failures": 2}
+    validate = {"manifest": str(one_clip_manifest), "every": 2, "num_videos": 1, "steps": 1}
+    cfg = load_config(write_config(one_clip_manifest, train=train, validate=validate))
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "validation").write_text("not a folder")
+
+    expected = r"on worker 0 after step 2: (FileExistsError|NotADirectoryError): .*validation"
+    with pytest.raises(TrainingFailed, match=expected):
+        run_training(cfg)
+
+    uri = cfg.mlflow.tracking_uri
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("tests").experiment_id], filter_string="attributes.run_name = 'fails'"
+    )
+    assert run.info.status == "FAILED"
+    assert "after step 2" in run.data.tags["svdray.failed"]
+    # One attempt: step 1 logged once (step 2 logs after its validation), no restart resumed.
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1]
+    assert metric_history(uri, run.info.run_id, "resumed_from_step") == []
+    assert sorted(p.name for p in (output_dir / "ray" / "fails").glob("step_*")) == ["step_00000001"]
