@@ -58,7 +58,9 @@ from svdray.config import Config, apply_overrides, config_from_dict, load_config
 from svdray.model.checkpointing import enable_checkpointing  # noqa: E402
 from svdray.model.lora import cast_frozen_weights, lora_parameters  # noqa: E402
 from svdray.model.pipeline import FrozenModels  # noqa: E402
-from svdray.train.speed import adamw, apply_speed_options  # noqa: E402
+from svdray.model.precision import mixed_precision  # noqa: E402
+from svdray.train.optim import build_optimizer  # noqa: E402
+from svdray.train.speed import apply_speed_options  # noqa: E402
 from svdray.train.step import encode_batch, training_loss  # noqa: E402
 
 GIB = 2**30
@@ -187,13 +189,6 @@ def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: torch.empty_like(v, device=device) if v.device.type == "meta" else v for k, v in batch.items()}
 
 
-def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast when the run asks for it, on the counting device (the loop's on a GPU)."""
-    if cfg.train.mixed_precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class LiveTensors(TorchDispatchMode):
     """The peak of bytes held by tensors that ops create while it is active (inputs made before
     are not counted). A storage counts from the op that creates it until it is freed (a weakref
@@ -242,11 +237,11 @@ def count_step(
     lora = lora_parameters(unet)
     clip_dim = frozen.image_encoder.config.projection_dim
     batch = on_device(cached_batch(cfg, frozen, clip_dim) if cached else example_batch(cfg, "meta"), device)
-    optimizer = adamw(lora, cfg.optim, dataclasses.replace(cfg.speed, fused_adamw=False), device)
+    optimizer = build_optimizer(lora, cfg.optim, dataclasses.replace(cfg.speed, fused_adamw=False), device)
 
     exclude = {storage_key(t) for m in modules.values() for t in (*m.parameters(), *m.buffers())}
     counter = SavedTensorCounter(exclude)
-    with autocast(cfg, device):
+    with mixed_precision(cfg.train.mixed_precision, device):
         encode = encode_peak(frozen, batch, device)
         with counter.counting():
             loss = training_loss(unet, frozen, batch, cfg.objective, None)

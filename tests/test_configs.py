@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from svdray.config import load_config
-from svdray.data.demo import write_demo_manifest
+from svdray.data.demo import write_demo_manifests
 from svdray.export import export
 from svdray.model.lora import ADAPTER_WEIGHTS
 from svdray.safeload import check_pipeline_folder
@@ -82,7 +82,7 @@ def test_shipped_config_runs(
 ) -> None:
     tree = yaml.safe_load(config_path.read_text())
     pipeline = tiny_fp16_variant_dir if tree["model"].get("variant") == "fp16" else tiny_pipeline_dir
-    manifest = write_demo_manifest(tmp_path / "demo.jsonl")
+    manifest, _ = write_demo_manifests(tmp_path / "demo.jsonl", tmp_path / "held_out.jsonl")
     cfg = load_config(config_path, tiny_overrides(tree, pipeline, manifest, tmp_path))
     # Everything else is the shipped config's own.
     assert cfg.train.grad_accum == tree["train"].get("grad_accum", 1)
