@@ -100,7 +100,7 @@ def test_shipped_config_runs(
 
         result = run_training(cfg)
         assert result.checkpoint_dir.name == f"step_{STEPS:08d}"
-        losses = metric_history(result.tracking_uri, result.mlflow_run_id, "loss")
+        losses = metric_history(result.tracking_uri, result.mlflow_run_id, "train/loss")
         assert losses and losses[-1][0] == STEPS and all(math.isfinite(loss) for _, loss in losses)
         if cfg.validate.manifest:  # the last step always validates
             val_loss = metric_history(result.tracking_uri, result.mlflow_run_id, "val_loss")

@@ -104,7 +104,7 @@ def test_error_in_validation_stops_the_run_at_once(
     assert run.info.status == "FAILED"
     assert "after step 2" in run.data.tags["svdray.failed"]
     # One attempt: step 1 logged once (step 2 logs after its validation), no restart resumed.
-    losses = client.get_metric_history(run.info.run_id, "loss")
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses] == [1]
     assert metric_history(uri, run.info.run_id, "resumed_from_step") == []
     assert sorted(p.name for p in (output_dir / "ray" / "fails").glob("step_*")) == ["step_00000001"]

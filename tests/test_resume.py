@@ -153,8 +153,9 @@ def test_uninterrupted_run(baseline: TrainingResult, root: Path) -> None:
         logged = client.list_artifacts(run_id, f"validation/step_{step:08d}")
         assert {Path(a.path).name for a in logged} == {"clip000.mp4", "preview.gif", "preview.png"}
     with Image.open(baseline.output_dir / "validation" / "step_00000012" / "preview.gif") as gif:
-        # conditioning frame | sample | ground truth, 32 px scaled x4; one GIF frame per video frame
-        assert gif.size == (3 * 32 * 4, 32 * 4) and gif.n_frames == 8
+        # conditioning frame | sample | ground truth, 32 px scaled x8 (panels of at least 256 px);
+        # one GIF frame per video frame
+        assert gif.size == (3 * 32 * 8, 32 * 8) and gif.n_frames == 8
 
 
 def train_worker_pid() -> int | None:

@@ -217,7 +217,7 @@ def test_reward_training_raises_reward_on_held_out_images(
     path = write_config(
         train,
         lora={"rank": 8, "alpha": 8},
-        optim={"lr": 5e-3},
+        optim={"lr": 5e-3, "schedule": "constant"},  # the reward loop follows optim.schedule
         train={
             "name": "reward",
             "max_steps": 24,

@@ -12,7 +12,10 @@ import torch
 def encoder_precision(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off around the frozen encoders: they run in their own dtype (`model.frozen_dtype`)
     whatever the UNet's mixed precision, as in Stability's training code, so in-loop latents equal
-    the cached ones and the conditioning equals what the pipeline computes at inference."""
+    the cached ones and the conditioning equals what the pipeline computes at inference. (The meta
+    device, where the benchmarks count FLOPs and memory, has no autocast to turn off.)"""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 
 
