@@ -103,7 +103,7 @@ def test_shipped_config_runs(
         losses = metric_history(result.tracking_uri, result.mlflow_run_id, "train/loss")
         assert losses and losses[-1][0] == STEPS and all(math.isfinite(loss) for _, loss in losses)
         if cfg.validate.manifest:  # the last step always validates
-            val_loss = metric_history(result.tracking_uri, result.mlflow_run_id, "val_loss")
+            val_loss = metric_history(result.tracking_uri, result.mlflow_run_id, "val/loss")
             assert [step for step, _ in val_loss] == [STEPS]
             videos = sorted((result.output_dir / "validation" / f"step_{STEPS:08d}").glob("clip*.mp4"))
             assert len(videos) == cfg.validate.num_videos
