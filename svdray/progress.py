@@ -24,6 +24,8 @@ from typing import Any, TextIO
 import ray
 import ray.data
 
+from svdray.data.ledger import fresh_named_actor
+
 
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
@@ -138,15 +140,7 @@ class ProgressBoard:
 
 def create_board(run: str):
     """A fresh board for this run (one left from an earlier run in this driver is replaced)."""
-    name = board_name(run)
-    with contextlib.suppress(ValueError):
-        ray.kill(ray.get_actor(name))
-    for _ in range(50):  # a killed actor's name is released asynchronously
-        try:
-            return ProgressBoard.options(name=name).remote()
-        except ValueError:
-            time.sleep(0.1)
-    raise RuntimeError(f"the actor name {name!r} stays taken: is another run with this name active?")
+    return fresh_named_actor(ProgressBoard, board_name(run))
 
 
 class BoardReporter:

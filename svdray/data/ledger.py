@@ -48,19 +48,24 @@ class DataLedger:
         }
 
 
-def create_ledger(experiment: str):
-    """A fresh ledger for this run (one left over from an earlier run in this driver is replaced)."""
-    name = ledger_name(experiment)
+def fresh_named_actor(actor_class: Any, name: str) -> Any:
+    """A new named actor of `actor_class` (a `ray.remote` class), replacing one of that name left
+    over from an earlier run in this driver."""
     try:
         ray.kill(ray.get_actor(name))
     except ValueError:
         pass
     for _ in range(50):  # a killed actor's name is released asynchronously
         try:
-            return DataLedger.options(name=name).remote()
+            return actor_class.options(name=name).remote()
         except ValueError:
             time.sleep(0.1)
     raise RuntimeError(f"the actor name {name!r} stays taken: is another run with this name active?")
+
+
+def create_ledger(experiment: str):
+    """A fresh ledger for this run (one left over from an earlier run in this driver is replaced)."""
+    return fresh_named_actor(DataLedger, ledger_name(experiment))
 
 
 def find_ledger(experiment: str):
