@@ -150,7 +150,7 @@ def epoch_times(work: Path, rows: list[dict], cache: bool) -> dict[str, float]:
     from svdray.config import load_config
     from svdray.data.cache import ensure_cache
     from svdray.data.manifest import write_manifest
-    from svdray.model.pipeline import save_tiny_pipeline
+    from svdray.models.svd.pipeline import save_tiny_pipeline
     from svdray.train.trainer import run_training
 
     tiny = work / "tiny-svd"
@@ -204,10 +204,10 @@ def step_cpu_seconds(work: Path, rows: list[dict], repeats: int = 5) -> dict[str
     """CPU seconds of one training step (loss + backward, batch 2, 8 frames at 64x96) on the tiny
     model, from decoded clips and from their cache entries, on one thread: CPU time, unlike wall
     time, hardly depends on what else the machine runs."""
-    from svdray.config import ModelConfig, ObjectiveConfig
+    from svdray.config import ModelConfig, SvdConfig
     from svdray.data.cache import LatentEncoder
-    from svdray.model.pipeline import FrozenModels, load_pipeline, save_tiny_pipeline
-    from svdray.train.step import training_loss
+    from svdray.models.svd.pipeline import FrozenModels, load_pipeline, save_tiny_pipeline
+    from svdray.models.svd.loss import training_loss
 
     tiny = work / "tiny-svd"
     if not (tiny / "model_index.json").exists():
@@ -238,10 +238,10 @@ def step_cpu_seconds(work: Path, rows: list[dict], repeats: int = 5) -> dict[str
     torch.set_num_threads(1)  # waiting threads spin under contention and would count as CPU time
     for name, batch in batches.items():
         generator = torch.Generator().manual_seed(0)
-        training_loss(pipe.unet, frozen, batch, ObjectiveConfig(), generator).backward()  # warm-up
+        training_loss(pipe.unet, frozen, batch, SvdConfig(), generator).backward()  # warm-up
         started = time.process_time()
         for _ in range(repeats):
-            training_loss(pipe.unet, frozen, batch, ObjectiveConfig(), generator).backward()
+            training_loss(pipe.unet, frozen, batch, SvdConfig(), generator).backward()
         out[name] = (time.process_time() - started) / repeats
     torch.set_num_threads(threads)
     return out

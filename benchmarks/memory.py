@@ -10,7 +10,7 @@ components' configs of a local `model.pretrained` folder), moves it to fake CPU 
   - activations: the tensors autograd saves for backward, as unique storages (views of one
     tensor count once; weights are not counted again), seen by `saved_tensors_hooks`. A
     checkpointed region (`torch.utils.checkpoint.checkpoint`, as diffusers and
-    svdray/model/checkpointing.py call it) counts what checkpointing keeps of it (its inputs),
+    svdray/models/svd/checkpointing.py call it) counts what checkpointing keeps of it (its inputs),
     and its recomputation peak (what it saves when backward reruns it, nested regions likewise)
     is added once, the largest region's: backward reruns one region at a time;
   - encode: the peak of live tensors while the frozen VAE and CLIP encode the batch (no graph,
@@ -55,13 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step, when imp
 from train_step import example_batch, meta_models, save_random_pipeline  # noqa: E402
 
 from svdray.config import Config, apply_overrides, config_from_dict, load_config  # noqa: E402
-from svdray.model.checkpointing import enable_checkpointing  # noqa: E402
-from svdray.model.lora import cast_frozen_weights, lora_parameters  # noqa: E402
-from svdray.model.pipeline import FrozenModels  # noqa: E402
-from svdray.model.precision import mixed_precision  # noqa: E402
+from svdray.models.svd.checkpointing import enable_checkpointing  # noqa: E402
+from svdray.models.lora import cast_frozen_weights, lora_parameters  # noqa: E402
+from svdray.models.svd.pipeline import FrozenModels  # noqa: E402
+from svdray.models.precision import mixed_precision  # noqa: E402
 from svdray.train.optim import build_optimizer  # noqa: E402
-from svdray.train.speed import apply_speed_options  # noqa: E402
-from svdray.train.step import encode_batch, training_loss  # noqa: E402
+from svdray.models.speed import apply_speed_options  # noqa: E402
+from svdray.models.svd.loss import encode_batch, training_loss  # noqa: E402
 
 GIB = 2**30
 CACHED = "cached_latents"
@@ -244,7 +244,7 @@ def count_step(
     with mixed_precision(cfg.train.mixed_precision, device):
         encode = encode_peak(frozen, batch, device)
         with counter.counting():
-            loss = training_loss(unet, frozen, batch, cfg.objective, None)
+            loss = training_loss(unet, frozen, batch, cfg.svd, None)
         loss.backward()
     optimizer.step()
     lora_bytes = tensor_bytes(lora)
@@ -283,10 +283,11 @@ def prepare_meta_models(pipeline_dir: Path, cfg: Config) -> tuple[FrozenModels, 
     frozen, unet = meta_models(pipeline_dir, cfg)
     for module in (frozen.vae, frozen.image_encoder):
         module.eval().to(getattr(torch, cfg.model.frozen_dtype))
-    cast_frozen_weights(unet, getattr(torch, cfg.model.unet_dtype))
+    cast_frozen_weights(unet, getattr(torch, cfg.model.denoiser_dtype))
     enable_checkpointing(unet, cfg.train.gradient_checkpointing)
-    speed = dataclasses.replace(cfg.speed, compile_unet=False)  # nothing to compile on fake tensors
-    return apply_speed_options(frozen, unet, speed, torch.device("meta"))
+    speed = dataclasses.replace(cfg.speed, compile_denoiser=False)  # nothing to compile on fake tensors
+    apply_speed_options(unet, frozen.vae, speed)
+    return dataclasses.replace(frozen, vae_chunk=speed.vae_chunk), unet
 
 
 def count_config(pipeline_dir: Path, cfg: Config, cached: bool = False) -> dict[str, Any]:
@@ -307,7 +308,7 @@ def count_config(pipeline_dir: Path, cfg: Config, cached: bool = False) -> dict[
 # then each one off in turn. cached_latents is a case property, not a config key.
 OPTIONS = {
     "train.gradient_checkpointing": ("full", True, False),
-    "model.unet_dtype": ("bfloat16", "float32"),
+    "model.denoiser_dtype": ("bfloat16", "float32"),
     "train.mixed_precision": ("bf16", "no"),
     "model.frozen_dtype": ("bfloat16", "float32"),
 }
@@ -331,7 +332,7 @@ def option_variants(base: Config) -> list[tuple[str, list[str]]]:
                 continue
             overrides = [f"{key}={json.dumps(value)}"]
             if key == "train.mixed_precision" and value == "no":
-                overrides.append('model.unet_dtype="float32"')  # bf16 weights need bf16 autocast
+                overrides.append('model.denoiser_dtype="float32"')  # bf16 weights need bf16 autocast
             out.append((f"{key}={value}", overrides))
     out.append((CACHED, []))
     return out

@@ -54,12 +54,13 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from svdray.config import Config, apply_overrides, config_from_dict  # noqa: E402
-from svdray.model.lora import add_lora, lora_parameters  # noqa: E402
-from svdray.model.objective import sample_sigmas  # noqa: E402
-from svdray.model.pipeline import FrozenModels  # noqa: E402
-from svdray.model.precision import mixed_precision  # noqa: E402
+from svdray.models.lora import lora_parameters  # noqa: E402
+from svdray.models.svd.lora import add_lora  # noqa: E402
+from svdray.models.svd.objective import sample_sigmas  # noqa: E402
+from svdray.models.svd.pipeline import FrozenModels  # noqa: E402
+from svdray.models.precision import mixed_precision  # noqa: E402
 from svdray.train.optim import build_lr_scheduler, build_optimizer  # noqa: E402
-from svdray.train.step import (  # noqa: E402
+from svdray.models.svd.loss import (  # noqa: E402
     EncodedBatch,
     apply_cfg_dropout,
     diffusion_loss,
@@ -128,7 +129,7 @@ def build_svd_xt(device: str = "cpu"):
     )
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from svdray.model.pipeline import SVD_SCHEDULER_CONFIG
+    from svdray.models.svd.pipeline import SVD_SCHEDULER_CONFIG
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -147,7 +148,7 @@ def build_svd_xt(device: str = "cpu"):
 def save_random_pipeline(tiny: bool, out_dir: Path, configs_only: bool = False) -> Path:
     """Write the pipeline once; both loops then load it with `from_pretrained` like a real SVD-XT.
     `configs_only` writes just the components' configs: enough to count FLOPs on meta."""
-    from svdray.model.pipeline import save_tiny_pipeline
+    from svdray.models.svd.pipeline import save_tiny_pipeline
 
     if tiny:
         return save_tiny_pipeline(out_dir, seed=0)
@@ -201,8 +202,8 @@ def cached_step_loss(
 ) -> torch.Tensor:
     """`training_loss` after the encoders: CFG dropout, sigmas and noise on precomputed latents."""
     size, device = encoded.latents.shape[0], encoded.latents.device
-    encoded = apply_cfg_dropout(encoded, cfg.objective.cfg_dropout, generator)
-    sigma = sample_sigmas(size, cfg.objective.p_mean, cfg.objective.p_std, generator, device)
+    encoded = apply_cfg_dropout(encoded, cfg.svd.cfg_dropout, generator)
+    sigma = sample_sigmas(size, cfg.svd.p_mean, cfg.svd.p_std, generator, device)
     noise = torch.randn(encoded.latents.shape, generator=generator, device=device)
     return diffusion_loss(unet, encoded, sigma, noise).mean()
 
@@ -223,7 +224,7 @@ def count_step_flops(
         if cached:
             loss = cached_step_loss(unet, encoded, cfg, generator)
         else:
-            loss = training_loss(unet, frozen, batch, cfg.objective, generator)
+            loss = training_loss(unet, frozen, batch, cfg.svd, generator)
         loss.backward()
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     return {"total": counter.get_total_flops(), "by_op": by_op}
@@ -363,7 +364,7 @@ def option_variants(cfg: Config, device: torch.device) -> list[str]:
         f"speed.fused_adamw={str(not fused).lower()}",
         # Quoted: overrides are YAML, where a bare `no` is false.
         f"train.mixed_precision={'no' if cfg.train.mixed_precision == 'bf16' else 'bf16'!r}",
-        f"speed.compile_unet={str(not cfg.speed.compile_unet).lower()}",
+        f"speed.compile_denoiser={str(not cfg.speed.compile_denoiser).lower()}",
     ]
     return variants
 
@@ -411,14 +412,15 @@ def step_stats(ends: dict[int, float], warmup: int, cfg: Config) -> dict[str, An
 
 def plain_loop(cfg: Config, warmup: int, steps: int, cached: bool) -> dict[str, Any]:
     """The same models, objective, optimizer and schedule as the Ray Train loop, in a bare loop."""
-    from svdray.train.loop import build_models
+    from svdray.models.svd.family import SVDFamily
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000)
-    frozen, unet = build_models(cfg, device)
+    models = SVDFamily().build_models(cfg, device)
+    frozen, unet = models.frozen, models.denoiser
     optimizer = build_optimizer(lora_parameters(unet), cfg.optim, cfg.speed, device)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     batches = [example_batch(cfg, device, seed) for seed in range(2)]
@@ -443,7 +445,7 @@ def plain_loop(cfg: Config, warmup: int, steps: int, cached: bool) -> dict[str, 
             if cached:
                 loss = cached_step_loss(unet, encoded[i % len(encoded)], cfg, generator)
             else:
-                loss = training_loss(unet, frozen, batches[i % len(batches)], cfg.objective, generator)
+                loss = training_loss(unet, frozen, batches[i % len(batches)], cfg.svd, generator)
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(unet), cfg.optim.max_grad_norm)
         optimizer.step()

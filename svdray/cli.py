@@ -11,14 +11,15 @@ import sys
 from svdray import console
 from svdray.config import ConfigError, load_config
 from svdray.data.manifest import DataError, ManifestError
+from svdray.models import FAMILIES
 from svdray.safeload import UnsafeFileError
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from svdray.model.pipeline import save_tiny_pipeline
+    from svdray.models import get_family
 
-    out = save_tiny_pipeline(args.out, seed=args.seed)
-    print(f"tiny SVD pipeline saved to {out}")
+    out = get_family(args.family).save_tiny_pipeline(args.out, seed=args.seed)
+    print(f"tiny {args.family} pipeline saved to {out}")
     return 0
 
 
@@ -56,12 +57,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     from svdray.data.cache import ensure_cache
     from svdray.data.prepare import training_rows
+    from svdray.models import family_of
     from svdray.train.trainer import init_ray, resolve_paths
 
     cfg = resolve_paths(cfg)
     init_ray(cfg)
     prepared = training_rows(cfg.data, Path(cfg.output_dir) / "data")
-    result = ensure_cache(prepared.rows, cfg.data, cfg.model)
+    result = ensure_cache(prepared.rows, cfg.data, cfg.model, family_of(cfg).cache_encoder())
     print(f"latent cache: {result.folder}")
     print(f"  clips:        {len(prepared.rows)}")
     print(f"  hits:         {result.hits}")
@@ -151,7 +153,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from svdray.sample import SAMPLE_FLAGS, sampling_config
 
     if args.lora:
-        from svdray.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+        from svdray.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
         from svdray.safeload import check_folder, check_safetensors
 
         check_folder(args.lora, "--lora")
@@ -177,18 +179,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     elif cfg.model.pretrained.startswith((".", "/", "~")):
         raise FileNotFoundError(f"--pipeline: {cfg.model.pretrained} does not exist")
 
-    from svdray.model.sampler import load_sampling_models, sample_video, sampling_spec
+    from svdray.models import family_of
     from svdray.sample import write_mp4
 
-    models = load_sampling_models(cfg.model, args.lora, mixed_precision=cfg.train.mixed_precision)
+    family = family_of(cfg)
+    models = family.load_sampling_models(cfg, args.lora)
     if not from_run and not args.num_frames:
-        cfg.sample.num_frames = models.unet.config.num_frames
-    spec = sampling_spec(cfg)
-    frames = sample_video(models, image, spec)
+        cfg.sample.num_frames = family.default_num_frames(models)
+    spec = family.sampling_spec(cfg)
+    frames = family.sample_video(models, image, spec, prompt=args.prompt or "")
     write_mp4(frames, out, spec.fps)
     print(
-        f"{len(frames)} frames ({spec.height}x{spec.width}, fps {spec.fps:g}, motion bucket "
-        f"{spec.bucket_for(None):g}, {spec.steps} steps) written to {out}"
+        f"{len(frames)} frames ({spec.height}x{spec.width}, {family.describe_conditioning(spec, None)}, "
+        f"{spec.steps} steps) written to {out}"
     )
     return 0
 
@@ -295,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)",
         )
 
-    p = command("tiny-model", "build and save a tiny random SVD pipeline (demo, tests)")
+    p = command("tiny-model", "build and save a tiny random pipeline of a model family (demo, tests)")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="svd", help="model family")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to save the pipeline in")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=cmd_tiny_model)
@@ -359,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", help="LoRA folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--image", required=True, help="conditioning image, cropped to the size like training")
     p.add_argument("--out", required=True, help="the .mp4 file to write")
+    p.add_argument("--prompt", help="text prompt, for families conditioned on text (default: none)")
+    p.add_argument("--family", choices=sorted(FAMILIES), help="model family (default: the run's, else svd)")
     p.add_argument("--pipeline", help="pipeline folder or hub id (default: the run's model.pretrained)")
     p.add_argument("--variant", help="weight files variant, e.g. fp16 (default: the run's model.variant)")
     p.add_argument("--revision", help="hub revision (default: the run's model.revision)")

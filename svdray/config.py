@@ -25,15 +25,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    # The model family (svdray/models): "svd" for Stable Video Diffusion / SVD-XT, "wan" for Wan
+    # image-to-video. Its options live in the section of the same name (`svd:`, `wan:`).
+    family: Literal["svd", "wan"] = "svd"
     # A local pipeline directory (e.g. a downloaded SVD-XT) or a Hugging Face hub id.
     pretrained: str = "stabilityai/stable-video-diffusion-img2vid-xt"
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" to read the half-precision weight files
-    # dtype of the frozen VAE and image encoder.
+    # dtype of the frozen encoders (VAE, image and text encoders).
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # dtype of the UNet's frozen weights; its LoRA weights (and their gradients and AdamW state)
-    # stay float32. bfloat16 halves the UNet's 6.1 GB and needs train.mixed_precision: bf16.
-    unet_dtype: Literal["float32", "bfloat16"] = "float32"
+    # dtype of the denoiser's frozen weights (SVD's UNet, Wan's transformer); its LoRA weights (and
+    # their gradients and AdamW state) stay float32. bfloat16 halves SVD's 6.1 GB UNet and needs
+    # train.mixed_precision: bf16.
+    denoiser_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
@@ -48,9 +52,6 @@ class DataConfig:
     fps: float = 7.0  # frames are sampled by timestamp at this rate; also the fps conditioning
     start: Literal["first", "random"] = "random"
     crop: Literal["center", "random"] = "center"
-    # An int uses that bucket for every clip; null computes it from the clip's motion.
-    motion_bucket_id: int | None = 127
-    motion_bucket_scale: float = 4.0  # bucket = scale * temporal pixel std (0..255 units), clamped
     decode_cpus: float = 1.0  # CPUs per decoder (a Ray Data actor)
     decoders: int = 0  # most decoders at once; 0: as many as the cluster's CPUs hold at decode_cpus
     # false: bad rows are rejected (listed in rejects.jsonl, counted in MLflow) and training goes
@@ -80,18 +81,6 @@ class LoraConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    # Log-normal training sigma. 0.7/1.6 is the community SVD fine-tuning reference; sgm uses -1.2/1.2.
-    p_mean: float = 0.7
-    p_std: float = 1.6
-    # Conditioning noise augmentation strength ~ LogNormal(mean, std), drawn per sample.
-    noise_aug_mean: float = -3.0
-    noise_aug_std: float = 0.5
-    # Classifier-free guidance dropout (InstructPix2Pix scheme).
-    cfg_dropout: float = 0.1
-
-
-@dataclass
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-2
@@ -114,7 +103,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16"] = "no"
     # false; true: diffusers' own (ResNet blocks and spatial attention blocks only); "full": also
     # every temporal attention block and the rest of each spatio-temporal transformer
-    # (svdray/model/checkpointing.py), about 4x less activation memory than true at 576x1024.
+    # (svdray/models/svd/checkpointing.py), about 4x less activation memory than true at 576x1024.
     gradient_checkpointing: bool | Literal["full"] = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -141,7 +130,7 @@ class TrainConfig:
 
 @dataclass
 class SpeedConfig:
-    """Memory/speed options applied by `svdray.train.speed`; `benchmarks/train_step.py` measures each.
+    """Memory/speed options applied by `svdray.models.speed`; `benchmarks/train_step.py` measures each.
 
     Gradient checkpointing (`train.gradient_checkpointing`), bf16 autocast (`train.mixed_precision`)
     and the frozen models' dtype (`model.frozen_dtype`) live in their own sections.
@@ -150,7 +139,9 @@ class SpeedConfig:
     # Scaled-dot-product attention kernel for the UNet's and VAE's attention; "default" lets torch pick.
     attention: Literal["default", "flash", "efficient", "cudnn", "math"] = "default"
     vae_chunk: int = 16  # frames per VAE encode call: smaller bounds encode memory at full resolution
-    compile_unet: bool = False  # torch.compile the UNet in place (the first steps pay the compile)
+    compile_denoiser: bool = (
+        False  # torch.compile the UNet/transformer in place (the first steps pay the compile)
+    )
     fused_adamw: bool | None = None  # AdamW's fused kernel; null: fused on CUDA, for-each elsewhere
     channels_last: bool = False  # UNet and VAE convolution weights in channels-last memory format
 
@@ -159,20 +150,14 @@ class SpeedConfig:
 class SampleConfig:
     """How videos are sampled: after training, in validation (`validate.steps`/`seed` aside), in
     the reward stage (unless `reward.*` overrides) and by `svdray sample --lora` from this run.
-    Unset keys follow training (`svdray.model.sampler.sampling_spec`), so a sample is conditioned
+    Unset keys follow training (`svdray.models.svd.sampler.sampling_spec`), so a sample is conditioned
     as the UNet was trained."""
 
     enabled: bool = True  # sample a video after training
     image: str | None = None  # conditioning image; default: first frame of the first clip
     num_frames: int | None = None  # default: data.num_frames
     steps: int = 25
-    fps: float | None = None  # default: data.fps (the UNet gets fps - 1, as in training)
-    # default: data.motion_bucket_id, or computed from the conditioning clip when that is null
-    # (127 for a still image, which has no motion; the value used is logged)
-    motion_bucket_id: int | None = None
-    noise_aug_strength: float = 0.02
-    min_guidance: float = 1.0
-    max_guidance: float = 3.0
+    fps: float | None = None  # default: data.fps (SVD's UNet gets fps - 1, as in training)
     seed: int = 0
 
 
@@ -222,12 +207,9 @@ class RewardConfig:
     sample_steps: int = 8  # denoising steps per sample
     grad_steps: int = 1  # K: backpropagate through the last K denoising steps only
     num_frames: int | None = None  # default: data.num_frames
-    # Conditioning of the sampled videos; null: as `sample.*` (which follows training).
+    # The sampled videos' fps conditioning; null: as `sample.fps` (which follows training). The
+    # family's own sampling options come from its section (e.g. `svd.reward`).
     fps: float | None = None
-    motion_bucket_id: int | None = None
-    noise_aug_strength: float | None = None
-    min_guidance: float | None = None
-    max_guidance: float | None = None
     decode_chunk: int = 8
     check_every: int = 10  # rerun the diagnostics every N steps; stop if rewards collapse
     eval_manifest: str | None = None  # held-out clips for before/after grids; default: data.manifest
@@ -269,11 +251,53 @@ class TuneConfig:
 
 
 @dataclass
+class SvdSamplingConfig:
+    """SVD's conditioning of sampled videos (after training, validation, `svdray sample`)."""
+
+    # null: training's rule (`svd.motion_bucket_id`, or computed from the conditioning clip when
+    # that is null; 127 for a still image, which has no motion; the value used is logged)
+    motion_bucket_id: int | None = None
+    noise_aug_strength: float = 0.02
+    min_guidance: float = 1.0  # guidance ramps linearly from min (first frame) to max (last)
+    max_guidance: float = 3.0
+
+
+@dataclass
+class SvdRewardSamplingConfig:
+    """Overrides of `svd.sample` for the reward stage's videos; null: as `svd.sample`."""
+
+    motion_bucket_id: int | None = None
+    noise_aug_strength: float | None = None
+    min_guidance: float | None = None
+    max_guidance: float | None = None
+
+
+@dataclass
+class SvdConfig:
+    """Stable Video Diffusion's options (`model.family: svd`): its EDM objective, conditioning
+    augmentation and dropout, motion-bucket rule and guidance (svdray/models/svd/)."""
+
+    # Log-normal training sigma. 0.7/1.6 is the community SVD fine-tuning reference; sgm uses -1.2/1.2.
+    p_mean: float = 0.7
+    p_std: float = 1.6
+    # Conditioning noise augmentation strength ~ LogNormal(mean, std), drawn per sample.
+    noise_aug_mean: float = -3.0
+    noise_aug_std: float = 0.5
+    # Classifier-free guidance dropout (InstructPix2Pix scheme).
+    cfg_dropout: float = 0.1
+    # An int uses that bucket for every clip; null computes it from the clip's motion (a manifest's
+    # per-clip motion_bucket_id wins over both).
+    motion_bucket_id: int | None = 127
+    motion_bucket_scale: float = 4.0  # bucket = scale * temporal pixel std (0..255 units), clamped
+    sample: SvdSamplingConfig = field(default_factory=SvdSamplingConfig)
+    reward: SvdRewardSamplingConfig = field(default_factory=SvdRewardSamplingConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
@@ -283,6 +307,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    svd: SvdConfig = field(default_factory=SvdConfig)
     output_dir: str = "outputs/svdray"
 
     def to_dict(self) -> dict[str, Any]:
@@ -436,8 +461,8 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
     }.items():
         if value is not None and not value > 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
-    if not 0 <= cfg.objective.cfg_dropout < 1 / 3:
-        raise ConfigError("objective.cfg_dropout: must be in [0, 1/3) (drops use 3p of the unit interval)")
+    if not 0 <= cfg.svd.cfg_dropout < 1 / 3:
+        raise ConfigError("svd.cfg_dropout: must be in [0, 1/3) (drops use 3p of the unit interval)")
     if not cfg.lora.blocks:
         raise ConfigError("lora.blocks: choose at least one of spatial, temporal")
     if cfg.train.max_failures < -1:
@@ -455,9 +480,10 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
             raise ConfigError(f"data.buckets[{i}]: {err}") from None
         if not height or not width or height % 8 or width % 8:
             raise ConfigError(f"data.buckets[{i}]: {bucket!r}: sides must be positive multiples of 8")
-    if cfg.model.unet_dtype != "float32" and cfg.train.mixed_precision != "bf16":
+    if cfg.model.denoiser_dtype != "float32" and cfg.train.mixed_precision != "bf16":
         raise ConfigError(
-            f"model.unet_dtype: {cfg.model.unet_dtype} frozen UNet weights need train.mixed_precision: bf16"
+            f"model.denoiser_dtype: {cfg.model.denoiser_dtype} frozen weights need "
+            "train.mixed_precision: bf16"
         )
     if cfg.data.decoders < 0:
         raise ConfigError(f"data.decoders: must be 0 (as many as CPUs hold) or more, got {cfg.data.decoders}")
@@ -489,7 +515,21 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
                 raise ConfigError(str(err)) from err
         if looks_local and not Path(cfg.model.pretrained).expanduser().is_dir():
             raise ConfigError(f"model.pretrained: directory not found: {cfg.model.pretrained}")
+    _validate_family_sections(cfg)
     _validate_tune(cfg)
+
+
+# Config sections that belong to one model family: only the run's own family may set them.
+FAMILY_SECTIONS = ("svd",)
+
+
+def _validate_family_sections(cfg: Config) -> None:
+    for section in FAMILY_SECTIONS:
+        if section != cfg.model.family and getattr(cfg, section) != type(getattr(cfg, section))():
+            raise ConfigError(
+                f"{section}: options of model.family {section}, but this run's model.family is "
+                f"{cfg.model.family} (remove the section or set model.family: {section})"
+            )
 
 
 SEARCH_DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")

@@ -1,5 +1,5 @@
 """`svdray sample`'s settings and writing sampled videos: H.264 mp4s and frame grids (sampling
-itself is `svdray.model.sampler`)."""
+itself is the model family's)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def write_preview(frames: np.ndarray, path: str | Path, columns: int = 8, scale:
 # `svdray sample` flag -> the config key it sets. Unset flags keep the value of the LoRA's own
 # training run (its config.yaml next to the LoRA), so a sample is conditioned as training was.
 SAMPLE_FLAGS = {
+    "family": "model.family",
     "pipeline": "model.pretrained",
     "variant": "model.variant",
     "revision": "model.revision",
@@ -64,10 +65,10 @@ SAMPLE_FLAGS = {
     "width": "data.width",
     "steps": "sample.steps",
     "fps": "sample.fps",
-    "motion_bucket_id": "sample.motion_bucket_id",
-    "noise_aug_strength": "sample.noise_aug_strength",
-    "min_guidance": "sample.min_guidance",
-    "max_guidance": "sample.max_guidance",
+    "motion_bucket_id": "svd.sample.motion_bucket_id",
+    "noise_aug_strength": "svd.sample.noise_aug_strength",
+    "min_guidance": "svd.sample.min_guidance",
+    "max_guidance": "svd.sample.max_guidance",
     "seed": "sample.seed",
 }
 

@@ -32,7 +32,7 @@ RUN_KEY_TAG = "svdray.run_key"
 
 # The config sections a training run is described by (params); the others only say where things
 # go (mlflow, ray), or belong to other commands (reward, tune), and stay in config.yaml.
-TRAIN_SECTIONS = ("model", "data", "lora", "objective", "optim", "train", "speed", "sample", "validate")
+TRAIN_SECTIONS = ("model", "data", "lora", "optim", "train", "speed", "sample", "validate")
 # Keys that say where files go or how often to log and keep things: not what was trained.
 NOT_PARAMS = {
     "train.name",
@@ -112,10 +112,12 @@ def get_or_create_experiment(uri: str, name: str) -> str:
 
 
 def run_params(cfg: Config, sections: Iterable[str], skip: Collection[str] = ()) -> dict[str, str]:
-    """Params of a run: the set keys of the sections it uses, without the plumbing (`NOT_PARAMS`)."""
+    """Params of a run: the set keys of the sections it uses and of its model family's own section
+    (`svd.*`, `wan.*`), without the plumbing (`NOT_PARAMS`)."""
     tree = cfg.to_dict()
     params = {}
-    for section in sections:
+    family_section = [cfg.model.family] if cfg.model.family in tree else []
+    for section in (*sections, *family_section):
         if section == "sample" and not cfg.sample.enabled:
             continue
         if section == "validate" and not cfg.validate.manifest:

@@ -45,7 +45,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
-    from svdray.model.pipeline import save_tiny_pipeline
+    from svdray.models.svd.pipeline import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-svd", seed=0)
 

@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from svdray.config import config_from_dict
-from svdray.train.loop import build_models
+from svdray.models.svd.family import SVDFamily
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,8 @@ def test_flops_counted_on_meta_equal_the_real_step(tiny_pipeline_dir):
         },
         check_files=False,
     )
-    real = build_models(cfg, torch.device("cpu"))
+    built = SVDFamily().build_models(cfg, torch.device("cpu"))
+    real = built.frozen, built.denoiser
     meta = meta_models(tiny_pipeline_dir, cfg)
     for cached in (False, True):
         with sdpa_kernel(SDPBackend.MATH):

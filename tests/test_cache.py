@@ -14,12 +14,12 @@ from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
 from svdray import cli
-from svdray.config import DataConfig, ModelConfig, ObjectiveConfig, load_config
+from svdray.config import DataConfig, ModelConfig, SvdConfig, load_config
 from svdray.data.cache import LatentEncoder, lookup_cache, read_entry
 from svdray.data.manifest import write_manifest
 from svdray.data.video import FrameSpec, decode_clip
-from svdray.model.pipeline import FrozenModels, load_pipeline
-from svdray.train.step import encode_batch, training_loss
+from svdray.models.svd.pipeline import FrozenModels, load_pipeline
+from svdray.models.svd.loss import encode_batch, training_loss
 from tests.conftest import ffmpeg_clip
 
 
@@ -81,7 +81,7 @@ def test_cached_batch_is_exact_and_skips_clip_and_video_encoding(
         # Cached: the VAE encoder saw only the two noisy conditioning frames, never the 16 frames.
         assert encoder_inputs == [torch.Size([2, 3, 32, 32])]
         generator = torch.Generator().manual_seed(1)
-        loss = training_loss(tiny_pipe.unet, without_clip, cached_batch, ObjectiveConfig(), generator)
+        loss = training_loss(tiny_pipe.unet, without_clip, cached_batch, SvdConfig(), generator)
     finally:
         hook.remove()
     torch.testing.assert_close(got.latents, expected.latents, atol=1e-5, rtol=1e-5)

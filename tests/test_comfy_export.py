@@ -18,7 +18,7 @@ from diffusers import UNetSpatioTemporalConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from svdray.model.comfy import (
+from svdray.models.svd.comfy import (
     ORIGINAL_PREFIX,
     comfy_lora_targets,
     diffusers_to_original_key,

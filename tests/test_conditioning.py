@@ -15,8 +15,8 @@ from diffusers import StableVideoDiffusionPipeline
 from PIL import Image
 
 from svdray.data.video import FrameSpec, decode_clip, to_model_range
-from svdray.model import conditioning as cond
-from svdray.model.objective import predict_v
+from svdray.models.svd import conditioning as cond
+from svdray.models.svd.objective import predict_v
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -163,7 +163,7 @@ def test_noise_augmentation_is_per_sample_and_log_normal():
 
 def test_each_sample_gets_its_own_noise_strength_in_the_latent():
     """A batch of one image twice, strengths 0 and 1: only the second latent moves from the clean one."""
-    from svdray.model.pipeline import build_tiny_pipeline
+    from svdray.models.svd.pipeline import build_tiny_pipeline
 
     vae = build_tiny_pipeline().vae.eval()
     pixels = model_pixels(random_image(7)).expand(2, -1, -1, -1)

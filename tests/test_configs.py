@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from svdray.config import load_config
 from svdray.data.demo import write_demo_manifests
 from svdray.export import export
-from svdray.model.lora import ADAPTER_WEIGHTS
+from svdray.models.lora import ADAPTER_WEIGHTS
 from svdray.safeload import check_pipeline_folder
 from svdray.tracking import metric_history
 
@@ -31,7 +31,7 @@ STEPS = 2
 def tiny_fp16_variant_dir(tmp_path_factory) -> Path:
     """The tiny pipeline in the hub's fp16 variant layout (`*.fp16.safetensors`, float16 weights),
     as `save_pretrained(variant="fp16")` writes SVD-XT's."""
-    from svdray.model.pipeline import build_tiny_pipeline
+    from svdray.models.svd.pipeline import build_tiny_pipeline
 
     out = tmp_path_factory.mktemp("tiny-fp16") / "tiny-svd"
     pipe = build_tiny_pipeline(seed=0).to(torch.float16)

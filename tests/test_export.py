@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from svdray import cli
 from svdray.config import LoraConfig, ModelConfig
-from svdray.model.comfy import ORIGINAL_PREFIX, comfy_lora_targets, diffusers_to_original_key
-from svdray.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, load_lora, peft_config, save_lora
-from svdray.model.sampler import SamplingSpec, load_sampling_models, sample_video
+from svdray.models.svd.comfy import ORIGINAL_PREFIX, comfy_lora_targets, diffusers_to_original_key
+from svdray.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_lora, save_lora
+from svdray.models.svd.lora import add_lora, peft_config
+from svdray.models.svd.sampler import SamplingSpec, load_sampling_models, sample_video
 from svdray.train.checkpoint import TrainState, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -82,7 +83,7 @@ def run_dir(tmp_path_factory, tiny_pipeline_dir) -> Path:
     """A training output_dir as `svdray train` leaves it: lora/ and the resolved config.yaml."""
     out = tmp_path_factory.mktemp("run")
     unet = random_lora(StableVideoDiffusionPipeline.from_pretrained(tiny_pipeline_dir).unet)
-    save_lora(unet, LORA, out / "lora")
+    save_lora(unet, out / "lora")
     (out / "config.yaml").write_text(yaml.safe_dump({"model": {"pretrained": str(tiny_pipeline_dir)}}))
     return out
 

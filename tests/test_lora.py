@@ -9,7 +9,8 @@ from diffusers import StableVideoDiffusionPipeline
 from safetensors.torch import load_file
 
 from svdray.config import LoraConfig
-from svdray.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, load_lora, save_lora
+from svdray.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_lora, save_lora
+from svdray.models.svd.lora import add_lora
 
 
 def unet_inputs(seed: int = 0):
@@ -62,7 +63,7 @@ def test_save_load_round_trip_with_peft_alone(tiny_pipeline_dir, tmp_path):
         for name, param in trained.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    save_lora(trained, cfg, tmp_path / "lora")
+    save_lora(trained, tmp_path / "lora")
     weights = load_file(str(tmp_path / "lora" / ADAPTER_WEIGHTS))
     assert weights and not any(".default" in k for k in weights)
     assert json.loads((tmp_path / "lora" / ADAPTER_CONFIG).read_text())["r"] == 4

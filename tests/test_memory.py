@@ -9,9 +9,9 @@ import torch
 
 from benchmarks.memory import count_config, count_step
 from svdray.config import ConfigError, config_from_dict
-from svdray.model.lora import lora_parameters, lora_state_dict
-from svdray.train.loop import build_models
-from svdray.train.step import training_loss
+from svdray.models.lora import lora_parameters, lora_state_dict
+from svdray.models.svd.family import SVDFamily
+from svdray.models.svd.loss import training_loss
 
 CPU = torch.device("cpu")
 
@@ -22,7 +22,7 @@ def tiny_config(pipeline_dir, model=None, **train):
             "model": {"pretrained": str(pipeline_dir), **(model or {})},
             "data": {"num_frames": 8, "height": 32, "width": 32},
             "lora": {"rank": 4, "alpha": 4},
-            "objective": {"cfg_dropout": 0.0},
+            "svd": {"cfg_dropout": 0.0},
             "train": train,
         },
         check_files=False,
@@ -43,13 +43,14 @@ def clip_batch() -> dict[str, torch.Tensor]:
 
 def loss_and_grads(cfg, autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     torch.manual_seed(0)  # the same LoRA initialisation every time
-    frozen, unet = build_models(cfg, CPU)
+    models = SVDFamily().build_models(cfg, CPU)
+    frozen, unet = models.frozen, models.denoiser
     unet.train()
     context = (
         torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
     )
     with context:
-        loss = training_loss(unet, frozen, clip_batch(), cfg.objective, torch.Generator().manual_seed(1))
+        loss = training_loss(unet, frozen, clip_batch(), cfg.svd, torch.Generator().manual_seed(1))
         loss.backward()
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     return loss.detach(), dict(zip(names, [p.grad for p in lora_parameters(unet)], strict=True))
@@ -63,8 +64,10 @@ def test_full_checkpointing_same_loss_gradients_and_names(tiny_pipeline_dir, tor
     for name, grad in grads.items():
         torch.testing.assert_close(full_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
-    _, unet = build_models(tiny_config(tiny_pipeline_dir, gradient_checkpointing="full"), CPU)
-    _, plain = build_models(tiny_config(tiny_pipeline_dir), CPU)
+    unet = (
+        SVDFamily().build_models(tiny_config(tiny_pipeline_dir, gradient_checkpointing="full"), CPU).denoiser
+    )
+    plain = SVDFamily().build_models(tiny_config(tiny_pipeline_dir), CPU).denoiser
     assert lora_state_dict(unet).keys() == lora_state_dict(plain).keys()
     assert [n for n, _ in unet.named_modules()] == [n for n, _ in plain.named_modules()]
 
@@ -83,8 +86,8 @@ def test_full_checkpointing_saves_less_than_diffusers_own(tiny_pipeline_dir, tor
 
 def test_bf16_unet_weights_match_float32_weights(tiny_pipeline_dir, torch_single_thread):
     cfg32 = tiny_config(tiny_pipeline_dir, mixed_precision="bf16")
-    cfg16 = tiny_config(tiny_pipeline_dir, {"unet_dtype": "bfloat16"}, mixed_precision="bf16")
-    _, unet = build_models(cfg16, CPU)
+    cfg16 = tiny_config(tiny_pipeline_dir, {"denoiser_dtype": "bfloat16"}, mixed_precision="bf16")
+    unet = SVDFamily().build_models(cfg16, CPU).denoiser
     dtypes = {n: p.dtype for n, p in unet.named_parameters()}
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
     assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
@@ -105,8 +108,8 @@ def test_bf16_unet_weights_match_float32_weights(tiny_pipeline_dir, torch_single
 
 
 def test_bf16_unet_weights_need_bf16_autocast(tiny_pipeline_dir):
-    with pytest.raises(ConfigError, match="model.unet_dtype"):
-        tiny_config(tiny_pipeline_dir, {"unet_dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match="model.denoiser_dtype"):
+        tiny_config(tiny_pipeline_dir, {"denoiser_dtype": "bfloat16"})
     with pytest.raises(ConfigError, match="train.gradient_checkpointing"):
         tiny_config(tiny_pipeline_dir, gradient_checkpointing="some")
 
@@ -116,10 +119,14 @@ def test_fake_count_equals_the_real_cpu_count(tiny_pipeline_dir, torch_single_th
     """The benchmark's count on fake tensors (meta-built models, no data) against the same counting
     code over a real CPU step with real weights: the same bytes, item by item."""
     cfg = tiny_config(
-        tiny_pipeline_dir, {"unet_dtype": "bfloat16"}, mixed_precision="bf16", gradient_checkpointing="full"
+        tiny_pipeline_dir,
+        {"denoiser_dtype": "bfloat16"},
+        mixed_precision="bf16",
+        gradient_checkpointing="full",
     )
     fake = count_config(tiny_pipeline_dir, cfg, cached)
-    frozen, unet = build_models(cfg, CPU)
+    models = SVDFamily().build_models(cfg, CPU)
+    frozen, unet = models.frozen, models.denoiser
     real = count_step(frozen, unet, cfg, cached, CPU)
     assert real["checkpointed_regions"] == fake["checkpointed_regions"] > 0
     assert real["weights_bytes"] == fake["weights_bytes"]

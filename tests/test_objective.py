@@ -10,7 +10,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
 from PIL import Image
 
-from svdray.model.objective import (
+from svdray.models.svd.objective import (
     add_noise,
     denoised_from_v,
     edm_preconditioning,

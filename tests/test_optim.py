@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from svdray.config import OptimConfig, SpeedConfig, config_from_dict
-from svdray.model.precision import mixed_precision
-from svdray.train.loop import build_models
+from svdray.models.precision import mixed_precision
+from svdray.models.svd.family import SVDFamily
 from svdray.train.optim import build_lr_scheduler, build_optimizer
-from svdray.train.speed import KernelAttnProcessor
+from svdray.models.speed import KernelAttnProcessor
 
 CPU = torch.device("cpu")
 
@@ -42,7 +42,8 @@ def built(pipeline_dir, key: str, value, models: bool = False) -> dict:
         autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
     result = {"optimizer": optimizer, "lrs": lrs, "autocast": autocast}
     if models:
-        result["frozen"], result["unet"] = build_models(cfg, CPU)
+        models = SVDFamily().build_models(cfg, CPU)
+        result["frozen"], result["unet"] = models.frozen, models.denoiser
     return result
 
 
@@ -63,7 +64,7 @@ CASES = {
         True,
         lambda b: b["unet"].conv_in.weight.is_contiguous(memory_format=torch.channels_last),
     ),
-    "speed.compile_unet": (True, lambda b: b["unet"]._compiled_call_impl is not None),
+    "speed.compile_denoiser": (True, lambda b: b["unet"]._compiled_call_impl is not None),
     "train.mixed_precision": ("bf16", lambda b: b["autocast"] == torch.bfloat16),
 }
 # What the defaults build: each case above must differ from it, or it would prove nothing.

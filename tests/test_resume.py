@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from svdray import cli
 from svdray.config import Config, config_from_dict
 from svdray.data.manifest import write_manifest
-from svdray.model.lora import ADAPTER_WEIGHTS
+from svdray.models.lora import ADAPTER_WEIGHTS
 from svdray.tracking import metric_history
 from svdray.train.checkpoint import OPTIMIZER_FILE, read_checkpoint_payload
 from svdray.train.trainer import TrainingResult, TrainingStopped, run_training

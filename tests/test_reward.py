@@ -12,8 +12,8 @@ from transformers import CLIPVisionModelWithProjection
 
 from svdray import cli
 from svdray.config import load_config
-from svdray.model.lora import lora_parameters
-from svdray.model.sampler import sample_frames, sampling_spec
+from svdray.models.lora import lora_parameters
+from svdray.models.svd.sampler import sample_frames, sampling_spec
 from svdray.reward.diagnostics import RewardCheckError, diagnose
 from svdray.reward.rewards import (
     ConditioningFidelity,
@@ -25,7 +25,7 @@ from svdray.reward.rewards import (
     to_input_range,
 )
 from svdray.reward.train import build_reward_set, run_reward_training
-from svdray.train.loop import build_models
+from svdray.models.svd.family import SVDFamily
 
 # ---- deliberately broken rewards, each one a way real runs ended up with rewards of 0.0 ----
 
@@ -140,7 +140,8 @@ def sampled(tiny_pipeline_dir):
         },
         check_files=False,
     )
-    frozen, unet = build_models(cfg, torch.device("cpu"))
+    models = SVDFamily().build_models(cfg, torch.device("cpu"))
+    frozen, unet = models.frozen, models.denoiser
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     scheduler = StableVideoDiffusionPipeline.from_pretrained(tiny_pipeline_dir).scheduler.config
     frames = sample_frames(

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from svdray import cli
 from svdray.config import ConfigError, load_config
-from svdray.model.lora import ADAPTER_CONFIG
-from svdray.model.pipeline import load_pipeline
+from svdray.models.lora import ADAPTER_CONFIG
+from svdray.models.svd.pipeline import load_pipeline
 from svdray.safeload import UnsafeFileError, check_folder, check_pipeline_folder, check_safetensors
 from svdray.train.checkpoint import load_checkpoint
 

@@ -16,10 +16,11 @@ from PIL import Image
 from svdray import cli
 from svdray.config import LoraConfig, ModelConfig, config_from_dict
 from svdray.data.video import FrameSpec, resize_and_crop, to_model_range
-from svdray.export import export_merged
-from svdray.model.conditioning import motion_bucket_from_clip
-from svdray.model.lora import add_lora, save_lora
-from svdray.model.sampler import (
+from svdray.models.svd.conditioning import motion_bucket_from_clip
+from svdray.models.lora import save_lora
+from svdray.models.svd.export import export_merged
+from svdray.models.svd.lora import add_lora
+from svdray.models.svd.sampler import (
     SamplingSpec,
     conditioning_pixels,
     load_sampling_models,
@@ -45,7 +46,7 @@ def lora_dir(tmp_path_factory, tiny_pipeline_dir) -> Path:
         for name, param in unet.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return save_lora(unet, LORA, tmp_path_factory.mktemp("lora") / "lora")
+    return save_lora(unet, tmp_path_factory.mktemp("lora") / "lora")
 
 
 def test_sampler_gives_the_pipeline_output(tiny_pipeline_dir):
@@ -101,7 +102,8 @@ def test_lora_dropout_is_off_wherever_it_samples(tiny_pipeline_dir, lora_dir, tm
 def test_sampling_spec_follows_the_training_config(tiny_pipeline_dir, square_clip):
     tree = {
         "model": {"pretrained": str(tiny_pipeline_dir)},
-        "data": {"num_frames": 8, "height": 32, "width": 48, "fps": 7.5, "motion_bucket_id": None},
+        "data": {"num_frames": 8, "height": 32, "width": 48, "fps": 7.5},
+        "svd": {"motion_bucket_id": None},
         "validate": {"steps": 5, "seed": 4},
         "reward": {"sample_steps": 3},
     }
@@ -118,7 +120,7 @@ def test_sampling_spec_follows_the_training_config(tiny_pipeline_dir, square_cli
     reward = sampling_spec(cfg, "reward")
     assert (reward.fps, reward.steps) == (7.5, 3)  # reward.fps defaults to the training fps
 
-    tree["data"]["motion_bucket_id"] = 40
+    tree["svd"]["motion_bucket_id"] = 40
     tree["sample"] = {"fps": 6.0}
     tree["reward"]["fps"] = 5.0
     cfg = config_from_dict(tree, check_files=False)
@@ -153,7 +155,8 @@ def fp16_run(tmp_path_factory, tiny_pipeline_dir, lora_dir) -> Path:
         (save_lora_copy / file.name).write_bytes(file.read_bytes())
     config = {
         "model": {"pretrained": str(root / "pipeline"), "variant": "fp16", "frozen_dtype": "float32"},
-        "data": {"num_frames": 6, "height": 32, "width": 32, "fps": 7.0, "motion_bucket_id": 50},
+        "data": {"num_frames": 6, "height": 32, "width": 32, "fps": 7.0},
+        "svd": {"motion_bucket_id": 50},
         "sample": {"steps": 2},
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config))

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from svdray.config import ConfigError, config_from_dict
-from svdray.model.lora import lora_parameters, lora_state_dict, save_lora
-from svdray.train.loop import build_models
-from svdray.train.speed import KernelAttnProcessor
-from svdray.train.step import encode_batch, training_loss
+from svdray.models.lora import lora_parameters, lora_state_dict, save_lora
+from svdray.models.svd.family import SVDFamily
+from svdray.models.speed import KernelAttnProcessor
+from svdray.models.svd.loss import encode_batch, training_loss
 
 CPU = torch.device("cpu")
 
@@ -20,7 +20,7 @@ def tiny_config(pipeline_dir, **speed):
             "model": {"pretrained": str(pipeline_dir)},
             "data": {"num_frames": 8, "height": 32, "width": 32},
             "lora": {"rank": 4, "alpha": 4},
-            "objective": {"cfg_dropout": 0.0},
+            "svd": {"cfg_dropout": 0.0},
             "speed": speed,
         },
         check_files=False,
@@ -42,8 +42,9 @@ def clip_batch(seed: int = 0) -> dict[str, torch.Tensor]:
 def loss_and_grads(pipeline_dir, **speed) -> tuple[torch.Tensor, list[torch.Tensor]]:
     cfg = tiny_config(pipeline_dir, **speed)
     torch.manual_seed(0)  # the same LoRA initialisation every time
-    frozen, unet = build_models(cfg, CPU)
-    loss = training_loss(unet, frozen, clip_batch(), cfg.objective, torch.Generator().manual_seed(1))
+    models = SVDFamily().build_models(cfg, CPU)
+    frozen, unet = models.frozen, models.denoiser
+    loss = training_loss(unet, frozen, clip_batch(), cfg.svd, torch.Generator().manual_seed(1))
     loss.backward()
     return loss.detach(), [p.grad for p in lora_parameters(unet)]
 
@@ -56,7 +57,9 @@ def test_attention_kernel_gives_the_same_loss_and_gradients(tiny_pipeline_dir, k
     for got, expected in zip(kernel_grads, grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
-    frozen, unet = build_models(tiny_config(tiny_pipeline_dir, attention=kernel), CPU)
+    models = SVDFamily().build_models(tiny_config(tiny_pipeline_dir, attention=kernel), CPU)
+
+    frozen, unet = models.frozen, models.denoiser
     for model in (unet, frozen.vae):
         kernels = {(type(p), p.kernel) for p in model.attn_processors.values()}
         assert kernels == {(KernelAttnProcessor, kernel)}
@@ -69,7 +72,9 @@ def test_vae_chunk_and_channels_last_do_not_change_the_result(tiny_pipeline_dir)
     for got, expected in zip(other_grads, grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
-    frozen, unet = build_models(tiny_config(tiny_pipeline_dir, vae_chunk=3, channels_last=True), CPU)
+    models = SVDFamily().build_models(tiny_config(tiny_pipeline_dir, vae_chunk=3, channels_last=True), CPU)
+
+    frozen, unet = models.frozen, models.denoiser
     assert frozen.vae_chunk == 3
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert frozen.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -85,11 +90,11 @@ def test_compiled_unet_keeps_parameter_names(tiny_pipeline_dir, tmp_path):
     """`unet.compile()` compiles in place: LoRA saving and checkpoints see the same names
     (torch.compile(unet) would prefix them all with `_orig_mod.`)."""
     cfg = tiny_config(tiny_pipeline_dir)
-    _, plain = build_models(cfg, CPU)
-    _, compiled = build_models(tiny_config(tiny_pipeline_dir, compile_unet=True), CPU)
+    plain = SVDFamily().build_models(cfg, CPU).denoiser
+    compiled = SVDFamily().build_models(tiny_config(tiny_pipeline_dir, compile_denoiser=True), CPU).denoiser
     assert isinstance(compiled, type(plain))
     assert lora_state_dict(compiled).keys() == lora_state_dict(plain).keys()
-    assert (save_lora(compiled, cfg.lora, tmp_path / "lora") / "adapter_model.safetensors").exists()
+    assert (save_lora(compiled, tmp_path / "lora") / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,10 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
 from PIL import Image
 
-from svdray.config import ModelConfig, ObjectiveConfig
-from svdray.model.pipeline import FrozenModels
-from svdray.model.precision import mixed_precision
-from svdray.train.step import encode_batch, training_loss
+from svdray.config import ModelConfig, SvdConfig
+from svdray.models.svd.pipeline import FrozenModels
+from svdray.models.precision import mixed_precision
+from svdray.models.svd.loss import encode_batch, training_loss
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -28,7 +28,7 @@ BATCH, FRAMES, SIZE = 4, 8, 32
 FPS = [5.0, 7.0, 10.0, 24.0]
 BUCKETS = [10.0, 60.0, 127.0, 200.0]
 # Not the defaults, so that a constant copied from the defaults instead of the config shows.
-OBJECTIVE = ObjectiveConfig(p_mean=0.4, p_std=1.3, noise_aug_mean=-2.0, noise_aug_std=0.6, cfg_dropout=0.3)
+OBJECTIVE = SvdConfig(p_mean=0.4, p_std=1.3, noise_aug_mean=-2.0, noise_aug_std=0.6, cfg_dropout=0.3)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from svdray import cli
 from svdray.config import load_config
 from svdray.data.manifest import read_manifest, write_manifest
 from svdray.data.video import FrameSpec, decode_clip
-from svdray.model.lora import ADAPTER_WEIGHTS, load_lora
-from svdray.model.pipeline import FrozenModels
-from svdray.train.step import validation_loss
+from svdray.models.lora import ADAPTER_WEIGHTS, load_lora
+from svdray.models.svd.pipeline import FrozenModels
+from svdray.models.svd.loss import validation_loss
 from svdray.train.trainer import run_training
 
 
@@ -41,8 +41,8 @@ def held_out_loss(pipeline_dir, lora_dir, batch) -> float:
 def test_overfit_one_real_clip(ray_cluster, tiny_pipeline_dir, one_clip_manifest, write_config):
     path = write_config(
         one_clip_manifest,
-        data={"start": "first", "motion_bucket_id": 127},
-        objective={"cfg_dropout": 0.0},
+        data={"start": "first"},
+        svd={"motion_bucket_id": 127, "cfg_dropout": 0.0},
         lora={"rank": 8, "alpha": 8, "feed_forward": True},
         optim={"lr": 5e-3, "warmup_steps": 10},
         train={

@@ -11,8 +11,8 @@ from PIL import Image
 
 from svdray.config import ConfigError, config_from_dict, load_config
 from svdray.data.manifest import write_manifest
-from svdray.model.lora import add_lora
-from svdray.model.pipeline import FrozenModels
+from svdray.models.svd.lora import add_lora
+from svdray.models.svd.pipeline import FrozenModels
 from svdray.train.validate import load_validation_clips, validation_loss_all, write_previews
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -31,8 +31,8 @@ def test_validation_loss_is_fixed_and_moves_with_the_weights(
             "num_frames": 8,
             "height": 32,
             "width": 32,
-            "motion_bucket_id": None,
         },
+        "svd": {"motion_bucket_id": None},
         "validate": {"manifest": str(manifest)},
     }
     cfg = config_from_dict(tree)

@@ -209,7 +209,7 @@ class LatentEncoder:
 
     @torch.no_grad()
     def encode(self, videos: list[np.ndarray], images: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        from svdray.model import conditioning as cond
+        from svdray.models.svd import conditioning as cond
 
         video = to_model_range(torch.from_numpy(np.stack(videos)).to(self.device))
         image = to_model_range(torch.from_numpy(np.stack(images)).to(self.device))

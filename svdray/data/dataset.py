@@ -133,7 +133,7 @@ def motion_bucket(item: dict[str, Any], frames, cfg: DataConfig) -> float:
 def clip_motion_bucket(frames, cfg: DataConfig) -> float:
     # Imported here: diffusers and transformers take seconds to import, and every Ray worker
     # that decodes imports this module; only runs that derive the bucket from motion need it.
-    from svdray.model.conditioning import motion_bucket_from_clip
+    from svdray.models.svd.conditioning import motion_bucket_from_clip
 
     return motion_bucket_from_clip(to_model_range(frames), cfg.motion_bucket_scale)
 

@@ -422,3 +422,8 @@ def decode_clip(
 def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 -> float [-1, 1]. Applied on the training device: uint8 travels 4x lighter."""
     return pixels.float() / 127.5 - 1.0
+
+
+def motion_score(frames: torch.Tensor) -> float:
+    """The temporal std of each pixel in 0..255 units, averaged: how much a clip moves."""
+    return (to_model_range(frames).float() * 127.5).std(dim=0).mean().item()

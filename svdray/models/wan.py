@@ -47,7 +47,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from svdray.model.conditioning import LatentDistribution
+from svdray.models.base import LatentDistribution
 
 Layout = Literal["i2v", "ti2v", "a14b"]
 LAYOUTS: tuple[str, ...] = ("i2v", "ti2v", "a14b")

@@ -1,7 +1,7 @@
 """Reward-gradient fine-tuning of the LoRA weights, on the same Ray Train machinery as `svdray train`.
 
-Per step, on each worker: sample videos from conditioning images with the SVD sampler (graph kept
-through the last K steps), decode them with the VAE, score them with the configured rewards and
+Per step, on each worker: sample videos from conditioning images with the family's sampler (graph
+kept through the last K steps), decode them with the VAE, score them with the configured rewards and
 ascend the weighted reward by updating LoRA weights only. Before the first update and every
 `reward.check_every` steps the diagnostics run on the batch, and training refuses to start, or
 stops, naming the cause, when a reward is zero, constant, fed the wrong pixel range or passes no
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,18 +29,18 @@ from svdray import tracking
 from svdray.config import Config, RewardConfig, config_from_dict
 from svdray.data.manifest import read_manifest
 from svdray.data.video import FrameSpec, decode_clip, to_model_range
-from svdray.model.lora import load_lora_weights, lora_parameters, save_lora
-from svdray.model.pipeline import scheduler_config
-from svdray.model.precision import mixed_precision
-from svdray.model.sampler import load_sampling_models, sample_frames, sampling_spec
-from svdray.progress import BoardReporter, create_board
+from svdray.models import family_of
+from svdray.models.base import TrainingModels
+from svdray.models.lora import load_lora_weights, lora_parameters
+from svdray.models.precision import mixed_precision
+from svdray.progress import create_board
 from svdray.reward.diagnostics import RewardCheckError, diagnose, format_table, raise_on_problems, report
 from svdray.reward.rewards import RewardSet, build_reward
 from svdray.sample import write_preview
-from svdray.tracking import MetricWriter, mlflow_metrics
-from svdray.train.checkpoint import save_checkpoint
+from svdray.tracking import MetricWriter
+from svdray.train.distributed import mean_across_workers, restore_rng
 from svdray.train.failures import training_failure
-from svdray.train.loop import build_models, mean_across_workers, restore_rng, restore_state, rng_snapshot
+from svdray.train.loop import StepLog, report_checkpoint, restore_state
 from svdray.train.optim import build_lr_scheduler, build_optimizer
 from svdray.train.trainer import (
     init_ray,
@@ -84,72 +84,43 @@ def conditioning_images(cfg: Config, manifest: str, limit: int | None = None) ->
 
 def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"], check_files=False)
+    family = family_of(cfg)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.reward.seed + rank)
     generator = torch.Generator(device).manual_seed(cfg.reward.seed * 1000 + rank)
 
-    frozen, unet = build_models(cfg, device)
+    # Build: the family's models (from the supervised LoRA, if given), DDP, rewards, optimizer.
+    models = family.build_models(cfg, device)
     if cfg.reward.init_lora:
-        load_init_lora(unet, cfg.reward.init_lora)
-    raw_unet = unet
-    unet = ray.train.torch.prepare_model(unet, move_to_device=False)
+        load_init_lora(models.denoiser, cfg.reward.init_lora)
+    ddp = ray.train.torch.prepare_model(models.denoiser, move_to_device=False)
+    sampling = family.sampling_models(cfg, TrainingModels(ddp, models.frozen))
+    spec = family.sampling_spec(cfg, "reward")
     rewards = build_reward_set(cfg.reward).to(device)
-    spec = sampling_spec(cfg, "reward")
-    params = lora_parameters(raw_unet)
+    params = lora_parameters(models.denoiser)
     optimizer = build_optimizer(params, cfg.optim, cfg.speed, device)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    autocast = mixed_precision(cfg.train.mixed_precision, device)
 
-    state, rng_states, _ = restore_state(loop_config, raw_unet, optimizer, lr_scheduler)
+    # Restore: the run's latest checkpoint, if any.
+    state, rng_states, restored_from = restore_state(loop_config, models.denoiser, optimizer, lr_scheduler)
     if rng_states is not None:
         restore_rng(rng_states, generator, rank)
+    log = StepLog(cfg, loop_config, rank, state, restored_from, smoothed="reward")
+    images_iter = image_batches(ray.train.get_dataset_shard("train"), cfg.train.batch_size, device)
 
-    writer = MetricWriter(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
-
-    def image_batches():
-        while True:  # epochs over the conditioning images
-            for batch in shard.iter_batches(
-                batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True
-            ):
-                yield to_model_range(torch.as_tensor(batch["image"]).to(device))
-
-    images_iter = image_batches()
-    progress = (
-        BoardReporter(context.get_experiment_name(), cfg.train.max_steps, "reward") if rank == 0 else None
-    )
     # Eval mode (no LoRA dropout): the rewarded videos are the ones inference will sample; the
     # gradient still flows through the last `reward.grad_steps` steps.
-    unet.eval()
+    ddp.eval()
     while state.step < cfg.train.max_steps:
+        # Step: sample with a graph, check the rewards (first and every check_every), ascend them.
         started = time.perf_counter()
         images = next(images_iter)
-        with autocast:
-            frames = sample_frames(
-                unet, frozen, loop_config["scheduler_config"], images, spec, generator, cfg.reward.grad_steps
-            )
-
+        with mixed_precision(cfg.train.mixed_precision, device):
+            frames = family.sample_frames(sampling, images, spec, generator, cfg.reward.grad_steps)
         if state.step % cfg.reward.check_every == 0:
-            stats = diagnose(rewards, frames, images, params)
-            if rank == 0:
-                logger.info("reward diagnostics at step %d\n%s", state.step, format_table(stats))
-                if writer:
-                    tracking.log_dict_artifact(
-                        loop_config["tracking_uri"],
-                        loop_config["mlflow_run_id"],
-                        report(stats),
-                        f"reward_diagnostics_step{state.step:06d}.json",
-                    )
-            # Every worker checks its own batch; a problem on any of them stops all of them.
-            when = (
-                "refusing to start reward training"
-                if state.step == 0
-                else f"rewards collapsed at step {state.step}"
-            )
-            raise_on_problems(stats, when)
-
+            check_rewards(rewards, frames, images, params, state.step, rank, loop_config)
         total, parts = rewards(frames, images)
         (-total.mean()).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
@@ -158,40 +129,57 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.samples_seen += cfg.train.batch_size * world_size
-        step_time = time.perf_counter() - started
 
+        # Log and checkpoint.
         metrics = {
             "reward": mean_across_workers(total.detach().mean()),
             "grad_norm": grad_norm.item(),
             "lr": lr_scheduler.get_last_lr()[0],
+            "samples_per_s": cfg.train.batch_size * world_size / (time.perf_counter() - started),
             "step": state.step,
         }
-        metrics.update(
-            {f"reward/{name}": mean_across_workers(v.detach().mean()) for name, v in parts.items()}
-        )
-        if progress:
-            progress.step(state.step, metrics["reward"], cfg.train.batch_size * world_size / step_time)
-        if writer and state.step % cfg.train.log_every == 0:
-            writer.log(mlflow_metrics(metrics), step=state.step)
-            logger.info(
-                "reward step %d/%d reward %.5f grad_norm %.3g",
-                state.step,
-                cfg.train.max_steps,
-                metrics["reward"],
-                metrics["grad_norm"],
-            )
+        metrics |= {f"reward/{name}": mean_across_workers(v.detach().mean()) for name, v in parts.items()}
+        log.log(metrics)
         if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.max_steps:
-            rngs = rng_snapshot(generator, rank, world_size)
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    save_checkpoint(tmp, raw_unet, cfg.lora, optimizer, lr_scheduler, state, rngs)
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{state.step:08d}")
+            report_checkpoint(
+                metrics, models.denoiser, optimizer, lr_scheduler, state, generator, loop_config
+            )
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "lora", cfg.model.pretrained)
+        family.save_lora(models.denoiser, cfg, Path(cfg.output_dir) / "lora")
+
+
+def image_batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Conditioning images in [-1, 1], epoch after epoch over this worker's shard."""
+    while True:
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+            yield to_model_range(torch.as_tensor(batch["image"]).to(device))
+
+
+def check_rewards(
+    rewards: RewardSet,
+    frames: torch.Tensor,
+    images: torch.Tensor,
+    params: list[torch.nn.Parameter],
+    step: int,
+    rank: int,
+    loop_config: dict[str, Any],
+) -> None:
+    """The diagnostics on this worker's batch (rank 0 logs them and writes them to MLflow); a
+    problem on any worker stops every worker, naming the cause."""
+    stats = diagnose(rewards, frames, images, params)
+    if rank == 0:
+        logger.info("reward diagnostics at step %d\n%s", step, format_table(stats))
+        tracking.log_dict_artifact(
+            loop_config["tracking_uri"],
+            loop_config["mlflow_run_id"],
+            report(stats),
+            f"reward_diagnostics_step{step:06d}.json",
+        )
+    raise_on_problems(
+        stats, "refusing to start reward training" if step == 0 else f"rewards collapsed at step {step}"
+    )
 
 
 @dataclass
@@ -214,19 +202,13 @@ def unwrap_training_error(err: Exception) -> Exception:
 @torch.no_grad()
 def evaluate(cfg: Config, lora_dir: str | None, images: np.ndarray) -> tuple[dict[str, float], torch.Tensor]:
     """Mean rewards and frames for held-out images: the same seeds every time, no graph."""
-    models = load_sampling_models(cfg.model, lora_dir, "cpu", cfg.train.mixed_precision)
+    family = family_of(cfg)
+    models = family.load_sampling_models(cfg, lora_dir, "cpu")
     rewards = build_reward_set(cfg.reward)
     pixels = to_model_range(torch.as_tensor(images))
     generator = torch.Generator().manual_seed(cfg.reward.seed + 10_000)
-    with models.autocast(pixels.device):
-        frames = sample_frames(
-            models.unet,
-            models.frozen,
-            models.scheduler_config,
-            pixels,
-            sampling_spec(cfg, "reward"),
-            generator,
-        )
+    with mixed_precision(cfg.train.mixed_precision, pixels.device):
+        frames = family.sample_frames(models, pixels, family.sampling_spec(cfg, "reward"), generator, 0)
     total, parts = rewards(frames, pixels)
     scores = {"reward": float(total.mean())} | {f"reward/{k}": float(v.mean()) for k, v in parts.items()}
     return scores, frames
@@ -252,9 +234,10 @@ def run_reward_training(cfg: Config) -> RewardResult:
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_or_resume_run(cfg, sections=("model", "data", "lora", "optim", "train", "reward"))
     tracking.log_dict_artifact(uri, run_id, cfg.to_dict(), "config.yaml")
-    # Conditioning images have no clip to compute a motion bucket from: say which one is used.
-    spec = sampling_spec(cfg, "reward")
-    conditioning = f"fps={spec.fps:g} motion_bucket_id={spec.bucket_for(None):g}"
+    # Conditioning images have no clip (e.g. to compute a motion bucket from): say what is used.
+    family = family_of(cfg)
+    spec = family.sampling_spec(cfg, "reward")
+    conditioning = family.describe_conditioning(spec, None)
     logger.info("reward samples: %s, %d steps", conditioning, spec.steps)
     tracking.set_tags(uri, run_id, {"svdray.sample_conditioning": conditioning})
 
@@ -269,7 +252,6 @@ def run_reward_training(cfg: Config) -> RewardResult:
             "config": cfg.to_dict(),
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
-            "scheduler_config": scheduler_config(cfg.model.pretrained, cfg.model.revision),
         },
         ray.data.from_items([{"image": image} for image in images]),
     )
@@ -306,25 +288,24 @@ def run_reward_training(cfg: Config) -> RewardResult:
 def run_reward_check(cfg: Config, report_path: str | Path | None = None) -> list:
     """`svdray reward-check`: the pre-training diagnostics, in this process, on one batch."""
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu")
-    frozen, unet = build_models(cfg, device)
+    family = family_of(cfg)
+    models = family.build_models(cfg, device)
     if cfg.reward.init_lora:
-        load_init_lora(unet, cfg.reward.init_lora)
+        load_init_lora(models.denoiser, cfg.reward.init_lora)
     rewards = build_reward_set(cfg.reward).to(device)
     images = conditioning_images(cfg, cfg.data.manifest, max(cfg.train.batch_size, 2))
     pixels = to_model_range(torch.as_tensor(images)).to(device)
     generator = torch.Generator(device).manual_seed(cfg.reward.seed)
-    unet.eval()
+    models.denoiser.eval()
     with mixed_precision(cfg.train.mixed_precision, device):
-        frames = sample_frames(
-            unet,
-            frozen,
-            scheduler_config(cfg.model.pretrained, cfg.model.revision),
+        frames = family.sample_frames(
+            family.sampling_models(cfg, models),
             pixels,
-            sampling_spec(cfg, "reward"),
+            family.sampling_spec(cfg, "reward"),
             generator,
             cfg.reward.grad_steps,
         )
-    stats = diagnose(rewards, frames, pixels, lora_parameters(unet))
+    stats = diagnose(rewards, frames, pixels, lora_parameters(models.denoiser))
     if report_path:
         Path(report_path).write_text(json.dumps(report(stats), indent=1))
     return stats

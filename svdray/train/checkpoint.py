@@ -28,8 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from svdray.config import LoraConfig
-from svdray.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_lora
+from svdray.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_lora_weights, save_lora
 from svdray.safeload import check_folder, check_safetensors
 
 STATE_FILE = "state.json"
@@ -66,8 +65,7 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 
 def save_checkpoint(
     directory: str | Path,
-    unet: torch.nn.Module,
-    lora_cfg: LoraConfig,
+    denoiser: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
@@ -77,7 +75,7 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     base_model = (config or {}).get("model", {}).get("pretrained")
-    save_lora(unet, lora_cfg, directory / "lora", base_model)
+    save_lora(denoiser, directory / "lora", base_model)
     tensors, optimizer_meta = _optimizer_to_files(optimizer)
     save_file(tensors, str(directory / OPTIMIZER_FILE))
     save_file({k: v.contiguous() for k, v in rng_states.items()}, str(directory / RNG_FILE))
@@ -119,22 +117,14 @@ def read_train_state(directory: str | Path) -> TrainState:
 
 def load_checkpoint(
     directory: str | Path,
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """Restore LoRA weights, optimizer and scheduler in place; returns the state and RNG states."""
-    import peft
-
     directory = check_checkpoint(directory)
     payload = json.loads((directory / STATE_FILE).read_text())
-    result = peft.set_peft_model_state_dict(unet, load_file(str(directory / "lora" / ADAPTER_WEIGHTS)))
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(
-            f"checkpoint: {directory}: its LoRA does not fit this run's `lora` config "
-            f"(keys that match no LoRA layer: {unexpected[:3]})"
-        )
+    load_lora_weights(denoiser, directory / "lora")
     tensors = load_file(str(directory / OPTIMIZER_FILE))
     optimizer.load_state_dict(_optimizer_from_files(tensors, payload["optimizer"]))
     lr_scheduler.load_state_dict(

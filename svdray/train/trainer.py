@@ -26,7 +26,7 @@ from svdray.data.dataset import build_training_dataset
 from svdray.data.prepare import Prepared, training_rows
 from svdray.data.run import build_run_data, finish_run_data
 from svdray.data.video import ClipError, FrameSpec, decode_clip, load_image
-from svdray.model.sampler import load_sampling_models, sample_video, sampling_spec
+from svdray.models import family_of
 from svdray.progress import Progress, create_board, watch
 from svdray.report import plot_loss_curve
 from svdray.sample import write_mp4
@@ -308,12 +308,12 @@ def raise_training_failure(err: BaseException, uri: str, run_id: str) -> None:
     raise failure from None
 
 
-def conditioning_image(cfg: Config, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The sample's conditioning image (3, H, W) uint8 and the clip it starts (None for
-    `sample.image`): the first clip that still decodes (a clip can break after `prepare`),
-    framed as training frames it."""
+def conditioning_image(cfg: Config, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """The sample's conditioning image (3, H, W) uint8, the clip it starts (None for
+    `sample.image`) and that clip's prompt: the first clip that still decodes (a clip can break
+    after `prepare`), framed as training frames it."""
     if cfg.sample.image:
-        return load_image(cfg.sample.image), None
+        return load_image(cfg.sample.image), None, (rows[0].get("prompt") or "") if rows else ""
     spec = FrameSpec(cfg.data.num_frames, cfg.data.fps, cfg.data.height, cfg.data.width, "first", "center")
     errors = []
     for row in rows:
@@ -322,7 +322,7 @@ def conditioning_image(cfg: Config, rows: list[dict]) -> tuple[torch.Tensor, tor
         except ClipError as err:
             errors.append(str(err))
             continue
-        return image, frames
+        return image, frames, row.get("prompt") or ""
     raise ClipError("no clip decodes for the sample's conditioning image: " + "; ".join(errors[:3]))
 
 
@@ -339,16 +339,15 @@ def log_results(cfg: Config, result: TrainingResult, rows: list[dict]) -> None:
         }
         artifacts[""] = plot_loss_curve(series, result.output_dir / "loss_curve.png", cfg.train.name)
     if cfg.sample.enabled:
-        spec = sampling_spec(cfg)
-        models = load_sampling_models(cfg.model, result.lora_dir, mixed_precision=cfg.train.mixed_precision)
-        image, clip = conditioning_image(cfg, rows)
-        frames = sample_video(models, image, spec, clip=clip)
-        bucket = spec.bucket_for(clip)
-        logger.info("sample: fps %g, motion bucket %g, %d steps", spec.fps, bucket, spec.steps)
+        family = family_of(cfg)
+        spec = family.sampling_spec(cfg)
+        models = family.load_sampling_models(cfg, result.lora_dir)
+        image, clip, prompt = conditioning_image(cfg, rows)
+        frames = family.sample_video(models, image, spec, clip=clip, prompt=prompt)
+        conditioning = family.describe_conditioning(spec, clip)
+        logger.info("sample: %s, %d steps", conditioning, spec.steps)
         tracking.set_tags(
-            result.tracking_uri,
-            result.mlflow_run_id,
-            {"svdray.sample_conditioning": f"fps={spec.fps:g} motion_bucket_id={bucket:g}"},
+            result.tracking_uri, result.mlflow_run_id, {"svdray.sample_conditioning": conditioning}
         )
         samples = result.output_dir / "samples"
         samples.mkdir(exist_ok=True)

@@ -1,12 +1,12 @@
 """Validation during training: a loss comparable across runs, and videos to look at.
 
 Every `validate.every` steps (and at the last step) the loop
-  (a) computes `val_loss`: the v-prediction loss of the held-out clips at a fixed sigma grid with
-      fixed noise (`step.validation_loss`), so it moves only when the weights do and can be compared
-      between steps, runs and Tune trials;
+  (a) computes `val_loss`: the family's loss of the held-out clips at a fixed noise-level grid with
+      fixed noise (`ModelFamily.validation_loss`), so it moves only when the weights do and can be
+      compared between steps, runs and Tune trials;
   (b) on rank 0, samples videos from the first frames of the first `validate.num_videos` held-out
-      clips with `svdray.model.sampler.sample_video` - the code behind `svdray sample` - on the
-      training UNet itself (LoRA applied, eval mode) with the run's sampling spec, and writes per
+      clips with the family's `sample_video` - the code behind `svdray sample` - on the denoiser
+      being trained (LoRA applied, eval mode) with the run's sampling spec, and writes per
       clip an mp4 and, per step, one preview (GIF and PNG) of conditioning frame | sample | ground
       truth side by side.
 
@@ -17,22 +17,25 @@ validation on or off does not change what training computes.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 
+from svdray import tracking
 from svdray.config import Config
 from svdray.data.manifest import read_manifest
-from svdray.data.video import FrameSpec, decode_clip, to_model_range
-from svdray.model.conditioning import motion_bucket_from_clip
-from svdray.model.pipeline import FrozenModels
-from svdray.model.sampler import SamplingModels, sample_video, sampling_spec
+from svdray.data.video import FrameSpec, decode_clip, motion_score
+from svdray.models.base import ModelFamily, TrainingModels
+from svdray.models.precision import mixed_precision
 from svdray.sample import write_mp4
-from svdray.train.step import validation_loss
+
+logger = logging.getLogger("svdray.train")
 
 
 @dataclass
@@ -40,7 +43,9 @@ class ValidationClip:
     index: int  # position in the validation manifest: fixes its noise seed
     video: torch.Tensor  # (T, 3, H, W) uint8, the ground truth
     image: torch.Tensor  # (3, H, W) uint8, the conditioning frame
-    motion_bucket_id: float
+    motion: float  # `motion_score` of the clip, as the data layer computes it for training clips
+    motion_bucket_id: float  # the manifest's per-clip value, -1 when absent
+    prompt: str
 
 
 def load_validation_clips(cfg: Config) -> list[ValidationClip]:
@@ -49,27 +54,29 @@ def load_validation_clips(cfg: Config) -> list[ValidationClip]:
     clips = []
     for index, row in enumerate(rows):
         frames, image = decode_clip(row["video"], spec, seed=0, image_path=row.get("image"))
-        bucket = cfg.data.motion_bucket_id
-        if bucket is None:
-            bucket = motion_bucket_from_clip(to_model_range(frames), cfg.data.motion_bucket_scale)
-        clips.append(ValidationClip(index, frames, image, float(bucket)))
+        bucket = float(row["motion_bucket_id"]) if row.get("motion_bucket_id") is not None else -1.0
+        clips.append(
+            ValidationClip(index, frames, image, motion_score(frames), bucket, row.get("prompt") or "")
+        )
     return clips
 
 
-def clip_batch(clip: ValidationClip, fps: float, device: torch.device) -> dict[str, torch.Tensor]:
-    """One clip as a training batch of size 1."""
+def clip_batch(clip: ValidationClip, fps: float, device: torch.device) -> dict[str, Any]:
+    """One clip as a training batch of size 1, with the columns the data layer delivers."""
     return {
         "video": clip.video[None].to(device),
         "image": clip.image[None].to(device),
         "fps": torch.tensor([fps], dtype=torch.float32, device=device),
+        "motion": torch.tensor([clip.motion], dtype=torch.float64, device=device),
         "motion_bucket_id": torch.tensor([clip.motion_bucket_id], dtype=torch.float32, device=device),
+        "prompt": [clip.prompt],
     }
 
 
 def validation_loss_all(
     cfg: Config,
-    unet: torch.nn.Module,
-    frozen: FrozenModels,
+    family: ModelFamily,
+    models: TrainingModels,
     clips: list[ValidationClip],
     device: torch.device,
     rank: int = 0,
@@ -79,11 +86,46 @@ def validation_loss_all(
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for clip in clips[rank::world_size]:
         batch = clip_batch(clip, cfg.data.fps, device)
-        totals[0] += validation_loss(unet, frozen, batch, seed=cfg.validate.seed + clip.index)
+        totals[0] += family.validation_loss(
+            models.denoiser, models.frozen, batch, cfg, seed=cfg.validate.seed + clip.index
+        )
         totals[1] += 1
     if world_size > 1:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     return (totals[0] / totals[1]).item()
+
+
+class Validation:
+    """The run's held-out clips, decoded once, and what a validation does with them."""
+
+    def __init__(self, cfg: Config, family: ModelFamily, loop_config: dict[str, Any]):
+        self.cfg, self.family, self.loop_config = cfg, family, loop_config
+        self.clips = load_validation_clips(cfg)
+
+    def run(self, models: TrainingModels, step: int, rank: int, world_size: int) -> float:
+        """`val_loss` over the held-out clips (all workers), videos and previews (rank 0, to MLflow).
+
+        The RNGs are forked so validation draws nothing from the training streams, and the raw
+        denoiser (not the DDP wrapper) runs in eval mode, so no gradient collective is involved.
+        Both run under training's mixed precision, the encoders in their own dtype, as in a step."""
+        cfg = self.cfg
+        device = next(models.denoiser.parameters()).device
+        models.denoiser.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            with mixed_precision(cfg.train.mixed_precision, device):
+                val_loss = validation_loss_all(cfg, self.family, models, self.clips, device, rank, world_size)
+            if rank == 0 and cfg.validate.num_videos > 0:
+                out_dir = Path(cfg.output_dir) / "validation" / f"step_{step:08d}"
+                sampling = self.family.sampling_models(cfg, models)
+                sample_validation_videos(cfg, self.family, sampling, self.clips, out_dir)
+                tracking.log_artifacts(
+                    self.loop_config["tracking_uri"],
+                    self.loop_config["mlflow_run_id"],
+                    {f"validation/step_{step:08d}": out_dir},
+                )
+        if rank == 0:
+            logger.info("step %d validation loss %.4f", step, val_loss)
+        return val_loss
 
 
 def to_hwc(pixels: torch.Tensor) -> np.ndarray:
@@ -138,16 +180,18 @@ def write_previews(
 
 
 def sample_validation_videos(
-    cfg: Config, models: SamplingModels, clips: list[ValidationClip], out_dir: Path
+    cfg: Config, family: ModelFamily, models: Any, clips: list[ValidationClip], out_dir: Path
 ) -> Path:
     """mp4s and previews for the first `validate.num_videos` clips, written into `out_dir`: each
     sampled from the clip's conditioning frame with the run's sampling spec (training's fps and
     motion-bucket rule), seeded by the clip's position so every validation is comparable."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = sampling_spec(cfg, "validate")
+    spec = family.sampling_spec(cfg, "validate")
     rows = []
     for clip in clips[: cfg.validate.num_videos]:
-        frames = sample_video(models, clip.image, spec, clip=clip.video, seed=spec.seed + clip.index)
+        frames = family.sample_video(
+            models, clip.image, spec, clip=clip.video, prompt=clip.prompt, seed=spec.seed + clip.index
+        )
         write_mp4(frames, out_dir / f"clip{clip.index:03d}.mp4", spec.fps)
         rows.append((to_hwc(clip.image), frames, to_hwc(clip.video)))
     if rows:

@@ -3,7 +3,7 @@
 Validation videos, the sample after training, `svdray sample` and the reward stage all come
 through `sample_latents` with a `SamplingSpec` built by `sampling_spec(cfg)` from the training
 config, so a sampled video is conditioned exactly as training conditioned the UNet: the same
-conditioning functions (`svdray.model.conditioning`), the training fps as a float (SVD's fps - 1
+conditioning functions (`svdray.models.svd.conditioning`), the training fps as a float (SVD's fps - 1
 is applied in `added_time_ids`), the training motion-bucket rule and the training crop of the
 conditioning image. The loop is diffusers' `StableVideoDiffusionPipeline.__call__` written out
 (EulerDiscreteScheduler, classifier-free guidance ramped from min to max over the frames, both
@@ -27,10 +27,10 @@ from torch.utils.checkpoint import checkpoint
 
 from svdray.config import Config, ModelConfig
 from svdray.data.video import FrameSpec, resize_and_crop, to_model_range
-from svdray.model import conditioning as cond
-from svdray.model.lora import load_lora
-from svdray.model.pipeline import FrozenModels, load_pipeline
-from svdray.model.precision import encoder_precision, mixed_precision_dtype
+from svdray.models.lora import load_lora
+from svdray.models.precision import encoder_precision, mixed_precision_dtype
+from svdray.models.svd import conditioning as cond
+from svdray.models.svd.pipeline import FrozenModels, load_pipeline
 
 logger = logging.getLogger("svdray.sample")
 
@@ -68,35 +68,35 @@ class SamplingSpec:
 
 
 def sampling_spec(cfg: Config, purpose: str = "sample") -> SamplingSpec:
-    """The sampling spec of a run, from its training config: `sample.*` where set, the data
-    section's fps, size and motion-bucket rule otherwise. `purpose` picks the step count and
-    seed: "sample" (the video after training, `svdray sample`), "validate" or "reward"."""
-    s, d = cfg.sample, cfg.data
+    """The sampling spec of a run, from its training config: `sample.*` and `svd.sample.*` where
+    set, the data section's fps and size and `svd`'s motion-bucket rule otherwise. `purpose` picks
+    the step count and seed: "sample" (the video after training, `svdray sample`), "validate" or
+    "reward" (with `reward.*` and `svd.reward.*` overrides)."""
+    s, d, svd = cfg.sample, cfg.data, cfg.svd
+    bucket = svd.sample.motion_bucket_id if svd.sample.motion_bucket_id is not None else svd.motion_bucket_id
     spec = SamplingSpec(
         num_frames=s.num_frames or d.num_frames,
         height=d.height,
         width=d.width,
         fps=float(s.fps if s.fps is not None else d.fps),
-        motion_bucket_id=float(s.motion_bucket_id)
-        if s.motion_bucket_id is not None
-        else (float(d.motion_bucket_id) if d.motion_bucket_id is not None else None),
-        motion_bucket_scale=d.motion_bucket_scale,
-        noise_aug_strength=s.noise_aug_strength,
-        min_guidance=s.min_guidance,
-        max_guidance=s.max_guidance,
+        motion_bucket_id=float(bucket) if bucket is not None else None,
+        motion_bucket_scale=svd.motion_bucket_scale,
+        noise_aug_strength=svd.sample.noise_aug_strength,
+        min_guidance=svd.sample.min_guidance,
+        max_guidance=svd.sample.max_guidance,
         steps=s.steps,
         seed=s.seed,
     )
     if purpose == "validate":
         return replace(spec, num_frames=d.num_frames, steps=cfg.validate.steps, seed=cfg.validate.seed)
     if purpose == "reward":
-        r = cfg.reward
+        r, rs = cfg.reward, svd.reward
         overrides = {
             "fps": float(r.fps) if r.fps is not None else None,
-            "motion_bucket_id": float(r.motion_bucket_id) if r.motion_bucket_id is not None else None,
-            "noise_aug_strength": r.noise_aug_strength,
-            "min_guidance": r.min_guidance,
-            "max_guidance": r.max_guidance,
+            "motion_bucket_id": float(rs.motion_bucket_id) if rs.motion_bucket_id is not None else None,
+            "noise_aug_strength": rs.noise_aug_strength,
+            "min_guidance": rs.min_guidance,
+            "max_guidance": rs.max_guidance,
         }
         return replace(
             spec,

@@ -3,22 +3,20 @@
 Each option changes how the step runs, never what it computes: the same batch and seed give the
 same loss up to floating-point reordering. `benchmarks/train_step.py` measures every one of them.
 
-    frozen, unet = apply_speed_options(frozen, unet, cfg.speed, device)   # end of build_models
-    with mixed_precision(cfg.train.mixed_precision, device): loss = training_loss(...)
+    apply_speed_options(denoiser, vae, cfg.speed)   # end of a family's build_models
+    with mixed_precision(cfg.train.mixed_precision, device): loss = family.training_loss(...)
 
-(`speed.fused_adamw` is read by `svdray.train.optim.build_optimizer`.)
+(`speed.fused_adamw` is read by `svdray.train.optim.build_optimizer`, `speed.vae_chunk` by the
+family's VAE encode.)
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from svdray.config import SpeedConfig
-from svdray.model.pipeline import FrozenModels
 
 SDPA_BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION],
@@ -71,17 +69,14 @@ def to_channels_last(model: torch.nn.Module) -> None:
             module.to(memory_format=torch.channels_last_3d)
 
 
-def apply_speed_options(
-    frozen: FrozenModels, unet: torch.nn.Module, speed: SpeedConfig, device: torch.device
-) -> tuple[FrozenModels, torch.nn.Module]:
-    """The models with `speed` applied, in place: attention kernel, VAE chunking, channels-last
-    weights and `torch.compile` of the UNet (in place, so parameter names, LoRA saving and
-    checkpoints are unchanged). Call after LoRA injection and gradient checkpointing."""
-    set_attention_kernel(unet, speed.attention)
-    set_attention_kernel(frozen.vae, speed.attention)
+def apply_speed_options(denoiser: torch.nn.Module, vae: torch.nn.Module, speed: SpeedConfig) -> None:
+    """Apply `speed` in place: attention kernel, channels-last weights and `torch.compile` of the
+    denoiser (in place, so parameter names, LoRA saving and checkpoints are unchanged). Call
+    after LoRA injection and gradient checkpointing."""
+    set_attention_kernel(denoiser, speed.attention)
+    set_attention_kernel(vae, speed.attention)
     if speed.channels_last:
-        to_channels_last(unet)
-        to_channels_last(frozen.vae)
-    if speed.compile_unet:
-        unet.compile()
-    return dataclasses.replace(frozen, vae_chunk=speed.vae_chunk), unet
+        to_channels_last(denoiser)
+        to_channels_last(vae)
+    if speed.compile_denoiser:
+        denoiser.compile()

@@ -1,6 +1,6 @@
-"""LoRA on the SVD UNet with peft.
+"""LoRA with peft, for any family's denoiser (which modules it targets is the family's choice).
 
-UNetSpatioTemporalConditionModel has no `add_adapter`/`save_lora_adapter` (no PeftAdapterMixin),
+SVD's UNetSpatioTemporalConditionModel has no `add_adapter`/`save_lora_adapter` (no PeftAdapterMixin),
 so adapters go in with `peft.inject_adapter_in_model` and come out with
 `get_peft_model_state_dict`. The saved folder is peft's own format (adapter_config.json +
 adapter_model.safetensors, keys without the adapter name), so a user needs only peft to load it:
@@ -12,54 +12,28 @@ adapter_model.safetensors, keys without the adapter name), so a user needs only 
 
 from __future__ import annotations
 
-import re
+import copy
 from pathlib import Path
 
 import peft
 import torch
 from safetensors.torch import load_file, save_file
 
-from svdray.config import LoraConfig
 from svdray.safeload import check_folder
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
-_BLOCK_PATTERNS = {"spatial": r"transformer_blocks", "temporal": r"temporal_transformer_blocks"}
 
-
-def target_modules_regex(cfg: LoraConfig) -> str:
-    """A full-match regex over module names selecting the projections to adapt.
-
-    `transformer_blocks` alone would also match inside `temporal_transformer_blocks`, so the
-    spatial pattern is anchored on the preceding dot.
-    """
-    blocks = [rf"\.{_BLOCK_PATTERNS[b]}" for b in cfg.blocks]
-    projections = [re.escape(name) for name in cfg.target_modules]
-    if cfg.feed_forward:
-        projections += [re.escape("ff.net.0.proj"), re.escape("ff.net.2")]
-    return rf".*({'|'.join(blocks)})\.\d+\.(attn1|attn2|ff)?\.?({'|'.join(projections)})"
-
-
-def peft_config(cfg: LoraConfig) -> peft.LoraConfig:
-    return peft.LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=target_modules_regex(cfg),
-        init_lora_weights="gaussian",
-    )
-
-
-def add_lora(unet: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+def inject_lora(model: torch.nn.Module, config: peft.LoraConfig) -> torch.nn.Module:
     """Inject LoRA layers and freeze everything else; returns the same module."""
-    unet.requires_grad_(False)
-    peft.inject_adapter_in_model(peft_config(cfg), unet)
-    for name, param in unet.named_parameters():
+    model.requires_grad_(False)
+    peft.inject_adapter_in_model(config, model)
+    for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
-    if not any(p.requires_grad for p in unet.parameters()):
-        raise ValueError(f"lora: no module of the UNet matches {target_modules_regex(cfg)!r}")
-    return unet
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"lora: no module of {type(model).__name__} matches {config.target_modules!r}")
+    return model
 
 
 def cast_frozen_weights(unet: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -88,15 +62,14 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
-def save_lora(
-    unet: torch.nn.Module, cfg: LoraConfig, out_dir: str | Path, base_model: str | None = None
-) -> Path:
-    """peft's adapter folder; `base_model` (the pipeline trained on) goes into adapter_config.json
-    as `base_model_name_or_path`, so the folder says what it applies to."""
+def save_lora(model: torch.nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """peft's adapter folder, with the adapter config the model was injected with; `base_model`
+    (the pipeline trained on) goes into adapter_config.json as `base_model_name_or_path`, so the
+    folder says what it applies to."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(lora_state_dict(unet), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = peft_config(cfg)
+    save_file(lora_state_dict(model), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config["default"])
     config.base_model_name_or_path = base_model
     config.save_pretrained(str(out_dir))
     return out_dir
@@ -133,3 +106,22 @@ def load_lora(unet: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
     peft.inject_adapter_in_model(peft.LoraConfig.from_pretrained(str(lora_dir)), unet)
     unet.train(unet.training)
     return load_lora_weights(unet, lora_dir)
+
+
+def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
+    """Fold every LoRA update into its base weight, then put the base layers back in place of the
+    LoRA layers (as diffusers' `fuse_lora` + `unload_lora` do), so the state dict has exactly the
+    original parameter names."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge(safe_merge=True)  # safe_merge: refuses to write non-finite weights
+    recurse_remove_peft_layers(unet)
+    if hasattr(unet, "peft_config"):
+        del unet.peft_config
+    leftover = [name for name in unet.state_dict() if "lora_" in name or ".base_layer." in name]
+    if leftover:
+        raise RuntimeError(f"merging left LoRA parameters behind: {leftover[:3]}")
+    return unet

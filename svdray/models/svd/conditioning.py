@@ -6,8 +6,6 @@ antialiased 224 resize) trains a model the sampler does not drive the way it was
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from diffusers import AutoencoderKLTemporalDecoder
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
@@ -15,7 +13,8 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 )
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from svdray.model.precision import encoder_precision
+from svdray.models.base import LatentDistribution
+from svdray.models.precision import encoder_precision
 
 
 def clip_image_embeddings(
@@ -54,24 +53,6 @@ def conditioning_latents(
     noisy = images + noise_aug_strength.view(-1, 1, 1, 1).to(images.dtype) * noise
     with encoder_precision(images.device):
         return vae.encode(noisy.to(vae.dtype)).latent_dist.mode()
-
-
-@dataclass
-class LatentDistribution:
-    """Mean and std of the VAE posterior per frame: what the latent cache stores.
-
-    Storing the distribution rather than one sample keeps training exact: a fresh latent is drawn
-    every step, as when the VAE runs in the loop.
-    """
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
-        return self.mean + self.std * noise
 
 
 def video_latent_distribution(

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from svdray.config import ObjectiveConfig
+from svdray.config import SvdConfig
 from svdray.data.video import to_model_range
-from svdray.model import conditioning as cond
-from svdray.model.objective import add_noise, predict_v, sample_sigmas, v_loss, v_target
-from svdray.model.pipeline import FrozenModels
+from svdray.models.base import LatentDistribution
+from svdray.models.svd import conditioning as cond
+from svdray.models.svd.objective import add_noise, predict_v, sample_sigmas, v_loss, v_target
+from svdray.models.svd.pipeline import FrozenModels
 
 
 @dataclass
@@ -40,7 +41,7 @@ def encode_batch(
     """
     image = to_model_range(batch["image"])
     if "latent_mean" in batch:
-        distribution = cond.LatentDistribution(batch["latent_mean"].float(), batch["latent_std"].float())
+        distribution = LatentDistribution(batch["latent_mean"].float(), batch["latent_std"].float())
     else:
         distribution = cond.video_latent_distribution(
             frozen.vae, to_model_range(batch["video"]), frozen.vae_chunk
@@ -89,7 +90,7 @@ def training_loss(
     unet: torch.nn.Module,
     frozen: FrozenModels,
     batch: dict[str, torch.Tensor],
-    cfg: ObjectiveConfig,
+    cfg: SvdConfig,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """The mean loss of one batch, with fresh sigmas, noise, noise augmentation and CFG dropout."""

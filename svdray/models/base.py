@@ -1,0 +1,173 @@
+"""The model-family interface: what a family of image-to-video models gives the trainer.
+
+Everything above the models (the Ray Data stream and its latent cache, the training loop, Tune,
+MLflow, checkpoints, the reward stage, exports and the CLI) talks to a family only through a
+`ModelFamily`, chosen by `model.family` in the config. A family file owns everything that is
+true of its models alone: how they load, which modules LoRA adapts, how a batch becomes model
+inputs and conditioning (and what of that the cache may store), its conditioning dropout, its
+objective with its own noise/timestep draws, the fixed-grid validation loss, its sampler and the
+export formats its users load. Adding a family is one file (plus its helpers) and a line in
+`svdray.models.FAMILIES`.
+
+A batch, as the data layer delivers it (`svdray.data.dataset` / `svdray.data.cache`), is a dict
+of tensors with a leading batch dimension:
+
+    video            (B, T, 3, H, W) uint8   decoded clips (absent when read from the cache)
+    image            (B, 3, H, W) uint8      the conditioning image (a clip's first frame)
+    fps              (B,) float32            the rate the frames were sampled at
+    motion           (B,) float64            temporal pixel std of the clip, 0..255 units
+    motion_bucket_id (B,) float32            the manifest's per-clip value, -1 when absent
+    prompt           list[str]               the manifest's prompt ("" when absent)
+    <cache fields>                           what the family's cache encoder stored
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from svdray.config import Config
+    from svdray.data.cache import CacheEncoderSpec
+
+
+@dataclass
+class TrainingModels:
+    """What the training loop holds: the denoiser LoRA trains (SVD's UNet, Wan's transformer),
+    with float32 LoRA weights, and the family's frozen encoders (VAE, image and text encoders)."""
+
+    denoiser: torch.nn.Module
+    frozen: Any
+
+
+@dataclass
+class LatentDistribution:
+    """Mean and std of the VAE posterior per frame: what the latent cache stores.
+
+    Storing the distribution rather than one sample keeps training exact: a fresh latent is drawn
+    every step, as when the VAE runs in the loop.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
+        return self.mean + self.std * noise
+
+
+class ModelFamily(ABC):
+    """One family of image-to-video models (SVD, Wan, ...). Stateless: methods take the run's
+    config; instances are cheap and made by `svdray.models.family_of(cfg)`."""
+
+    name: ClassVar[str]
+    # Batch columns the loss reads (tensors moved to the device; the rest stay on the host).
+    batch_columns: ClassVar[tuple[str, ...]]
+    # `svdray export --format`: what this family's LoRA can be written as.
+    export_formats: ClassVar[tuple[str, ...]] = ("peft", "merged")
+
+    # ---------------------------------------------------------------- config and loading
+    def check_config(self, cfg: Config) -> None:  # noqa: B027 - optional hook
+        """Family rules on the whole config (raise `ConfigError` naming the key); run at load."""
+
+    @abstractmethod
+    def save_tiny_pipeline(self, out_dir: str | Path, seed: int = 0, **options: Any) -> Path:
+        """A tiny, randomly initialised pipeline of the real classes, saved with `save_pretrained`
+        (the embedded default for the demo and the tests)."""
+
+    @abstractmethod
+    def build_models(self, cfg: Config, device: torch.device) -> TrainingModels:
+        """Load `model.*`, freeze the encoders, put LoRA on the denoiser (float32 LoRA weights,
+        frozen weights in the configured dtype), gradient checkpointing and `speed.*` applied."""
+
+    # ---------------------------------------------------------------- data
+    @abstractmethod
+    def cache_encoder(self) -> CacheEncoderSpec:
+        """The Ray Data actor that fills the latent cache with this family's frozen encodings."""
+
+    # ---------------------------------------------------------------- objective
+    @abstractmethod
+    def training_loss(
+        self,
+        denoiser: torch.nn.Module,
+        frozen: Any,
+        batch: dict[str, Any],
+        cfg: Config,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """The mean loss of one batch, every random draw (noise, timesteps, dropout, augmentation)
+        from `generator`, so a restored generator state replays a step exactly."""
+
+    @abstractmethod
+    def validation_loss(
+        self, denoiser: torch.nn.Module, frozen: Any, batch: dict[str, Any], cfg: Config, seed: int
+    ) -> float:
+        """The loss at a fixed noise-level grid with fixed noise and no dropout: comparable across
+        steps, runs and trials."""
+
+    # ---------------------------------------------------------------- sampling
+    @abstractmethod
+    def sampling_spec(self, cfg: Config, purpose: str = "sample") -> Any:
+        """Everything besides the image that decides a sampled video, from the training config;
+        `purpose`: "sample", "validate" or "reward"."""
+
+    @abstractmethod
+    def sampling_models(self, cfg: Config, models: TrainingModels) -> Any:
+        """The sampler's view of the models being trained (validation videos, the reward stage)."""
+
+    @abstractmethod
+    def load_sampling_models(
+        self, cfg: Config, lora_dir: str | Path | None, device: str | torch.device | None = None
+    ) -> Any:
+        """The pipeline of `cfg.model`, loaded as training loads it, with a trained LoRA."""
+
+    @abstractmethod
+    def sample_video(
+        self,
+        models: Any,
+        image: np.ndarray | torch.Tensor,
+        spec: Any,
+        clip: torch.Tensor | None = None,
+        prompt: str = "",
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """(T, H, W, 3) uint8 frames conditioned on `image` (uint8, cropped like training);
+        `clip` (T, 3, H, W) uint8 when the image is a clip's first frame."""
+
+    def default_num_frames(self, models: Any) -> int | None:
+        """The frame count a pipeline samples when neither a run nor the user says (None: the
+        config's `data.num_frames`)."""
+        return None
+
+    def describe_conditioning(self, spec: Any, clip: torch.Tensor | None) -> str:
+        """One line saying how a sample was conditioned (logged and tagged in MLflow)."""
+        return f"fps={spec.fps:g}"
+
+    def sample_frames(
+        self, models: Any, images: torch.Tensor, spec: Any, generator: torch.Generator, grad_steps: int
+    ) -> torch.Tensor:
+        """Frames (B, T, 3, H, W) in about [-1, 1] from images in [-1, 1], keeping a graph
+        through the last `grad_steps` steps (the reward stage)."""
+        raise NotImplementedError(f"model.family {self.name}: the reward stage is not supported")
+
+    # ---------------------------------------------------------------- LoRA and exports
+    @abstractmethod
+    def save_lora(self, denoiser: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
+        """The LoRA as a folder this family's diffusers pipeline loads."""
+
+    @abstractmethod
+    def load_lora(self, denoiser: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
+        """Apply a saved LoRA to the denoiser (no leftover or missing key)."""
+
+    def export(self, fmt: str, lora_dir: Path, out: Path, model: dict[str, Any], dtype: str) -> Path:
+        """Write the LoRA in format `fmt` (one of `export_formats`, "peft" is handled by the caller)."""
+        raise ValueError(
+            f"--format {fmt!r}: model.family {self.name} exports {', '.join(self.export_formats)}"
+        )

@@ -1,0 +1,150 @@
+"""Stable Video Diffusion (SVD, SVD-XT) as a model family: `model.family: svd`, options in `svd:`.
+
+The pieces live next to this file, one job each: `pipeline` (loading, the tiny pipeline, the
+frozen encoders), `lora` (which UNet modules adapt), `conditioning` (what the UNet is fed, as the
+pipeline computes it), `objective` (EDM v-prediction), `loss` (a batch -> its loss), `buckets`
+(the motion-bucket rule), `sampler` (the pipeline's sampling loop), `cache` (the latent cache's
+encoder), `checkpointing` and `export`/`comfy`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from svdray.config import Config
+from svdray.data.cache import CacheEncoderSpec
+from svdray.models.base import ModelFamily, TrainingModels
+from svdray.models.lora import cast_frozen_weights, load_lora, save_lora
+from svdray.models.precision import mixed_precision_dtype
+from svdray.models.speed import apply_speed_options
+from svdray.models.svd import loss, sampler
+from svdray.models.svd.buckets import motion_bucket_ids
+from svdray.models.svd.checkpointing import enable_checkpointing
+from svdray.models.svd.lora import add_lora
+from svdray.models.svd.pipeline import FrozenModels, load_pipeline, save_tiny_pipeline, scheduler_config
+
+
+def with_motion_buckets(batch: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """The batch with the `motion_bucket_id` the UNet is conditioned on, by `svd`'s rule."""
+    buckets = motion_bucket_ids(
+        batch["motion"], batch["motion_bucket_id"], cfg.svd.motion_bucket_id, cfg.svd.motion_bucket_scale
+    )
+    return {**batch, "motion_bucket_id": buckets.to(batch["image"].device)}
+
+
+class SVDFamily(ModelFamily):
+    name = "svd"
+    batch_columns = (
+        "video",
+        "image",
+        "fps",
+        "motion",
+        "motion_bucket_id",
+        "latent_mean",
+        "latent_std",
+        "image_embedding",
+    )
+    export_formats = ("peft", "merged", "comfy")
+
+    def save_tiny_pipeline(self, out_dir: str | Path, seed: int = 0, **options: Any) -> Path:
+        if options:
+            raise ValueError(f"tiny-model --family svd: no options {sorted(options)}")
+        return save_tiny_pipeline(out_dir, seed)
+
+    def build_models(self, cfg: Config, device: torch.device) -> TrainingModels:
+        """Frozen VAE + image encoder in `model.frozen_dtype`, and the UNet with float32 LoRA
+        weights, its frozen weights in `model.denoiser_dtype`."""
+        pipe = load_pipeline(cfg.model.pretrained, "float32", cfg.model.variant, cfg.model.revision)
+        frozen = FrozenModels.from_pipeline(pipe, device, cfg.model.frozen_dtype)
+        frozen.vae_chunk = cfg.speed.vae_chunk
+        unet = add_lora(pipe.unet, cfg.lora)
+        cast_frozen_weights(unet, getattr(torch, cfg.model.denoiser_dtype)).to(device)
+        enable_checkpointing(unet, cfg.train.gradient_checkpointing)
+        apply_speed_options(unet, frozen.vae, cfg.speed)
+        return TrainingModels(unet, frozen)
+
+    def cache_encoder(self) -> CacheEncoderSpec:
+        from svdray.models.svd.cache import SVD_CACHE
+
+        return SVD_CACHE
+
+    def training_loss(
+        self,
+        denoiser: torch.nn.Module,
+        frozen: FrozenModels,
+        batch: dict[str, Any],
+        cfg: Config,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        return loss.training_loss(denoiser, frozen, with_motion_buckets(batch, cfg), cfg.svd, generator)
+
+    def validation_loss(
+        self, denoiser: torch.nn.Module, frozen: FrozenModels, batch: dict[str, Any], cfg: Config, seed: int
+    ) -> float:
+        return loss.validation_loss(denoiser, frozen, with_motion_buckets(batch, cfg), seed=seed)
+
+    def sampling_spec(self, cfg: Config, purpose: str = "sample") -> sampler.SamplingSpec:
+        return sampler.sampling_spec(cfg, purpose)
+
+    def sampling_models(self, cfg: Config, models: TrainingModels) -> sampler.SamplingModels:
+        return sampler.SamplingModels(
+            models.denoiser,
+            models.frozen,
+            scheduler_config(cfg.model.pretrained, cfg.model.revision),
+            mixed_precision_dtype(cfg.train.mixed_precision),
+        )
+
+    def load_sampling_models(
+        self, cfg: Config, lora_dir: str | Path | None, device: str | torch.device | None = None
+    ) -> sampler.SamplingModels:
+        return sampler.load_sampling_models(cfg.model, lora_dir, device, cfg.train.mixed_precision)
+
+    def sample_video(
+        self,
+        models: sampler.SamplingModels,
+        image: np.ndarray | torch.Tensor,
+        spec: sampler.SamplingSpec,
+        clip: torch.Tensor | None = None,
+        prompt: str = "",
+        seed: int | None = None,
+    ) -> np.ndarray:
+        return sampler.sample_video(models, image, spec, clip=clip, seed=seed)
+
+    def default_num_frames(self, models: sampler.SamplingModels) -> int | None:
+        return models.unet.config.num_frames
+
+    def describe_conditioning(self, spec: sampler.SamplingSpec, clip: torch.Tensor | None) -> str:
+        return f"fps={spec.fps:g} motion_bucket_id={spec.bucket_for(clip):g}"
+
+    def sample_frames(
+        self,
+        models: sampler.SamplingModels,
+        images: torch.Tensor,
+        spec: sampler.SamplingSpec,
+        generator: torch.Generator,
+        grad_steps: int,
+    ) -> torch.Tensor:
+        return sampler.sample_frames(
+            models.unet, models.frozen, models.scheduler_config, images, spec, generator, grad_steps
+        )
+
+    def save_lora(self, denoiser: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
+        return save_lora(denoiser, out_dir, cfg.model.pretrained)
+
+    def load_lora(self, denoiser: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
+        return load_lora(denoiser, lora_dir)
+
+    def export(self, fmt: str, lora_dir: Path, out: Path, model: dict[str, Any], dtype: str) -> Path:
+        from svdray.models.svd.export import export_comfy, export_merged
+
+        if fmt == "merged":
+            return export_merged(
+                lora_dir, model["pretrained"], out, dtype, model.get("variant"), model.get("revision")
+            )
+        if fmt == "comfy":
+            return export_comfy(lora_dir, out)
+        return super().export(fmt, lora_dir, out, model, dtype)
