@@ -206,8 +206,8 @@ def step_cpu_seconds(work: Path, rows: list[dict], repeats: int = 5) -> dict[str
     time, hardly depends on what else the machine runs."""
     from svdray.config import ModelConfig, SvdConfig
     from svdray.data.cache import LatentEncoder
-    from svdray.models.svd.pipeline import FrozenModels, load_pipeline, save_tiny_pipeline
     from svdray.models.svd.loss import training_loss
+    from svdray.models.svd.pipeline import FrozenModels, load_pipeline, save_tiny_pipeline
 
     tiny = work / "tiny-svd"
     if not (tiny / "model_index.json").exists():

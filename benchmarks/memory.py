@@ -55,13 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step, when imp
 from train_step import example_batch, meta_models, save_random_pipeline  # noqa: E402
 
 from svdray.config import Config, apply_overrides, config_from_dict, load_config  # noqa: E402
-from svdray.models.svd.checkpointing import enable_checkpointing  # noqa: E402
 from svdray.models.lora import cast_frozen_weights, lora_parameters  # noqa: E402
-from svdray.models.svd.pipeline import FrozenModels  # noqa: E402
 from svdray.models.precision import mixed_precision  # noqa: E402
-from svdray.train.optim import build_optimizer  # noqa: E402
 from svdray.models.speed import apply_speed_options  # noqa: E402
+from svdray.models.svd.checkpointing import enable_checkpointing  # noqa: E402
 from svdray.models.svd.loss import encode_batch, training_loss  # noqa: E402
+from svdray.models.svd.pipeline import FrozenModels  # noqa: E402
+from svdray.train.optim import build_optimizer  # noqa: E402
 
 GIB = 2**30
 CACHED = "cached_latents"

@@ -55,11 +55,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from svdray.config import Config, apply_overrides, config_from_dict  # noqa: E402
 from svdray.models.lora import lora_parameters  # noqa: E402
-from svdray.models.svd.lora import add_lora  # noqa: E402
-from svdray.models.svd.objective import sample_sigmas  # noqa: E402
-from svdray.models.svd.pipeline import FrozenModels  # noqa: E402
 from svdray.models.precision import mixed_precision  # noqa: E402
-from svdray.train.optim import build_lr_scheduler, build_optimizer  # noqa: E402
+from svdray.models.svd.lora import add_lora  # noqa: E402
 from svdray.models.svd.loss import (  # noqa: E402
     EncodedBatch,
     apply_cfg_dropout,
@@ -67,6 +64,9 @@ from svdray.models.svd.loss import (  # noqa: E402
     encode_batch,
     training_loss,
 )
+from svdray.models.svd.objective import sample_sigmas  # noqa: E402
+from svdray.models.svd.pipeline import FrozenModels  # noqa: E402
+from svdray.train.optim import build_lr_scheduler, build_optimizer  # noqa: E402
 
 CACHED = "cached_latents"
 

@@ -18,8 +18,8 @@ from svdray.config import DataConfig, ModelConfig, SvdConfig, load_config
 from svdray.data.cache import LatentEncoder, lookup_cache, read_entry
 from svdray.data.manifest import write_manifest
 from svdray.data.video import FrameSpec, decode_clip
-from svdray.models.svd.pipeline import FrozenModels, load_pipeline
 from svdray.models.svd.loss import encode_batch, training_loss
+from svdray.models.svd.pipeline import FrozenModels, load_pipeline
 from tests.conftest import ffmpeg_clip
 
 

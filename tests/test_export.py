@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from svdray import cli
 from svdray.config import LoraConfig, ModelConfig
-from svdray.models.svd.comfy import ORIGINAL_PREFIX, comfy_lora_targets, diffusers_to_original_key
 from svdray.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_lora, save_lora
+from svdray.models.svd.comfy import ORIGINAL_PREFIX, comfy_lora_targets, diffusers_to_original_key
 from svdray.models.svd.lora import add_lora, peft_config
 from svdray.models.svd.sampler import SamplingSpec, load_sampling_models, sample_video
 from svdray.train.checkpoint import TrainState, save_checkpoint

@@ -11,9 +11,9 @@ import torch
 
 from svdray.config import OptimConfig, SpeedConfig, config_from_dict
 from svdray.models.precision import mixed_precision
+from svdray.models.speed import KernelAttnProcessor
 from svdray.models.svd.family import SVDFamily
 from svdray.train.optim import build_lr_scheduler, build_optimizer
-from svdray.models.speed import KernelAttnProcessor
 
 CPU = torch.device("cpu")
 

@@ -13,6 +13,7 @@ from transformers import CLIPVisionModelWithProjection
 from svdray import cli
 from svdray.config import load_config
 from svdray.models.lora import lora_parameters
+from svdray.models.svd.family import SVDFamily
 from svdray.models.svd.sampler import sample_frames, sampling_spec
 from svdray.reward.diagnostics import RewardCheckError, diagnose
 from svdray.reward.rewards import (
@@ -25,7 +26,6 @@ from svdray.reward.rewards import (
     to_input_range,
 )
 from svdray.reward.train import build_reward_set, run_reward_training
-from svdray.models.svd.family import SVDFamily
 
 # ---- deliberately broken rewards, each one a way real runs ended up with rewards of 0.0 ----
 

@@ -16,8 +16,8 @@ from PIL import Image
 from svdray import cli
 from svdray.config import LoraConfig, ModelConfig, config_from_dict
 from svdray.data.video import FrameSpec, resize_and_crop, to_model_range
-from svdray.models.svd.conditioning import motion_bucket_from_clip
 from svdray.models.lora import save_lora
+from svdray.models.svd.conditioning import motion_bucket_from_clip
 from svdray.models.svd.export import export_merged
 from svdray.models.svd.lora import add_lora
 from svdray.models.svd.sampler import (

@@ -7,8 +7,8 @@ import torch
 
 from svdray.config import ConfigError, config_from_dict
 from svdray.models.lora import lora_parameters, lora_state_dict, save_lora
-from svdray.models.svd.family import SVDFamily
 from svdray.models.speed import KernelAttnProcessor
+from svdray.models.svd.family import SVDFamily
 from svdray.models.svd.loss import encode_batch, training_loss
 
 CPU = torch.device("cpu")

@@ -18,9 +18,9 @@ from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
 from PIL import Image
 
 from svdray.config import ModelConfig, SvdConfig
-from svdray.models.svd.pipeline import FrozenModels
 from svdray.models.precision import mixed_precision
 from svdray.models.svd.loss import encode_batch, training_loss
+from svdray.models.svd.pipeline import FrozenModels
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -13,8 +13,8 @@ from svdray.config import load_config
 from svdray.data.manifest import read_manifest, write_manifest
 from svdray.data.video import FrameSpec, decode_clip
 from svdray.models.lora import ADAPTER_WEIGHTS, load_lora
-from svdray.models.svd.pipeline import FrozenModels
 from svdray.models.svd.loss import validation_loss
+from svdray.models.svd.pipeline import FrozenModels
 from svdray.train.trainer import run_training
 
 
