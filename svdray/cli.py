@@ -56,12 +56,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     from svdray.data.cache import ensure_cache
     from svdray.data.prepare import training_rows
+    from svdray.models.svd.cache import SVD_CACHE
     from svdray.train.trainer import init_ray, resolve_paths
 
     cfg = resolve_paths(cfg)
     init_ray(cfg)
     prepared = training_rows(cfg.data, Path(cfg.output_dir) / "data")
-    result = ensure_cache(prepared.rows, cfg.data, cfg.model)
+    result = ensure_cache(prepared.rows, cfg.data, cfg.model, SVD_CACHE)
     print(f"latent cache: {result.folder}")
     print(f"  clips:        {len(prepared.rows)}")
     print(f"  hits:         {result.hits}")

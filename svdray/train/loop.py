@@ -46,6 +46,7 @@ BATCH_COLUMNS = (
     "video",
     "image",
     "fps",
+    "motion",
     "motion_bucket_id",
     "latent_mean",
     "latent_std",
@@ -211,7 +212,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             # DDP all-reduces gradients only on the last micro-batch of an update.
             sync = micro == cfg.train.grad_accum - 1 or not hasattr(unet, "no_sync")
             with autocast, contextlib.nullcontext() if sync else unet.no_sync():
-                loss = training_loss(unet, frozen, batch, cfg.objective, generator) / cfg.train.grad_accum
+                buckets = (cfg.data.motion_bucket_id, cfg.data.motion_bucket_scale)
+                loss = (
+                    training_loss(unet, frozen, batch, cfg.objective, generator, buckets)
+                    / cfg.train.grad_accum
+                )
                 if step in nan_steps:  # fault injection (train.debug_nan_at_steps)
                     loss = loss * float("nan")
                 loss.backward()

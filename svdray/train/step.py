@@ -11,6 +11,7 @@ from svdray.data.video import to_model_range
 from svdray.model import conditioning as cond
 from svdray.model.objective import add_noise, predict_v, sample_sigmas, v_loss, v_target
 from svdray.model.pipeline import FrozenModels
+from svdray.models.svd.buckets import motion_bucket_ids
 
 
 @dataclass
@@ -29,8 +30,13 @@ def encode_batch(
     batch: dict[str, torch.Tensor],
     noise_aug_strength: torch.Tensor,
     generator: torch.Generator | None,
+    buckets: tuple[int | None, float] | None = None,
 ) -> EncodedBatch:
     """Latents and conditioning of a batch of decoded clips, or of cached ones.
+
+    `buckets` (data.motion_bucket_id, data.motion_bucket_scale) resolves each example's motion
+    bucket from its `motion` and manifest `motion_bucket_id`; None: the batch's
+    `motion_bucket_id` is already the bucket (validation clips, tests).
 
     A cached batch (`svdray.data.cache`) brings the VAE posterior of its frames and the CLIP
     embedding of its clean conditioning image, so neither the VAE on the T frames nor CLIP runs.
@@ -51,11 +57,14 @@ def encode_batch(
         embeddings = batch["image_embedding"].float()
     else:
         embeddings = cond.clip_image_embeddings(frozen.image_encoder, frozen.feature_extractor, image).float()
+    bucket = batch["motion_bucket_id"]
+    if buckets is not None:
+        bucket = motion_bucket_ids(batch["motion"], bucket, *buckets)
     return EncodedBatch(
         latents=latents,
         condition_latent=condition_latent,
         image_embeddings=embeddings,
-        time_ids=cond.added_time_ids(batch["fps"], batch["motion_bucket_id"], noise_aug_strength),
+        time_ids=cond.added_time_ids(batch["fps"], bucket, noise_aug_strength),
     )
 
 
@@ -91,12 +100,15 @@ def training_loss(
     batch: dict[str, torch.Tensor],
     cfg: ObjectiveConfig,
     generator: torch.Generator,
+    buckets: tuple[int | None, float] | None = None,
 ) -> torch.Tensor:
-    """The mean loss of one batch, with fresh sigmas, noise, noise augmentation and CFG dropout."""
+    """The mean loss of one batch, with fresh sigmas, noise, noise augmentation and CFG dropout
+    (`buckets`: see `encode_batch`)."""
     size = batch["image"].shape[0]
     device = batch["image"].device
     strength = cond.sample_noise_aug_strength(size, cfg.noise_aug_mean, cfg.noise_aug_std, generator, device)
-    encoded = apply_cfg_dropout(encode_batch(frozen, batch, strength, generator), cfg.cfg_dropout, generator)
+    encoded = encode_batch(frozen, batch, strength, generator, buckets)
+    encoded = apply_cfg_dropout(encoded, cfg.cfg_dropout, generator)
     sigma = sample_sigmas(size, cfg.p_mean, cfg.p_std, generator, device)
     noise = torch.randn(encoded.latents.shape, generator=generator, device=device)
     return diffusion_loss(unet, encoded, sigma, noise).mean()
