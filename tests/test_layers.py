@@ -1,14 +1,33 @@
-"""The data layer stands alone: no module of svdray/data imports a model family, training,
-tuning, tracking or reward code (parsed imports, including those inside functions)."""
+"""Folders follow the data and a layer imports only the layers before it: svdray/data imports no
+model family, training, tuning, tracking or reward code; the model families import nothing of
+training, tuning or reward; training nothing of tuning or reward (parsed imports, including those
+inside functions). And only a family's own files name its model classes."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-import svdray.data
+import pytest
 
+import svdray
+
+PACKAGE = Path(svdray.__file__).parent
 HIGHER = ("svdray.model", "svdray.models", "svdray.train", "svdray.tune", "svdray.tracking", "svdray.reward")
+# package -> what it must not import (svdray.config, console, safeload, progress serve every layer)
+LAYERS = {
+    "data": HIGHER,
+    "models": (
+        "svdray.train",
+        "svdray.tune",
+        "svdray.tracking",
+        "svdray.reward",
+        "svdray.jobs",
+        "svdray.cli",
+    ),
+    "train": ("svdray.tune", "svdray.reward", "svdray.jobs", "svdray.cli"),
+}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -28,22 +47,36 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def higher(module: str) -> bool:
-    return any(module == name or module.startswith(name + ".") for name in HIGHER)
+def higher(module: str, above: tuple[str, ...] = HIGHER) -> bool:
+    return any(module == name or module.startswith(name + ".") for name in above)
 
 
-def test_the_data_layer_imports_nothing_above_it():
-    folder = Path(svdray.data.__file__).parent
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_a_layer_imports_nothing_above_it(layer):
+    folder = PACKAGE / layer
     modules = sorted(folder.rglob("*.py"))
-    assert len(modules) >= 8
+    assert len(modules) >= 5
     offending = {
-        str(path.relative_to(folder)): sorted(m for m in imported_modules(path) if higher(m))
+        str(path.relative_to(folder)): sorted(m for m in imported_modules(path) if higher(m, LAYERS[layer]))
         for path in modules
     }
     assert {k: v for k, v in offending.items() if v} == {}
-    # svdray.progress, which the data layer uses, only reaches down into it.
-    progress = Path(svdray.data.__file__).parent.parent / "progress.py"
-    assert [m for m in imported_modules(progress) if higher(m)] == []
+
+
+def test_progress_reaches_only_down_into_the_data_layer():
+    assert [m for m in imported_modules(PACKAGE / "progress.py") if higher(m)] == []
+
+
+MODEL_CLASSES = re.compile(
+    r"StableVideoDiffusion|UNetSpatioTemporal|added_time_ids|AutoencoderKLTemporalDecoder"
+)
+
+
+def test_only_the_svd_family_names_svd_classes():
+    naming = sorted(
+        str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if MODEL_CLASSES.search(p.read_text())
+    )
+    assert naming and all(p.startswith("models/svd/") for p in naming), naming
 
 
 def test_the_import_check_sees_every_form(tmp_path):
