@@ -133,7 +133,7 @@ def test_peft_export_from_a_checkpoint_folder(run_dir, tiny_pipeline_dir, tmp_pa
     optimizer = torch.optim.AdamW([p for n, p in unet.named_parameters() if "lora_" in n])
     scheduler = get_scheduler("constant", optimizer)
     checkpoint = save_checkpoint(
-        tmp_path / "step_00000007", unet, LORA, optimizer, scheduler, TrainState(7, 7), {}, {"model": {}}
+        tmp_path / "step_00000007", unet, optimizer, scheduler, TrainState(7, 7), {}, {"model": {}}
     )
     out = tmp_path / "peft"
     assert cli.main(["export", "--run", str(checkpoint), "--format", "peft", "--out", str(out)]) == 0

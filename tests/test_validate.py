@@ -11,6 +11,8 @@ from PIL import Image
 
 from svdray.config import ConfigError, config_from_dict, load_config
 from svdray.data.manifest import write_manifest
+from svdray.models.base import TrainingModels
+from svdray.models.svd.family import SVDFamily
 from svdray.models.svd.lora import add_lora
 from svdray.models.svd.pipeline import FrozenModels
 from svdray.train.validate import load_validation_clips, validation_loss_all, write_previews
@@ -39,23 +41,24 @@ def test_validation_loss_is_fixed_and_moves_with_the_weights(
     clips = load_validation_clips(cfg)
     assert [c.video.shape for c in clips] == [(8, 3, 32, 32)] * 2
     assert torch.equal(clips[0].image, clips[0].video[0])  # the first frame conditions
-    assert clips[0].motion_bucket_id != clips[1].motion_bucket_id  # computed from each clip
+    assert clips[0].motion != clips[1].motion and clips[0].motion > 0  # each clip's own motion
 
     pipe = StableVideoDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     frozen = FrozenModels(
         pipe.vae, pipe.image_encoder, pipe.feature_extractor, pipe.vae.config.scaling_factor
     )
     unet = add_lora(pipe.unet, cfg.lora).eval()
+    family, models = SVDFamily(), TrainingModels(unet, frozen)
     rng = torch.get_rng_state()
-    first = validation_loss_all(cfg, unet, frozen, clips, torch.device("cpu"))
-    assert validation_loss_all(cfg, unet, frozen, clips, torch.device("cpu")) == first
+    first = validation_loss_all(cfg, family, models, clips, torch.device("cpu"))
+    assert validation_loss_all(cfg, family, models, clips, torch.device("cpu")) == first
     assert torch.equal(torch.get_rng_state(), rng)  # its noise comes from its own seeded generator
     generator = torch.Generator().manual_seed(0)  # not the global RNG: independent of test order
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    assert validation_loss_all(cfg, unet, frozen, clips, torch.device("cpu")) != pytest.approx(
+    assert validation_loss_all(cfg, family, models, clips, torch.device("cpu")) != pytest.approx(
         first, rel=1e-4
     )
 
