@@ -137,7 +137,9 @@ def test_cache_command_then_training_reads_it(
 
     assert misses(cfg.data) == 0  # a re-run, or a Tune trial changing lr or rank
     assert misses(cfg.data, encoder=dataclasses.replace(SVD_CACHE, version="svd-2")) == 2
-    assert misses(cfg.data, rows=[{**rows[0], "prompt": "a dog"}, rows[1]]) == 1
+    edited = [{**rows[0], "prompt": "a dog"}, rows[1]]
+    assert misses(cfg.data, rows=edited) == 0  # SVD ignores prompts: its entries stay valid
+    assert misses(cfg.data, encoder=dataclasses.replace(SVD_CACHE, uses_prompts=True), rows=edited) == 2
     assert misses(dataclasses.replace(cfg.data, num_frames=6)) == 2
     assert misses(dataclasses.replace(cfg.data, crop="random")) == 2
     assert misses(cfg.data, dataclasses.replace(cfg.model, frozen_dtype="bfloat16")) == 2
