@@ -10,9 +10,9 @@ gradient to the LoRA.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ from svdray.train.trainer import (
     training_progress,
     write_run_config,
 )
+from svdray.train.upload import report_checkpoint
 
 logger = logging.getLogger("svdray.reward")
 
@@ -182,12 +183,17 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
         if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.max_steps:
             rngs = rng_snapshot(generator, rank, world_size)
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    save_checkpoint(tmp, raw_unet, cfg.lora, optimizer, lr_scheduler, state, rngs)
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{state.step:08d}")
+            write = functools.partial(
+                save_checkpoint,
+                unet=raw_unet,
+                lora_cfg=cfg.lora,
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                state=state,
+                rng_states=rngs,
+            )
+            name = f"step_{state.step:08d}"
+            report_checkpoint(metrics, name, write if rank == 0 else None, cfg.train.checkpoint_upload)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if rank == 0:

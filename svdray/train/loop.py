@@ -10,8 +10,8 @@ metrics, validate every `validate.every` steps, checkpoint every `checkpoint_eve
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +37,9 @@ from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from svdray.train.optim import build_lr_scheduler, build_optimizer
 from svdray.train.speed import apply_speed_options
 from svdray.train.step import training_loss
+from svdray.train.upload import report_checkpoint
 from svdray.train.validate import load_validation_clips, sample_validation_videos, validation_loss_all
+from svdray.train.workers import save_worker_record
 
 logger = logging.getLogger("svdray.train")
 
@@ -288,14 +290,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         # there), so the latest checkpoint never holds the state of a run on its way to a stop.
         if is_last or (good and state.step % cfg.train.checkpoint_every == 0):
             rngs = rng_snapshot(generator, rank, world_size)
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    save_checkpoint(
-                        tmp, raw_unet, cfg.lora, optimizer, lr_scheduler, state, rngs, loop_config["config"]
-                    )
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{state.step:08d}")
+            write = functools.partial(
+                save_checkpoint,
+                unet=raw_unet,
+                lora_cfg=cfg.lora,
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                state=state,
+                rng_states=rngs,
+                config=loop_config["config"],
+            )
+            name = f"step_{state.step:08d}"
+            report_checkpoint(metrics, name, write if rank == 0 else None, cfg.train.checkpoint_upload)
             last_checkpoint_step = state.step
         elif state.step % cfg.train.report_every == 0 or "val_loss" in metrics:
             ray.train.report(metrics)
@@ -303,7 +309,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "lora", cfg.model.pretrained)
     if cfg.train.save_worker_loras:
-        save_lora(raw_unet, cfg.lora, Path(cfg.output_dir) / "workers" / f"rank{rank}")
+        save_worker_record(raw_unet, cfg.lora, cfg.output_dir, rank)
     return {"step": state.step, "bad_steps": state.bad_steps}
 
 
