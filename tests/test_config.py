@@ -36,6 +36,13 @@ def test_overrides_keep_types(one_clip_manifest, write_config):
         ("lora.rank=0", "lora.rank: must be positive"),
         ("model.pretrained=/nope/svd", "model.pretrained: directory not found"),
         ("trian.max_steps=3", "trian: unknown key"),
+        ("train.placement=ring", "train.placement: 'ring' is not one of"),
+        (
+            "train.resources_per_worker={CPU: 1}",
+            "train.resources_per_worker.CPU: set by train.cpus_per_worker",
+        ),
+        ("train.resources_per_worker={trainer: 0}", "train.resources_per_worker.trainer: must be positive"),
+        ("train.checkpoint_upload=later", "train.checkpoint_upload: 'later' is not one of"),
     ],
 )
 def test_bad_config_names_the_key(one_clip_manifest, write_config, override, message):

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import decord
@@ -169,8 +170,22 @@ def train_worker_pid() -> int | None:
 
 
 def run_and_kill_worker(cfg: Config, after_checkpoint: str) -> TrainingResult:
-    """run_training in a thread; SIGKILL its training worker process once `after_checkpoint` is
-    registered in Ray Train's checkpoint manager snapshot (so a restore can find it)."""
+    """run_training; its training worker process is SIGKILLed once `after_checkpoint` is
+    registered."""
+
+    def kill() -> bool:
+        pid = train_worker_pid()
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        return pid is not None
+
+    return run_and_fail(cfg, after_checkpoint, kill)
+
+
+def run_and_fail(cfg: Config, after_checkpoint: str, fail: Callable[[], bool]) -> TrainingResult:
+    """run_training in a thread; `fail()` (a fault: kill a worker, a node) is called once
+    `after_checkpoint` is registered in Ray Train's checkpoint manager snapshot (so a restore can
+    find it), and again until it returns True (it found what to kill)."""
     outcome: dict = {}
 
     def train() -> None:
@@ -182,16 +197,14 @@ def run_and_kill_worker(cfg: Config, after_checkpoint: str) -> TrainingResult:
     thread = threading.Thread(target=train)
     thread.start()
     snapshot = Path(cfg.train.storage_path) / cfg.train.name / "checkpoint_manager_snapshot.json"
-    pid, deadline = None, time.monotonic() + 300
+    deadline = time.monotonic() + 300
     while thread.is_alive() and time.monotonic() < deadline:
-        pid = pid or train_worker_pid()
-        if pid and snapshot.exists() and after_checkpoint in snapshot.read_text():
-            os.kill(pid, signal.SIGKILL)
+        if snapshot.exists() and after_checkpoint in snapshot.read_text() and fail():
             break
         time.sleep(0.02)
     else:
         thread.join(timeout=300)
-        pytest.fail(f"the run ended before its worker could be killed: {outcome}")
+        pytest.fail(f"the run ended before the fault could be injected: {outcome}")
     thread.join(timeout=300)
     if "error" in outcome:
         raise outcome["error"]
