@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
-REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reference_run.json"
+from tests.support.paths import DATA
+
+REFERENCE = DATA / "reference_run.json"
 
 
 def reference_config(pipeline_dir: Path, manifest: Path, out_dir: Path) -> dict[str, Any]:

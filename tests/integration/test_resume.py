@@ -33,7 +33,7 @@ from svdray.model.lora import ADAPTER_WEIGHTS
 from svdray.tracking import metric_history
 from svdray.train.checkpoint import OPTIMIZER_FILE, read_checkpoint_payload
 from svdray.train.trainer import TrainingResult, TrainingStopped, run_training
-from tests.conftest import TINY_DATA
+from tests.support.runs import TINY_DATA
 
 MAX_STEPS = 12
 CHECKPOINT_EVERY = 2

