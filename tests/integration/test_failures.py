@@ -1,6 +1,6 @@
 """An error that would recur on a restart stops the run at once with its message and step; the
 failures a restart cures (lost workers, a collective whose peer died) are still restarted within
-`train.max_failures` (tests/test_resume.py kills a worker for real and checks the restart)."""
+`train.max_failures` (tests/integration/test_resume.py kills a worker for real and checks the restart)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""`svdray prepare` and training on real-world data: every fault a file the test makes, every
-source format, strict mode, and an epoch that feeds every accepted clip exactly once."""
+"""`svdray prepare` and training on real-world data: every fault a file the test makes, strict
+mode, and an epoch that feeds every accepted clip exactly once."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Stage 2: rewards, diagnostics that catch every known way to train on zero rewards, and reward
-training that raises a reward on held-out images."""
+"""Stage 2 on a real cluster: reward training that raises a reward on held-out images, and stops
+when the rewards collapse."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Sweeps: the config's tune section, and a real ASHA sweep submitted as a Ray job, read back from a
-real `mlflow server` through MLflow's REST API."""
+"""Sweeps: a real ASHA sweep submitted as a Ray job, read back from a real `mlflow server` through
+MLflow's REST API."""
 
 from __future__ import annotations
 

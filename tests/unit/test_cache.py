@@ -1,5 +1,5 @@
 """The latent cache: exact against the uncached path, CLIP and the video VAE pass never run on
-cached clips, keys that miss on every change that matters, and training that reads it."""
+cached clips (tests/integration/test_cache.py: `svdray cache`, and training that reads it)."""
 
 from __future__ import annotations
 

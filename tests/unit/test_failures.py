@@ -1,34 +1,19 @@
 """An error that would recur on a restart stops the run at once with its message and step; the
 failures a restart cures (lost workers, a collective whose peer died) are still restarted within
-`train.max_failures` (tests/test_resume.py kills a worker for real and checks the restart)."""
+`train.max_failures` (tests/integration/test_resume.py kills a worker for real and checks the restart)."""
 
 from __future__ import annotations
 
 import multiprocessing
-import os
 import pickle
 
 import ray.exceptions
-import torch
 import torch.distributed as dist
 
 from svdray.data.manifest import RowError
 from svdray.data.video import ClipError
+from tests.support.collectives import collective_after_peer_died
 from tests.support.servers import free_port
-
-
-def collective_after_peer_died(rank: int, port: int, errors) -> None:
-    """Two gloo ranks all-reduce once; then rank 1 exits and rank 0's next all-reduce fails."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    tensor = torch.ones(4)
-    dist.all_reduce(tensor)
-    if rank == 1:
-        os._exit(0)
-    try:
-        dist.all_reduce(tensor)
-    except RuntimeError as err:
-        errors.put((type(err).__name__, str(err)))
 
 
 def test_which_errors_a_restart_can_cure() -> None:

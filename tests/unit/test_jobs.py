@@ -1,5 +1,5 @@
-"""Ray jobs the way users launch them: `ray job submit` to a head started with `ray start --head`,
-`ray job stop`, and a resubmission that resumes from the run's checkpoint."""
+"""The job entrypoints refuse what would fail inside a Ray job: relative paths, a python without
+svdray's dependencies (tests/integration/test_jobs.py submits real jobs to a Ray head)."""
 
 from __future__ import annotations
 

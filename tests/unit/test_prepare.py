@@ -1,5 +1,5 @@
-"""`svdray prepare` and training on real-world data: every fault a file the test makes, every
-source format, strict mode, and an epoch that feeds every accepted clip exactly once."""
+"""Real-world data without a cluster: a variable-frame-rate clip sampled by timestamp, and every
+source format reading the same rows (tests/integration/test_prepare.py: `svdray prepare`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Stage 2: rewards, diagnostics that catch every known way to train on zero rewards, and reward
-training that raises a reward on held-out images."""
+"""Stage 2: rewards, and diagnostics that catch every known way to train on zero rewards
+(tests/integration/test_reward.py: reward training on a real cluster)."""
 
 from __future__ import annotations
 

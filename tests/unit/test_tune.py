@@ -1,5 +1,5 @@
-"""Sweeps: the config's tune section, and a real ASHA sweep submitted as a Ray job, read back from a
-real `mlflow server` through MLflow's REST API."""
+"""Sweeps: the config's tune section, its errors naming the key, and each trial's config
+(tests/integration/test_tune.py runs a real ASHA sweep as a Ray job)."""
 
 from __future__ import annotations
 
