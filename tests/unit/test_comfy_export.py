@@ -25,8 +25,9 @@ from svdray.models.svd.comfy import (
     export_comfy_lora,
     save_comfy_lora,
 )
+from tests.support.paths import DATA
 
-REFERENCE_KEYS = Path(__file__).parent / "data" / "svd_unet_original_keys.tsv"
+REFERENCE_KEYS = DATA / "svd_unet_original_keys.tsv"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 RANK = 4
 ALPHA = 8.0

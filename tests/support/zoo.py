@@ -1,7 +1,7 @@
 """A folder of clips svdray's other tests never name: codecs, containers, pixel formats, rotation,
 odd timing, odd names, and files that are broken in ways a user's folder really has.
 
-    python -m tests.zoo DIR      # writes the folder, for `svdray prepare --manifest DIR --out ...`
+    python -m tests.support.zoo DIR      # writes the folder, for `svdray prepare --manifest DIR --out ...`
 
 `make_zoo` returns {relative path: expected outcome}: "ok" for clips that must be accepted (and
 decode at training size), else the reason code `svdray prepare` must give.

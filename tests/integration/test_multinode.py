@@ -1,10 +1,10 @@
 """Runs on a real multi-node Ray cluster simulated on this machine (a head and two worker nodes,
-each its own raylet, object store and processes; see tests/multinode.py), tiny SVD pipeline on
+each its own raylet, object store and processes; see tests/support/multinode.py), tiny SVD pipeline on
 CPU, MLflow on sqlite: two workers spread over two nodes stay identical replicas; a whole worker
 node killed mid-run (and replaced) costs only the steps since the latest checkpoint, and the run
 ends with the LoRA and loss curve of the uninterrupted run.
 
-Each run is its own driver process (`python -m tests.multinode`), started by the test: a process
+Each run is its own driver process (`python -m tests.support.multinode`), started by the test: a process
 connects to one Ray cluster, and the test session's local one (the `ray_cluster` fixture, which
 these tests do not use) may already be running in this process when the whole suite runs.
 """
@@ -24,8 +24,8 @@ from mlflow.tracking import MlflowClient
 from svdray.models.lora import ADAPTER_WEIGHTS
 from svdray.train.checkpoint import read_checkpoint_payload
 from svdray.train.workers import NODE_FILE
-from tests.servers import REPO
-from tests.test_resume import all_values, assert_same_lora, config_tree, lora_weights, run_id_of
+from tests.support.paths import REPO
+from tests.support.resume import all_values, assert_same_lora, config_tree, lora_weights, run_id_of
 
 MAX_STEPS = 6
 CHECKPOINT_EVERY = 2
@@ -64,9 +64,18 @@ def write_config(root: Path, pipeline_dir: Path, name: str, **train) -> Path:
 
 
 def run_driver(root: Path, config: Path, *options: str) -> dict:
-    """`python -m tests.multinode` on `config`; its JSON report."""
+    """`python -m tests.support.multinode` on `config`; its JSON report."""
     out = config.with_suffix(".json")
-    command = [sys.executable, "-m", "tests.multinode", "--config", str(config), "--out", str(out), *options]
+    command = [
+        sys.executable,
+        "-m",
+        "tests.support.multinode",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        *options,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)

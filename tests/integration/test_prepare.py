@@ -1,5 +1,5 @@
-"""`svdray prepare` and training on real-world data: every fault a file the test makes, every
-source format, strict mode, and an epoch that feeds every accepted clip exactly once."""
+"""`svdray prepare` and training on real-world data: every fault a file the test makes, strict
+mode, and an epoch that feeds every accepted clip exactly once."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -17,32 +15,15 @@ from PIL import Image
 
 from svdray import cli
 from svdray.config import DataConfig
-from svdray.data.manifest import DataError, scan_manifest, write_manifest
+from svdray.data.manifest import DataError, write_manifest
 from svdray.data.prepare import load_prepared, prepare, training_rows
 from svdray.data.video import FrameSpec, decode_clip, load_image
-from tests.conftest import ffmpeg_clip, moving_square_clip, write_clip
-from tests.test_data import square_at_times, square_x
-
-# A vfr clip: 40 frames at 30 fps, then 10 fps (frame N shown at vfr_time(N)).
-VFR_SETPTS = "setpts='if(lt(N,40),N/30,40/30+(N-40)/10)/TB'"
-
-
-def vfr_time(n: np.ndarray) -> np.ndarray:
-    return np.where(n < 40, n / 30, 40 / 30 + (n - 40) / 10)
-
-
-def make_vfr_square(path: Path) -> Path:
-    """A VFR clip whose square sits at x = 4 + 10 t px at time t (encoded CFR, then retimed)."""
-    times = vfr_time(np.arange(60))
-    cfr = write_clip(path.with_suffix(".cfr.mp4"), square_at_times(times), 30)
-    import subprocess
-
-    import imageio_ffmpeg
-
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(cfr)]
-    command += ["-vf", VFR_SETPTS, "-fps_mode", "vfr", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path)]
-    subprocess.run(command, check=True)
-    return path
+from tests.support.clips import (
+    ffmpeg_clip,
+    make_vfr_square,
+    moving_square_clip,
+    write_clip,
+)
 
 
 def mlflow_runs(tmp_path: Path) -> list:
@@ -210,79 +191,6 @@ def test_prepare_sorts_every_fault(ray_cluster, messy, tmp_path, capsys):
     too_short = {r.clip_id for r in longer.rejects if r.reason == "too_short"}
     assert too_short == {"messy.jsonl:7", "messy.jsonl:13", "messy.jsonl:22"}
     assert len(longer.rows) == len(accepted) - 2
-
-
-def test_variable_frame_rate_sampled_by_timestamp(tmp_path):
-    path = make_vfr_square(tmp_path / "vfr.mp4")
-    # 1.0 s .. 3.0 s crosses the switch from 30 to 10 fps at 1.33 s.
-    frames, _ = decode_clip(str(path), FrameSpec(5, 2.0, 64, 64), seed=0, start_frame=30)
-    shown = vfr_time(np.searchsorted(vfr_time(np.arange(60)), 1.0 + np.arange(5) / 2 + 1e-6, "right") - 1)
-    np.testing.assert_allclose(square_x(frames), 4 + 4 + 10 * shown, atol=1.0)
-
-
-def test_every_source_format_reads_the_same_rows(tmp_path, square_clip):
-    import datasets
-
-    (tmp_path / "clips").mkdir()
-    for name in ("a.mp4", "b.mp4"):
-        shutil.copy(square_clip, tmp_path / "clips" / name)
-    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(tmp_path / "cond.png")
-    table = {
-        "video": ["clips/a.mp4", "clips/b.mp4"],
-        "image": ["cond.png", None],
-        "prompt": ["first", "second"],
-        "fps": [6.0, None],
-        "start_frame": [None, 3],
-    }
-    want = [
-        {
-            "video": str(tmp_path / "clips/a.mp4"),
-            "image": str(tmp_path / "cond.png"),
-            "prompt": "first",
-            "fps": 6.0,
-        },
-        {"video": str(tmp_path / "clips/b.mp4"), "prompt": "second", "start_frame": 3},
-    ]
-
-    def rows_of(path, media_dir=None):
-        read = scan_manifest(path, media_dir)
-        assert read.rejects == []
-        return [{k: v for k, v in r.items() if k != "clip_id"} for r in read.rows]
-
-    rows = [
-        {k: v for k, v in zip(table, values, strict=True) if v is not None}
-        for values in zip(*table.values(), strict=True)
-    ]
-    write_manifest(rows, tmp_path / "m.jsonl")
-    assert rows_of(tmp_path / "m.jsonl") == want
-
-    (tmp_path / "m.csv").write_text(
-        "video,image,prompt,fps,start_frame\nclips/a.mp4,cond.png,first,6,\nclips/b.mp4,,second,,3\n"
-    )
-    assert rows_of(tmp_path / "m.csv") == want
-
-    pq.write_table(pa.table(table), tmp_path / "m.parquet")
-    assert rows_of(tmp_path / "m.parquet") == want
-
-    datasets.Dataset.from_dict(table).save_to_disk(str(tmp_path / "hf"))
-    assert rows_of(tmp_path / "hf") == want
-
-    assert [r["video"] for r in rows_of(tmp_path / "clips")] == [want[0]["video"], want[1]["video"]]
-
-    # A datasets Image column with the bytes embedded: written out once, readable as a file.
-    embedded = datasets.Dataset.from_dict(
-        {"video": [str(tmp_path / "clips/a.mp4")], "image": [str(tmp_path / "cond.png")]}
-    ).cast_column("image", datasets.Image())
-    embedded.save_to_disk(str(tmp_path / "hf_embedded"))
-    (row,) = rows_of(tmp_path / "hf_embedded", tmp_path / "media")
-    assert Path(row["image"]).parent == tmp_path / "media"
-    assert load_image(row["image"]).shape == (3, 16, 16)
-
-    # A CSV row with more fields than the header is rejected with its line number.
-    (tmp_path / "bad.csv").write_text("video,prompt\nclips/a.mp4,x\nclips/b.mp4,y,extra\n")
-    read = scan_manifest(tmp_path / "bad.csv")
-    assert [r["clip_id"] for r in read.rows] == ["bad.csv:2"]
-    assert read.rejects[0].reason == "invalid_row" and "bad.csv:3" in read.rejects[0].message
 
 
 def test_training_feeds_every_accepted_clip_once(

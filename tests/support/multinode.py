@@ -7,7 +7,7 @@ and a fresh node joins, as when a cloud node is preempted and replaced.
 It runs as a separate process because a Ray driver connects to one cluster: the test session's
 own local cluster (the `ray_cluster` fixture) cannot share a process with this one.
 
-    python -m tests.multinode --config run.yaml --out result.json [--lose-node-after step_00000002]
+    python -m tests.support.multinode --config run.yaml --out result.json [--lose-node-after step_00000002]
 
 Layout: the head holds the driver, Ray Train's controller, the data decoders and the run's small
 actors (data ledger, progress board); only the worker nodes offer the custom resource
@@ -29,7 +29,7 @@ from ray.cluster_utils import Cluster
 
 from svdray.config import load_config
 from svdray.train.trainer import TrainingResult, run_training
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 HEAD_CPUS = 3
 NODE_CPUS = 2
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_nodes = [node.node_id for node in cluster.worker_nodes]
         lost: list[str] = []
         if args.lose_node_after:
-            from tests.test_resume import run_and_fail
+            from tests.support.resume import run_and_fail
 
             result: TrainingResult = run_and_fail(cfg, args.lose_node_after, lambda: lose_node(cluster, lost))
         else:

@@ -26,10 +26,11 @@ from svdray.models.svd.comfy import ORIGINAL_PREFIX, comfy_lora_targets, diffuse
 from svdray.models.svd.lora import add_lora, peft_config
 from svdray.models.svd.sampler import SamplingSpec, load_sampling_models, sample_video
 from svdray.train.checkpoint import TrainState, save_checkpoint
+from tests.support.paths import DATA
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-REFERENCE_KEYS = Path(__file__).parent / "data" / "svd_unet_original_keys.tsv"
+REFERENCE_KEYS = DATA / "svd_unet_original_keys.tsv"
 LORA = LoraConfig(rank=4, alpha=8, feed_forward=True)
 
 # Plain diffusers, run by a fresh interpreter in isolated mode (-I: no PYTHONPATH, no cwd on

@@ -14,7 +14,7 @@ from svdray.config import DataConfig
 from svdray.data.dataset import build_training_dataset, decode_item, plan_item
 from svdray.data.prepare import prepare
 from svdray.data.video import FrameSpec, decode_clip
-from tests.zoo import make_zoo
+from tests.support.zoo import make_zoo
 
 NUM_FRAMES, FPS = 8, 7.0
 # The same test pattern, at the same time, in another codec, container or pixel format.

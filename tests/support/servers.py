@@ -23,8 +23,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.paths import REPO
+
 BIN = Path(sys.executable).parent  # the venv's bin: ray, mlflow and the python jobs must use
-REPO = Path(__file__).resolve().parents[1]
 MARKER = "SVDRAY_TEST_SERVER"
 
 
