@@ -24,7 +24,8 @@ REFERENCE = DATA / "reference_run.json"
 
 
 def reference_config(pipeline_dir: Path, manifest: Path, out_dir: Path) -> dict[str, Any]:
-    """The run, in the config layout of today: the one place to edit when config keys move.
+    """The run, in the current config layout: the one place to edit when config keys move (the
+    fixture was recorded before SVD's options moved from `objective`/`data` into `svd`).
 
     Real Ray with one worker and one decoder (a fixed example order), no latent cache, a fixed
     seed; a null motion bucket (each clip's bucket computed from its motion), cfg dropout and
@@ -39,14 +40,14 @@ def reference_config(pipeline_dir: Path, manifest: Path, out_dir: Path) -> dict[
             "fps": 7.0,
             "start": "random",
             "crop": "random",
-            "motion_bucket_id": None,
-            "motion_bucket_scale": 4.0,
             "decode_cpus": 0.5,
             "decoders": 1,
             "cache": False,
         },
         "lora": {"rank": 4, "alpha": 4, "blocks": ["spatial", "temporal"]},
-        "objective": {
+        "svd": {
+            "motion_bucket_id": None,
+            "motion_bucket_scale": 4.0,
             "p_mean": 0.7,
             "p_std": 1.6,
             "noise_aug_mean": -1.5,
