@@ -7,13 +7,14 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-from svdray.models import wan
-from svdray.models.wan_comfy import comfy_lora_state_dict, to_diffusers_name, to_original_name
+from svdray.models.wan import lora as wan_lora
+from svdray.models.wan import pipeline as wan_pipeline
+from svdray.models.wan.comfy import comfy_lora_state_dict, to_diffusers_name, to_original_name
 
 
 @pytest.fixture(scope="module", params=["Wan2.1-I2V-14B", "Wan2.2-TI2V-5B", "Wan2.2-I2V-A14B"])
 def full_size(request):
-    model = wan.meta_transformer(request.param)
+    model = wan_pipeline.meta_transformer(request.param)
     return request.param, dict(model.named_parameters())
 
 
@@ -56,9 +57,9 @@ def test_original_names_are_wans():
 
 
 def test_lora_export_uses_comfy_keys():
-    pipe = wan.build_tiny_wan_pipeline("i2v")
-    wan.add_wan_lora(pipe.transformer, rank=4, alpha=8.0, feed_forward=True)
-    lora = wan.wan_lora_state_dict(pipe.transformer)
+    pipe = wan_pipeline.build_tiny_wan_pipeline("i2v")
+    wan_lora.add_wan_lora(pipe.transformer, rank=4, alpha=8.0, feed_forward=True)
+    lora = wan_lora.wan_lora_state_dict(pipe.transformer)
     exported = comfy_lora_state_dict({f"transformer.{k}": v for k, v in lora.items()}, alpha=8.0, rank=4)
     assert len(exported) == len(lora) // 2 * 3
     assert torch.equal(
@@ -68,7 +69,8 @@ def test_lora_export_uses_comfy_keys():
     assert exported["diffusion_model.blocks.0.ffn.2.alpha"].item() == 8.0
     # Every exported module is a linear layer of the original model.
     originals = {
-        to_original_name(n) for n, _ in wan.build_tiny_wan_pipeline("i2v").transformer.named_parameters()
+        to_original_name(n)
+        for n, _ in wan_pipeline.build_tiny_wan_pipeline("i2v").transformer.named_parameters()
     }
     for key in exported:
         module = key.removeprefix("diffusion_model.").split(".lora_")[0].removesuffix(".alpha")

@@ -1,4 +1,4 @@
-"""Wan image-to-video: loading, conditioning and the rectified-flow objective its sampler assumes.
+"""Wan image-to-video pipelines: loading, the three layouts, and the tiny pipelines of the tests.
 
 One diffusers class, `WanImageToVideoPipeline`, covers three layouts:
 
@@ -9,34 +9,22 @@ One diffusers class, `WanImageToVideoPipeline`, covers three layouts:
 - "a14b" Wan2.2-I2V-A14B: the "i2v" input without an image encoder, and two experts,
          `transformer` for timesteps >= boundary_ratio * 1000 and `transformer_2` below.
 
-The objective (rectified flow, as `FlowMatchEulerDiscreteScheduler` integrates it), with clean
-normalised latents x0, noise eps and sigma in [0, 1]:
-    noisy  = (1 - sigma) * x0 + sigma * eps
-    target = eps - x0                           (the velocity; the scheduler steps x += (s' - s) v)
-    t      = sigma * num_train_timesteps        (what the pipeline passes as `timestep`; the
-                                                UniPC scheduler the checkpoints ship truncates
-                                                it to an integer, less than one step away)
-Sigmas are drawn from a density over u in [0, 1] (uniform or logit-normal) and then shifted as
-the scheduler shifts its grid, sigma = k u / (1 + (k - 1) u). Everything here is a pure function of
-its inputs; tests/test_wan.py compares it with the real pipeline's transformer inputs.
+The tiny pipelines are built from the real classes (with a tokenizer trained here, no hub
+download), saved with `save_pretrained` and read back with `from_pretrained`, as a user's are.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import peft
 import torch
 from diffusers import (
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
-    UniPCMultistepScheduler,
     WanImageToVideoPipeline,
     WanTransformer3DModel,
 )
-from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPImageProcessor,
@@ -47,12 +35,11 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from svdray.models.base import LatentDistribution
+from svdray import console
+from svdray.config import check_wan_num_frames as check_num_frames
 
 Layout = Literal["i2v", "ti2v", "a14b"]
 LAYOUTS: tuple[str, ...] = ("i2v", "ti2v", "a14b")
-Density = Literal["uniform", "logit_normal"]
-DENSITIES: tuple[str, ...] = ("uniform", "logit_normal")
 EXPERTS: tuple[str, ...] = ("transformer", "transformer_2")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,7 +119,6 @@ _TOKENIZER_CORPUS = [
     "a red car drives down an empty road between green hills",
     "an astronaut floats in space above the blue earth",
 ]
-
 
 # --------------------------------------------------------------------------- pipelines
 
@@ -282,17 +268,28 @@ def load_wan_pipeline(
     dtype: str = "float32",
     variant: str | None = None,
     revision: str | None = None,
+    encoder_dtype: str | None = None,
+    transformers: bool = True,
 ) -> WanImageToVideoPipeline:
     """Load a Wan image-to-video pipeline (local folder or hub id, safetensors only).
 
-    The VAE and the CLIP image encoder stay in float32 whatever `dtype` is, as Wan's own code
-    runs them: the conditioning latent is the one input the model cannot correct for.
+    The transformer(s) load in `dtype` (not at all with `transformers=False`: the latent cache
+    needs only the encoders). The VAE, the text and the image encoder load in
+    `encoder_dtype` (training's `model.frozen_dtype`); None keeps the text encoder in `dtype`
+    and the VAE and CLIP in float32, as Wan's own code runs them.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
-    dtypes = {"default": DTYPES[dtype], "vae": torch.float32, "image_encoder": torch.float32}
+    for key, value in (("model.denoiser_dtype", dtype), ("model.frozen_dtype", encoder_dtype or dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"{key}: {value!r} is not one of {sorted(DTYPES)}")
+    if encoder_dtype is None:
+        dtypes = {"default": DTYPES[dtype], "vae": torch.float32, "image_encoder": torch.float32}
+    else:
+        frozen = DTYPES[encoder_dtype]
+        dtypes = {"default": frozen, "transformer": DTYPES[dtype], "transformer_2": DTYPES[dtype]}
+    skipped = {} if transformers else {"transformer": None, "transformer_2": None}
+    console.quiet_diffusers()
     return WanImageToVideoPipeline.from_pretrained(
-        str(pretrained), dtype=dtypes, variant=variant, revision=revision, use_safetensors=True
+        str(pretrained), dtype=dtypes, variant=variant, revision=revision, use_safetensors=True, **skipped
     )
 
 
@@ -304,424 +301,7 @@ def wan_layout(pipe: WanImageToVideoPipeline) -> Layout:
     return "i2v"
 
 
-# --------------------------------------------------------------------------- shapes
-
-
-def check_num_frames(num_frames: int, key: str = "data.num_frames", temporal_compression: int = 4) -> None:
-    """Wan's VAE compresses time 4x after the first frame: clips have 4k + 1 frames."""
-    if num_frames < 1 or (num_frames - 1) % temporal_compression != 0:
-        k = max((num_frames - 1) // temporal_compression, 0)
-        raise ValueError(
-            f"{key}: {num_frames} frames; Wan clips have {temporal_compression}k + 1 frames "
-            f"(e.g. {temporal_compression * k + 1} or {temporal_compression * (k + 1) + 1})"
-        )
-
-
 def num_latent_frames(num_frames: int, temporal_compression: int = 4) -> int:
+    """Latent frames of a 4k + 1 frame clip: the first frame alone, then 4 frames each."""
     check_num_frames(num_frames, temporal_compression=temporal_compression)
     return (num_frames - 1) // temporal_compression + 1
-
-
-# --------------------------------------------------------------------------- latents
-
-
-def _latent_stats(vae: AutoencoderKLWan, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32, device=like.device).view(shape)
-    std = torch.tensor(vae.config.latents_std, dtype=torch.float32, device=like.device).view(shape)
-    return mean, std
-
-
-def normalize_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
-    """(z - latents_mean) / latents_std per channel, in float32: the space the transformer works in."""
-    mean, std = _latent_stats(vae, latents)
-    return (latents.float() - mean) / std
-
-
-@torch.no_grad()
-def encode_video(vae: AutoencoderKLWan, video: torch.Tensor) -> LatentDistribution:
-    """Normalised VAE posterior of clips, (B, F, 3, H, W) in [-1, 1] -> mean/std of (B, C, T, h, w).
-
-    The posterior is Gaussian and normalisation is affine, so the normalised posterior has mean
-    (mu - m) / s and std sigma / s: the cache stores it and a fresh latent is drawn every step.
-    Clips go through the VAE one at a time to bound activation memory at full size.
-    """
-    _, std_norm = _latent_stats(vae, video)
-    means, stds = [], []
-    for clip in video:
-        dist = vae.encode(clip.permute(1, 0, 2, 3).unsqueeze(0).to(vae.dtype)).latent_dist
-        means.append(normalize_latents(vae, dist.mean))
-        stds.append(dist.std.float() / std_norm)
-    return LatentDistribution(torch.cat(means), torch.cat(stds))
-
-
-# --------------------------------------------------------------------------- conditioning
-
-
-@dataclass
-class WanConditioning:
-    """Everything the transformer receives besides the noisy latents and the timestep.
-
-    prompt_embeds: (B, L, D) UMT5 states, zero-padded to L tokens as the pipeline pads them.
-    image_embeds:  (B, N, D_img) CLIP penultimate states ("i2v" only), else None.
-    condition:     "i2v"/"a14b": (B, 4 + C, T, h, w), mask channels then the normalised latent
-                   of (image, zeros...); "ti2v": (B, C, 1, h, w), the image's normalised latent.
-    """
-
-    prompt_embeds: torch.Tensor
-    image_embeds: torch.Tensor | None
-    condition: torch.Tensor
-
-
-@torch.no_grad()
-def encode_prompts(
-    pipe: WanImageToVideoPipeline, prompts: list[str], max_sequence_length: int = MAX_SEQUENCE_LENGTH
-) -> torch.Tensor:
-    """UMT5 embeddings through the pipeline's own text path (cleaning, padding, zeroed tail)."""
-    embeds, _ = pipe.encode_prompt(
-        prompt=list(prompts), do_classifier_free_guidance=False, max_sequence_length=max_sequence_length
-    )
-    return embeds
-
-
-def frames_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> 8-bit PIL images (exact for frames decoded from 8-bit video)."""
-    pixels = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
-
-
-@torch.no_grad()
-def encode_clip_images(pipe: WanImageToVideoPipeline, images: torch.Tensor) -> torch.Tensor:
-    """CLIP conditioning of Wan2.1 ((B, 3, H, W) in [-1, 1] -> (B, N, D)) via `pipe.encode_image`.
-
-    The images go in as 8-bit PIL images, as a user's image does, so the CLIP processor's resize,
-    crop and normalisation are the pipeline's own.
-    """
-    return pipe.encode_image(frames_to_pil(images), device=images.device)
-
-
-@torch.no_grad()
-def condition_latents(
-    vae: AutoencoderKLWan, images: torch.Tensor, num_frames: int, expand_timesteps: bool
-) -> torch.Tensor:
-    """The image condition, built as `WanImageToVideoPipeline.prepare_latents` builds it.
-
-    images: (B, 3, H, W) in [-1, 1]. For Wan2.1/A14B the VAE encodes the clip
-    (image, zeros x (num_frames - 1)) and the 4 mask channels (1 on latent frame 0, 0 after)
-    go in front; for TI2V it encodes the image alone. Both use the posterior mode, normalised.
-    """
-    t_lat = num_latent_frames(num_frames, vae.config.scale_factor_temporal)
-    images = images.unsqueeze(2)  # (B, 3, 1, H, W)
-    if expand_timesteps:
-        clip = images
-    else:
-        zeros = images.new_zeros(images.shape[0], images.shape[1], num_frames - 1, *images.shape[-2:])
-        clip = torch.cat([images, zeros], dim=2)
-    latent = normalize_latents(vae, vae.encode(clip.to(vae.dtype)).latent_dist.mode())
-    if expand_timesteps:
-        return latent
-    # One mask channel per frame of a temporal group of the VAE (the pipeline's own layout).
-    mask = latent.new_zeros(latent.shape[0], vae.config.scale_factor_temporal, t_lat, *latent.shape[-2:])
-    mask[:, :, 0] = 1.0
-    return torch.cat([mask, latent], dim=1)
-
-
-@torch.no_grad()
-def build_conditioning(
-    pipe: WanImageToVideoPipeline,
-    video: torch.Tensor,
-    prompts: list[str],
-    max_sequence_length: int = MAX_SEQUENCE_LENGTH,
-) -> WanConditioning:
-    """Conditioning of a batch of clips (B, F, 3, H, W) in [-1, 1]: frame 0 is the image."""
-    check_num_frames(video.shape[1], key="video frames")
-    first = video[:, 0]
-    image_embeds = None
-    if pipe.transformer is not None and pipe.transformer.config.image_dim is not None:
-        image_embeds = encode_clip_images(pipe, first)
-    return WanConditioning(
-        prompt_embeds=encode_prompts(pipe, prompts, max_sequence_length),
-        image_embeds=image_embeds,
-        condition=condition_latents(pipe.vae, first, video.shape[1], pipe.config.expand_timesteps),
-    )
-
-
-def drop_prompts(
-    prompt_embeds: torch.Tensor,
-    empty_prompt_embeds: torch.Tensor,
-    p: float,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace each sample's prompt by the empty prompt with probability p (for guidance).
-
-    The pipeline's unconditional branch encodes the negative prompt, "" by default, so the
-    dropped prompt is the encoded empty string (`encode_prompts(pipe, [""])`), not zeros.
-    Returns the embeddings and the keep mask (1 kept, 0 dropped).
-    """
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"train.prompt_dropout: {p} is not a probability")
-    keep = (torch.rand(prompt_embeds.shape[0], generator=generator, device=prompt_embeds.device) >= p).float()
-    mixed = torch.where(
-        keep.view(-1, 1, 1).bool(),
-        prompt_embeds,
-        empty_prompt_embeds.to(prompt_embeds).expand_as(prompt_embeds),
-    )
-    return mixed, keep
-
-
-# --------------------------------------------------------------------------- timesteps
-
-
-def scheduler_shift(scheduler: FlowMatchEulerDiscreteScheduler | UniPCMultistepScheduler) -> float:
-    """The static shift of a flow scheduler (FlowMatchEuler's `shift`, UniPC's `flow_shift`)."""
-    config = scheduler.config
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        if config.use_dynamic_shifting or config.shift_terminal is not None:
-            raise ValueError("scheduler: dynamic shifting / shift_terminal are not the static shift Wan uses")
-        return float(config.shift)
-    if isinstance(scheduler, UniPCMultistepScheduler) and config.use_flow_sigmas:
-        return float(config.flow_shift)
-    raise ValueError(f"scheduler: {type(scheduler).__name__} is not a flow-matching scheduler")
-
-
-def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """sigma = k u / (1 + (k - 1) u): the schedulers' shift of their sigma grid."""
-    return shift * u / (1.0 + (shift - 1.0) * u)
-
-
-def unshift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    return sigma / (shift - (shift - 1.0) * sigma)
-
-
-def expert_sigma_range(boundary_ratio: float | None, expert: str | None) -> tuple[float, float]:
-    """Sigmas one expert denoises: `transformer` >= boundary_ratio, `transformer_2` below.
-
-    The pipeline switches on t >= boundary_ratio * num_train_timesteps with t = sigma *
-    num_train_timesteps, so the split is at sigma = boundary_ratio.
-    """
-    if boundary_ratio is None:
-        if expert not in (None, "transformer"):
-            raise ValueError(f"model.expert: {expert!r} given but the pipeline has one transformer")
-        return 0.0, 1.0
-    if expert not in EXPERTS:
-        raise ValueError(f"model.expert: {expert!r} must be one of {EXPERTS} for a two-expert pipeline")
-    return (boundary_ratio, 1.0) if expert == "transformer" else (0.0, boundary_ratio)
-
-
-def expert_for_sigma(boundary_ratio: float | None, sigma: float) -> str:
-    """The expert the pipeline runs at this sigma (always `transformer` without a boundary)."""
-    if boundary_ratio is None or sigma >= boundary_ratio:
-        return "transformer"
-    return "transformer_2"
-
-
-def sigmas_from_quantiles(
-    r: torch.Tensor,
-    density: Density = "uniform",
-    shift: float = 1.0,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    sigma_range: tuple[float, float] = (0.0, 1.0),
-) -> torch.Tensor:
-    """Map r in [0, 1) to training sigmas by the inverse CDF of the shifted density on a range.
-
-    u follows the density (uniform, or sigmoid of N(logit_mean, logit_std^2)); sigma =
-    shift_sigmas(u). Restricting sigma to [lo, hi] is restricting u to the unshifted bounds, so
-    r is mapped into that slice of u's CDF: the exact conditional density, no rejection loop.
-    """
-    if density not in DENSITIES:
-        raise ValueError(f"train.timestep_density: {density!r} is not one of {DENSITIES}")
-    lo, hi = (unshift_sigmas(torch.tensor(b, dtype=torch.float64), shift) for b in sigma_range)
-    r = r.double()
-    if density == "uniform":
-        u = lo + r * (hi - lo)
-    else:
-        cdf_lo, cdf_hi = (torch.special.ndtr((torch.logit(b) - logit_mean) / logit_std) for b in (lo, hi))
-        z = torch.special.ndtri(cdf_lo + r * (cdf_hi - cdf_lo))
-        u = torch.sigmoid(logit_mean + logit_std * z)
-    return shift_sigmas(u, shift).float()
-
-
-def sample_sigmas(
-    batch: int,
-    density: Density = "uniform",
-    shift: float = 1.0,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    sigma_range: tuple[float, float] = (0.0, 1.0),
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """One training sigma per sample (see `sigmas_from_quantiles`)."""
-    r = torch.rand(batch, generator=generator, dtype=torch.float64)
-    return sigmas_from_quantiles(r, density, shift, logit_mean, logit_std, sigma_range).to(device)
-
-
-def grid_sigmas(
-    n: int,
-    density: Density = "uniform",
-    shift: float = 1.0,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    sigma_range: tuple[float, float] = (0.0, 1.0),
-) -> torch.Tensor:
-    """n fixed sigmas at the density's mid-quantiles (i + 1/2) / n: a validation loss without noise in t."""
-    r = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    return sigmas_from_quantiles(r, density, shift, logit_mean, logit_std, sigma_range)
-
-
-# --------------------------------------------------------------------------- objective
-
-
-def _per_sample(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return sigmas.float().view(-1, *([1] * (like.ndim - 1)))
-
-
-def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    s = _per_sample(sigmas, x0)
-    return (1.0 - s) * x0.float() + s * noise.float()
-
-
-def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    return noise.float() - x0.float()
-
-
-def first_frame_token_mask(latent_shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> torch.Tensor:
-    """(seq,) float: 0 for tokens of latent frame 0, 1 after, in the transformer's token order."""
-    t, h, w = latent_shape[-3:]
-    p_t, p_h, p_w = patch_size
-    mask = torch.ones(t // p_t, h // p_h, w // p_w)
-    mask[0] = 0.0
-    return mask.flatten()
-
-
-def transformer_inputs(
-    noisy: torch.Tensor,
-    sigmas: torch.Tensor,
-    cond: WanConditioning,
-    expand_timesteps: bool,
-    patch_size: tuple[int, int, int],
-    num_train_timesteps: int,
-    dtype: torch.dtype,
-) -> dict[str, torch.Tensor | None]:
-    """The transformer's keyword inputs, as the pipeline's denoising loop builds them.
-
-    "i2v"/"a14b": hidden_states = [noisy | condition] on channels, timestep (B,).
-    "ti2v": latent frame 0 replaced by the clean image latent, timestep (B, seq) with 0 on
-    frame 0's tokens. Tensors are cast to the transformer's dtype as the pipeline casts them;
-    the timestep stays float32.
-    """
-    t = sigmas.float().to(noisy.device) * num_train_timesteps
-    if expand_timesteps:
-        frame_mask = torch.ones_like(noisy[:1, :1])
-        frame_mask[:, :, 0] = 0.0
-        hidden = (1.0 - frame_mask) * cond.condition.float() + frame_mask * noisy
-        token_mask = first_frame_token_mask(noisy.shape, patch_size).to(noisy.device)
-        timestep = token_mask.unsqueeze(0) * t.unsqueeze(1)
-    else:
-        hidden = torch.cat([noisy, cond.condition.float()], dim=1)
-        timestep = t
-    image = cond.image_embeds.to(dtype) if cond.image_embeds is not None else None
-    return {
-        "hidden_states": hidden.to(dtype),
-        "timestep": timestep,
-        "encoder_hidden_states": cond.prompt_embeds.to(dtype),
-        "encoder_hidden_states_image": image,
-    }
-
-
-def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, expand_timesteps: bool) -> torch.Tensor:
-    """Per-sample MSE in float32. TI2V leaves latent frame 0 out: its input is the clean image at
-    timestep 0 and the sampler overwrites whatever the model predicts there."""
-    err = (pred.float() - target.float()) ** 2
-    if expand_timesteps:
-        err = err[:, :, 1:]
-    return err.flatten(1).mean(dim=1)
-
-
-def training_loss(
-    transformer: WanTransformer3DModel,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    sigmas: torch.Tensor,
-    cond: WanConditioning,
-    expand_timesteps: bool,
-    num_train_timesteps: int = 1000,
-) -> torch.Tensor:
-    """Per-sample rectified-flow loss of one expert for clean latents x0, noise and sigmas."""
-    inputs = transformer_inputs(
-        noisy_latents(x0, noise, sigmas),
-        sigmas,
-        cond,
-        expand_timesteps,
-        tuple(transformer.config.patch_size),
-        num_train_timesteps,
-        transformer.dtype,
-    )
-    pred = transformer(**inputs, return_dict=False)[0]
-    return flow_matching_loss(pred, velocity_target(x0, noise), expand_timesteps)
-
-
-# --------------------------------------------------------------------------- LoRA
-
-_ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-_IMAGE_PROJECTIONS = ("add_k_proj", "add_v_proj")  # Wan2.1's cross-attention to CLIP tokens
-_FFN_PROJECTIONS = ("ffn.net.0.proj", "ffn.net.2")
-
-
-def lora_target_modules(feed_forward: bool = False) -> str:
-    """A full-match regex over `WanTransformer3DModel` module names: every block's self- and
-    cross-attention projections (and the image key/value projections where they exist), plus
-    the FFN's two linears when `feed_forward`. Embedders and the output head stay frozen."""
-    attn = "|".join(_ATTENTION_PROJECTIONS + _IMAGE_PROJECTIONS).replace(".", r"\.")
-    parts = [rf"attn[12]\.({attn})"]
-    if feed_forward:
-        parts.append("|".join(_FFN_PROJECTIONS).replace(".", r"\."))
-    return rf"blocks\.\d+\.({'|'.join(parts)})"
-
-
-def add_wan_lora(
-    transformer: WanTransformer3DModel,
-    rank: int,
-    alpha: float,
-    feed_forward: bool = False,
-    dropout: float = 0.0,
-) -> peft.LoraConfig:
-    """Freeze the transformer and add a LoRA adapter ("default") through diffusers' PEFT mixin."""
-    config = peft.LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=lora_target_modules(feed_forward),
-        init_lora_weights="gaussian",
-    )
-    transformer.requires_grad_(False)
-    transformer.add_adapter(config)
-    if not any(p.requires_grad for p in transformer.parameters()):
-        raise ValueError(f"lora: no module of the transformer matches {config.target_modules!r}")
-    return config
-
-
-def wan_lora_state_dict(transformer: WanTransformer3DModel) -> dict[str, torch.Tensor]:
-    """peft's adapter weights, keys `blocks.<i>...lora_A/B.weight`, contiguous CPU float32."""
-    state = peft.get_peft_model_state_dict(transformer)
-    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-
-
-def save_wan_lora(transformer: WanTransformer3DModel, out_dir: str | Path) -> Path:
-    """Write the LoRA folder `pipe.load_lora_weights(out_dir)` reads.
-
-    `WanImageToVideoPipeline.save_lora_weights` format: pytorch_lora_weights.safetensors with
-    `transformer.`-prefixed peft keys and the adapter's LoraConfig in the metadata (so alpha and
-    rank come back). A LoRA of A14B's low-noise expert loads with
-    `pipe.load_lora_weights(out_dir, load_into_transformer_2=True)`.
-    """
-    out_dir = Path(out_dir)
-    config = transformer.peft_config["default"]
-    WanImageToVideoPipeline.save_lora_weights(
-        out_dir,
-        transformer_lora_layers=wan_lora_state_dict(transformer),
-        transformer_lora_adapter_metadata=config.to_dict(),
-        safe_serialization=True,
-    )
-    return out_dir
