@@ -11,13 +11,12 @@ real pipeline with the LoRA), `comfy` and `export`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from svdray.config import Config
-from svdray.data.cache import CacheEncoderSpec
 from svdray.models.base import ModelFamily, TrainingModels
 from svdray.models.lora import load_lora, save_lora
 from svdray.models.precision import mixed_precision_dtype
@@ -25,6 +24,9 @@ from svdray.models.speed import apply_speed_options
 from svdray.models.wan import loss, sampler
 from svdray.models.wan.lora import add_wan_lora, save_wan_lora
 from svdray.models.wan.pipeline import LAYOUTS, check_num_frames, load_wan_pipeline, save_tiny_wan_pipeline
+
+if TYPE_CHECKING:
+    from svdray.data.cache import CacheEncoderSpec
 
 
 def check_pipeline_shapes(pipe: Any, cfg: Config) -> None:

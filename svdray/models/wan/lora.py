@@ -31,7 +31,10 @@ def add_wan_lora(
     feed_forward: bool = False,
     dropout: float = 0.0,
 ) -> peft.LoraConfig:
-    """Freeze the transformer and add a LoRA adapter ("default") through diffusers' PEFT mixin."""
+    """Freeze the transformer and add a LoRA adapter ("default") through diffusers' PEFT mixin.
+
+    The LoRA weights are float32 whatever the frozen weights' dtype (diffusers makes them the
+    base layer's, e.g. bfloat16): the optimizer updates float32 weights, autocast casts them."""
     config = peft.LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -41,8 +44,11 @@ def add_wan_lora(
     )
     transformer.requires_grad_(False)
     transformer.add_adapter(config)
-    if not any(p.requires_grad for p in transformer.parameters()):
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    if not trainable:
         raise ValueError(f"lora: no module of the transformer matches {config.target_modules!r}")
+    for param in trainable:
+        param.data = param.data.float()
     return config
 
 
