@@ -1,13 +1,13 @@
 """LoRA with peft, for any family's denoiser (which modules it targets is the family's choice).
 
-SVD's UNetSpatioTemporalConditionModel has no `add_adapter`/`save_lora_adapter` (no PeftAdapterMixin),
-so adapters go in with `peft.inject_adapter_in_model` and come out with
-`get_peft_model_state_dict`. The saved folder is peft's own format (adapter_config.json +
-adapter_model.safetensors, keys without the adapter name), so a user needs only peft to load it:
+Adapters go in with `peft.inject_adapter_in_model` and come out with `get_peft_model_state_dict`
+(SVD's denoiser has no diffusers `add_adapter`/`save_lora_adapter`). The saved folder is peft's own
+format (adapter_config.json + adapter_model.safetensors, keys without the adapter name), so a
+user needs only peft to load it:
 
     config = peft.LoraConfig.from_pretrained(lora_dir)
-    unet = peft.inject_adapter_in_model(config, pipe.unet)
-    peft.set_peft_model_state_dict(unet, safetensors.torch.load_file(lora_dir / "adapter_model.safetensors"))
+    model = peft.inject_adapter_in_model(config, pipe.unet)   # or pipe.transformer
+    peft.set_peft_model_state_dict(model, safetensors.torch.load_file(lora_dir / "adapter_model.safetensors"))
 """
 
 from __future__ import annotations
@@ -37,29 +37,29 @@ def inject_lora(model: torch.nn.Module, config: peft.LoraConfig) -> torch.nn.Mod
     return model
 
 
-def cast_frozen_weights(unet: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Frozen (non-LoRA) parameters and buffers of `unet` in `dtype`, LoRA parameters untouched.
+def cast_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Frozen (non-LoRA) parameters and buffers of `model` in `dtype`, LoRA parameters untouched.
 
     In place on each tensor's `.data`, so parameter objects and names stay the same. Meant for
     bf16 autocast, which casts the float32 LoRA weights and the bf16 frozen ones alike for each
     matmul, while the optimizer keeps updating float32 LoRA weights.
     """
-    for param in unet.parameters():
+    for param in model.parameters():
         if not param.requires_grad and param.is_floating_point():
             param.data = param.data.to(dtype)
-    for buffer in unet.buffers():
+    for buffer in model.buffers():
         if buffer.is_floating_point():
             buffer.data = buffer.data.to(dtype)
-    return unet
+    return model
 
 
-def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in unet.parameters() if p.requires_grad]
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """peft's adapter state dict (no adapter name in the keys), contiguous CPU float32 tensors."""
-    state = peft.get_peft_model_state_dict(unet)
+    state = peft.get_peft_model_state_dict(model)
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
@@ -76,37 +76,37 @@ def save_lora(model: torch.nn.Module, out_dir: str | Path, base_model: str | Non
     return out_dir
 
 
-def load_lora_weights(unet: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
-    """Load a LoRA folder's weights into the adapter already injected in `unet`; every key must
+def load_lora_weights(model: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
+    """Load a LoRA folder's weights into the adapter already injected in `model`; every key must
     land and every LoRA layer must get its weights (a mismatch is an error naming the folder)."""
     lora_dir = check_folder(lora_dir, "LoRA")  # a .pt/.bin handed over is refused, never unpickled
     weights = lora_dir / ADAPTER_WEIGHTS
     if not weights.exists():
         raise FileNotFoundError(f"{weights}: no LoRA weights (expected peft's {ADAPTER_WEIGHTS})")
-    result = peft.set_peft_model_state_dict(unet, load_file(str(weights)))
+    result = peft.set_peft_model_state_dict(model, load_file(str(weights)))
     unexpected = getattr(result, "unexpected_keys", [])
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     if unexpected or missing:
         raise ValueError(
-            f"{weights}: does not match the UNet's LoRA layers (keys that match no layer: "
+            f"{weights}: does not match the denoiser's LoRA layers (keys that match no layer: "
             f"{unexpected[:3]}, layers without weights: {missing[:3]}); use the rank, blocks and "
             "target_modules it was trained with"
         )
-    return unet
+    return model
 
 
-def load_lora(unet: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
-    """Inject the adapter described in `lora_dir` into `unet` and load its weights (safetensors only).
+def load_lora(model: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
+    """Inject the adapter described in `lora_dir` into `model` and load its weights (safetensors only).
 
-    peft creates the new LoRA layers in training mode even inside an eval-mode UNet, which would
-    apply LoRA dropout at inference; they are given the UNet's own mode here."""
+    peft creates the new LoRA layers in training mode even inside an eval-mode denoiser, which would
+    apply LoRA dropout at inference; they are given the denoiser's own mode here."""
     lora_dir = check_folder(lora_dir, "LoRA")
     missing = [name for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) if not (lora_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{lora_dir}: not a LoRA folder (no {' or '.join(missing)})")
-    peft.inject_adapter_in_model(peft.LoraConfig.from_pretrained(str(lora_dir)), unet)
-    unet.train(unet.training)
-    return load_lora_weights(unet, lora_dir)
+    peft.inject_adapter_in_model(peft.LoraConfig.from_pretrained(str(lora_dir)), model)
+    model.train(model.training)
+    return load_lora_weights(model, lora_dir)
 
 
 def alpha_and_rank(lora_dir: str | Path) -> tuple[float, int]:
@@ -120,20 +120,20 @@ def alpha_and_rank(lora_dir: str | Path) -> tuple[float, int]:
     return config.lora_alpha * (math.sqrt(config.r) if config.use_rslora else 1.0), config.r
 
 
-def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     """Fold every LoRA update into its base weight, then put the base layers back in place of the
     LoRA layers (as diffusers' `fuse_lora` + `unload_lora` do), so the state dict has exactly the
     original parameter names."""
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for module in unet.modules():
+    for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.merge(safe_merge=True)  # safe_merge: refuses to write non-finite weights
-    recurse_remove_peft_layers(unet)
-    if hasattr(unet, "peft_config"):
-        del unet.peft_config
-    leftover = [name for name in unet.state_dict() if "lora_" in name or ".base_layer." in name]
+    recurse_remove_peft_layers(model)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    leftover = [name for name in model.state_dict() if "lora_" in name or ".base_layer." in name]
     if leftover:
         raise RuntimeError(f"merging left LoRA parameters behind: {leftover[:3]}")
-    return unet
+    return model

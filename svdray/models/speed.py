@@ -45,7 +45,7 @@ class KernelAttnProcessor(AttnProcessor2_0):
 
 
 def set_attention_kernel(model: torch.nn.Module, kernel: str) -> None:
-    """Route every attention layer of a diffusers model (UNet, VAE) through one SDPA kernel."""
+    """Route every attention layer of a diffusers model (denoiser, VAE) through one SDPA kernel."""
     if kernel == "default":
         return
     processors = model.attn_processors

@@ -10,13 +10,12 @@ encoder), `checkpointing` and `export`/`comfy`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from svdray.config import Config
-from svdray.data.cache import CacheEncoderSpec
 from svdray.models.base import ModelFamily, TrainingModels
 from svdray.models.lora import cast_frozen_weights, load_lora, save_lora
 from svdray.models.precision import mixed_precision_dtype
@@ -26,6 +25,9 @@ from svdray.models.svd.buckets import motion_bucket_ids
 from svdray.models.svd.checkpointing import enable_checkpointing
 from svdray.models.svd.lora import add_lora
 from svdray.models.svd.pipeline import FrozenModels, load_pipeline, save_tiny_pipeline, scheduler_config
+
+if TYPE_CHECKING:
+    from svdray.data.cache import CacheEncoderSpec
 
 
 def with_motion_buckets(batch: dict[str, Any], cfg: Config) -> dict[str, Any]:
