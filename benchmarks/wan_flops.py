@@ -1,7 +1,7 @@
 """Model FLOPs of one Wan image-to-video LoRA training step at full size, counted on the meta device.
 
 Per case (model, frames x height x width, batch 1): the transformer's forward and backward with
-LoRA on the attention projections (svdray.models.objective.training_loss, so exactly the training
+LoRA on the attention projections (svdray.models.wan.objective.training_loss, so exactly the training
 inputs), and the frozen encoders' forwards a step without a latent cache would add: the VAE
 encoding the clip, the VAE encoding the condition clip ((image, zeros...) for Wan2.1/A14B, the
 image alone for TI2V), UMT5-XXL on 512 tokens and, for Wan2.1, CLIP ViT-H/14. Counted with

@@ -296,7 +296,7 @@ class SvdConfig:
 @dataclass
 class WanSamplingConfig:
     """Wan's sampler settings (after training, validation, `svdray sample`): the real
-    `WanImageToVideoPipeline`, conditioned as training was (prompt encoding, image crop, size,
+    image-to-video pipeline of diffusers, conditioned as training was (prompt encoding, image crop, size,
     frame count and shift)."""
 
     guidance_scale: float = 5.0  # the pipeline's default; 1.0 turns guidance off
