@@ -304,3 +304,54 @@ def test_wan_config_rules_name_the_key(tmp_path, override, key):
 def test_wan_section_belongs_to_wan_runs():
     with pytest.raises(ConfigError, match="wan: options of model.family wan"):
         config_from_dict({"wan": {"prompt_dropout": 0.2}}, check_files=False)
+
+
+@pytest.mark.parametrize("layout", ["i2v", "ti2v", "a14b"])
+def test_reward_sampler_is_the_pipelines_loop(wan_dirs, layout):
+    """`sample_frames` (the reward stage's sampler, with a graph) gives the pipeline's own video for
+    the same image, empty prompt, noise and shift, without guidance (the reward stage has no
+    prompts), with each expert where the pipeline uses it."""
+    family = get_family("wan")
+    expert = "transformer_2" if layout == "a14b" else None
+    cfg = wan_config(wan_dirs[layout], wan={"shift": 4.0, "expert": expert}, reward={"sample_steps": 4})
+    models = family.load_sampling_models(cfg, None, "cpu")
+    spec = family.sampling_spec(cfg, "reward")
+    image = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (1, 3, *SIZE), dtype=np.uint8))
+    frames = family.sample_frames(
+        models, image.float() / 127.5 - 1, spec, torch.Generator().manual_seed(3), 0
+    )
+    assert frames.shape == (1, NUM_FRAMES, 3, *SIZE)
+
+    pipe = WanImageToVideoPipeline.from_pretrained(wan_dirs[layout])
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=4.0)
+    s = pipe.vae_scale_factor_spatial
+    latents = torch.randn(
+        (1, pipe.vae.config.z_dim, 3, SIZE[0] // s, SIZE[1] // s), generator=torch.Generator().manual_seed(3)
+    )
+    expected = pipe(
+        image=Image.fromarray(image[0].permute(1, 2, 0).numpy()),
+        prompt="",
+        height=SIZE[0],
+        width=SIZE[1],
+        num_frames=NUM_FRAMES,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        latents=latents,
+        output_type="np",
+    ).frames[0]
+    torch.testing.assert_close(
+        (frames[0].permute(0, 2, 3, 1) + 1) / 2, torch.from_numpy(expected), atol=2e-4, rtol=0
+    )
+
+
+def test_reward_sampler_keeps_a_graph_to_the_lora(wan_dirs):
+    family = get_family("wan")
+    cfg = wan_config(wan_dirs["ti2v"], reward={"sample_steps": 3})
+    models = family.build_models(cfg, torch.device("cpu"))
+    images = torch.rand(2, 3, *SIZE) * 2 - 1
+    frames = family.sample_frames(
+        family.sampling_models(cfg, models), images, family.sampling_spec(cfg, "reward"), torch.Generator(), 1
+    )
+    frames.square().mean().backward()
+    lora_b = [p for n, p in models.denoiser.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)

@@ -108,7 +108,8 @@ class WanFamily(ModelFamily):
     def sampling_models(self, cfg: Config, models: TrainingModels) -> sampler.WanSamplingModels:
         frozen: loss.FrozenWan = models.frozen
         pipe = sampler.pipeline_for_sampling(frozen.pipe, frozen.expert, models.denoiser)
-        return sampler.WanSamplingModels(pipe, mixed_precision_dtype(cfg.train.mixed_precision))
+        autocast = mixed_precision_dtype(cfg.train.mixed_precision)
+        return sampler.WanSamplingModels(pipe, autocast, frozen.expert, models.denoiser)
 
     def load_sampling_models(
         self, cfg: Config, lora_dir: str | Path | None, device: str | torch.device | None = None
@@ -132,6 +133,16 @@ class WanFamily(ModelFamily):
     def describe_conditioning(self, spec: sampler.WanSamplingSpec, clip: torch.Tensor | None) -> str:
         shift = "scheduler's" if spec.shift is None else f"{spec.shift:g}"
         return f"guidance_scale={spec.guidance_scale:g} shift={shift}"
+
+    def sample_frames(
+        self,
+        models: sampler.WanSamplingModels,
+        images: torch.Tensor,
+        spec: sampler.WanSamplingSpec,
+        generator: torch.Generator,
+        grad_steps: int,
+    ) -> torch.Tensor:
+        return sampler.sample_frames(models, images, spec, generator, grad_steps)
 
     def save_lora(self, denoiser: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
         """peft's adapter folder (what checkpoints, `svdray sample` and `export` read) with diffusers'

@@ -23,8 +23,10 @@ from PIL import Image
 from svdray.config import Config
 from svdray.models.images import conditioning_pixels
 from svdray.models.lora import load_lora
-from svdray.models.precision import mixed_precision_dtype
-from svdray.models.wan.pipeline import MAX_SEQUENCE_LENGTH, load_wan_pipeline
+from svdray.models.precision import encoder_precision, mixed_precision_dtype
+from svdray.models.wan.conditioning import WanConditioning, build_conditioning
+from svdray.models.wan.objective import expert_for_sigma, scheduler_shift, transformer_inputs
+from svdray.models.wan.pipeline import MAX_SEQUENCE_LENGTH, load_wan_pipeline, num_latent_frames
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,13 @@ def shifted_scheduler(
 @dataclass
 class WanSamplingModels:
     """A pipeline whose trained expert carries the LoRA, and the transformer's autocast dtype
-    (training's mixed precision; None runs it as it is)."""
+    (training's mixed precision; None runs it as it is). `denoiser` is what the reward stage
+    calls for that expert (the DDP wrapper, so gradients are all-reduced); None: the pipeline's."""
 
     pipe: WanImageToVideoPipeline
     autocast_dtype: torch.dtype | None = None
+    expert: str = "transformer"
+    denoiser: torch.nn.Module | None = None
 
 
 def rebuilt(pipe: WanImageToVideoPipeline, **components: object) -> WanImageToVideoPipeline:
@@ -132,7 +137,7 @@ def load_sampling_models(
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()
     pipe.to(device)
-    return WanSamplingModels(pipe, mixed_precision_dtype(cfg.train.mixed_precision))
+    return WanSamplingModels(pipe, mixed_precision_dtype(cfg.train.mixed_precision), expert)
 
 
 @contextlib.contextmanager
@@ -186,3 +191,73 @@ def sample_video(
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         ).frames[0]
     return (np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def sample_frames(
+    models: WanSamplingModels,
+    images: torch.Tensor,
+    spec: WanSamplingSpec,
+    generator: torch.Generator,
+    grad_steps: int = 0,
+) -> torch.Tensor:
+    """Frames (B, T, 3, H, W) in about [-1, 1] from images (B, 3, H, W) in [-1, 1], keeping a graph
+    through the last `grad_steps` denoising steps and the VAE decoder (the reward stage).
+
+    The pipeline's denoising loop written out (it runs under no_grad): its conditioning (the
+    reward stage has images, no prompts: the empty prompt, so no guidance), Euler steps of the
+    flow-matching ODE on the sigmas of `FlowMatchEulerDiscreteScheduler` with the training shift,
+    each step by the expert the pipeline would use, TI2V's clean first frame, and its decoding.
+    Runs under the caller's autocast; the encoders and the VAE run in their own dtype."""
+    pipe, size, device = models.pipe, images.shape[0], images.device
+    with torch.no_grad(), encoder_precision(device):
+        cond = build_conditioning(pipe, images, spec.num_frames, [""] * size)
+    cond = WanConditioning(
+        cond.prompt_embeds.float(),
+        cond.image_embeds.float() if cond.image_embeds is not None else None,
+        cond.condition.float(),
+    )
+    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+    shift = spec.shift if spec.shift is not None else scheduler_shift(pipe.scheduler)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+    scheduler.set_timesteps(spec.steps, device=device)
+    sigmas = scheduler.sigmas.float()
+    shape = (
+        size,
+        pipe.vae.config.z_dim,
+        num_latent_frames(spec.num_frames, pipe.vae_scale_factor_temporal),
+        spec.height // pipe.vae_scale_factor_spatial,
+        spec.width // pipe.vae_scale_factor_spatial,
+    )
+    latents = torch.randn(shape, generator=generator, device=device)
+    expand = bool(pipe.config.expand_timesteps)
+    for i in range(spec.steps):
+        name = expert_for_sigma(pipe.config.boundary_ratio, float(sigmas[i]))
+        trained = name == models.expert and models.denoiser is not None
+        module = models.denoiser if trained else getattr(pipe, name)
+        model = getattr(module, "module", module)
+        with torch.set_grad_enabled(i >= spec.steps - grad_steps and torch.is_grad_enabled()):
+            inputs = transformer_inputs(
+                latents,
+                sigmas[i].expand(size),
+                cond,
+                expand,
+                tuple(model.config.patch_size),
+                num_train_timesteps,
+                model.dtype,
+            )
+            velocity = module(**inputs, return_dict=False)[0].float()
+            latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
+    if expand:  # the pipeline's output keeps the clean image latent in frame 0
+        latents = torch.cat([cond.condition, latents[:, :, 1:]], dim=2)
+    return decode_latents(pipe.vae, latents)
+
+
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents (B, C, t, h, w) -> frames (B, T, 3, H, W) in about [-1, 1], float32, as
+    the pipeline decodes them (VAE in its own dtype, autocast off; differentiable)."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(shape)
+    std = torch.tensor(vae.config.latents_std, device=latents.device).view(shape)
+    with encoder_precision(latents.device):
+        video = vae.decode((latents * std + mean).to(vae.dtype), return_dict=False)[0]
+    return video.float().permute(0, 2, 1, 3, 4)
