@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-aug-strength", type=float, help="default: the run's, else 0.02")
     p.add_argument("--min-guidance", type=float, help="guidance at the first frame (default 1.0)")
     p.add_argument("--max-guidance", type=float, help="guidance at the last frame (default 3.0)")
+    p.add_argument("--guidance-scale", type=float, help="wan: classifier-free guidance (default: the run's)")
+    p.add_argument("--negative-prompt", help="wan: the unconditional branch's prompt (default: the run's)")
     p.add_argument("--seed", type=int, help="default: the run's sample.seed, else 0")
     p.set_defaults(func=cmd_sample)
 

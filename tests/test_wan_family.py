@@ -355,3 +355,17 @@ def test_reward_sampler_keeps_a_graph_to_the_lora(wan_dirs):
     frames.square().mean().backward()
     lora_b = [p for n, p in models.denoiser.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+
+
+def test_tiny_model_cli_layouts(tmp_path):
+    from svdray import cli
+
+    assert cli.main(["tiny-model", "--family", "wan", "--layout", "ti2v", "--out", str(tmp_path / "t")]) == 0
+    config = WanImageToVideoPipeline.load_config(str(tmp_path / "t"))
+    assert config["expand_timesteps"] is True and config["image_encoder"] == [None, None]
+    assert cli.main(["tiny-model", "--family", "wan", "--layout", "a14b", "--out", str(tmp_path / "a")]) == 0
+    assert WanImageToVideoPipeline.load_config(str(tmp_path / "a"))["boundary_ratio"] == 0.9
+    with pytest.raises(ValueError, match="--layout"):
+        get_family("wan").save_tiny_pipeline(tmp_path / "x", layout="t2v")
+    with pytest.raises(ValueError, match="no options"):
+        get_family("svd").save_tiny_pipeline(tmp_path / "y", layout="ti2v")
