@@ -369,3 +369,34 @@ def test_tiny_model_cli_layouts(tmp_path):
         get_family("wan").save_tiny_pipeline(tmp_path / "x", layout="t2v")
     with pytest.raises(ValueError, match="no options"):
         get_family("svd").save_tiny_pipeline(tmp_path / "y", layout="ti2v")
+
+
+@pytest.mark.parametrize("layout", ["i2v", "ti2v"])
+def test_cached_fields_give_the_decoded_batchs_loss(wan_dirs, layout):
+    """What the latent cache stores for a clip (`WanFamily.cache_encoder`: latent distribution,
+    image condition, prompt and CLIP embeddings), handed back with a batch dimension as cached
+    batches carry it, gives the loss and the validation loss of the decoded clip exactly."""
+    family = get_family("wan")
+    cfg = wan_config(wan_dirs[layout], wan={"prompt_dropout": 0.5})
+    spec = family.cache_encoder()
+    assert spec.components[:2] == ("vae", "text_encoder") and spec.version
+    encoder = spec.cls(cfg.model)
+    assert encoder.pipe.transformer is None  # the cache needs the encoders only
+    batch = data_batch()
+    stored = encoder.encode(batch["video"], batch["image"], batch["prompt"])
+    expected = {"latent_mean", "latent_std", "prompt_embeds", "condition"} | (
+        {"image_embeds"} if layout == "i2v" else set()
+    )
+    assert set(stored) == expected
+    assert all(v.dtype == torch.float32 and v.shape[0] == 2 for v in stored.values())
+    cached = {k: v for k, v in batch.items() if k != "video"} | stored
+
+    models = family.build_models(cfg, torch.device("cpu"))
+    losses = [
+        family.training_loss(models.denoiser, models.frozen, b, cfg, torch.Generator().manual_seed(11))
+        for b in (batch, cached)
+    ]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    assert family.validation_loss(models.denoiser, models.frozen, batch, cfg, 2) == pytest.approx(
+        family.validation_loss(models.denoiser, models.frozen, cached, cfg, 2), rel=1e-6
+    )
