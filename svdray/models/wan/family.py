@@ -23,7 +23,14 @@ from svdray.models.precision import mixed_precision_dtype
 from svdray.models.speed import apply_speed_options
 from svdray.models.wan import loss, sampler
 from svdray.models.wan.lora import add_wan_lora, save_wan_lora
-from svdray.models.wan.pipeline import LAYOUTS, check_num_frames, load_wan_pipeline, save_tiny_wan_pipeline
+from svdray.models.wan.pipeline import (
+    EXPERTS,
+    LAYOUTS,
+    check_num_frames,
+    load_expert,
+    load_wan_pipeline,
+    save_tiny_wan_pipeline,
+)
 
 if TYPE_CHECKING:
     from svdray.data.cache import CacheEncoderSpec
@@ -64,8 +71,8 @@ class WanFamily(ModelFamily):
 
     def build_models(self, cfg: Config, device: torch.device) -> TrainingModels:
         """The pipeline's encoders in `model.frozen_dtype`, the trained expert with float32 LoRA
-        weights over frozen weights in `model.denoiser_dtype` (A14B's other expert stays on the
-        CPU until a sample needs it)."""
+        weights over frozen weights in `model.denoiser_dtype` (A14B's other expert is not kept:
+        `sampling_models` loads it the first time a sample needs it)."""
         m = cfg.model
         pipe = load_wan_pipeline(m.pretrained, m.denoiser_dtype, m.variant, m.revision, m.frozen_dtype)
         check_pipeline_shapes(pipe, cfg)
@@ -74,6 +81,9 @@ class WanFamily(ModelFamily):
             if module is not None:
                 module.requires_grad_(False).eval().to(device)
         frozen = loss.FrozenWan.from_pipeline(pipe, cfg.wan)
+        for name in EXPERTS:  # A14B's other expert (14B weights) is loaded only if a sample needs it
+            if name != frozen.expert:
+                setattr(pipe, name, None)
         denoiser = getattr(pipe, frozen.expert)
         add_wan_lora(denoiser, cfg.lora.rank, cfg.lora.alpha, cfg.lora.feed_forward, cfg.lora.dropout)
         denoiser.to(device)
@@ -107,6 +117,15 @@ class WanFamily(ModelFamily):
 
     def sampling_models(self, cfg: Config, models: TrainingModels) -> sampler.WanSamplingModels:
         frozen: loss.FrozenWan = models.frozen
+        if frozen.pipe.config.boundary_ratio is not None:  # both experts sample: load the other once
+            other = next(name for name in EXPERTS if name != frozen.expert)
+            if getattr(frozen.pipe, other) is None:
+                m = cfg.model
+                setattr(
+                    frozen.pipe,
+                    other,
+                    load_expert(m.pretrained, other, m.denoiser_dtype, m.variant, m.revision),
+                )
         pipe = sampler.pipeline_for_sampling(frozen.pipe, frozen.expert, models.denoiser)
         autocast = mixed_precision_dtype(cfg.train.mixed_precision)
         return sampler.WanSamplingModels(pipe, autocast, frozen.expert, models.denoiser)
@@ -128,7 +147,8 @@ class WanFamily(ModelFamily):
         return sampler.sample_video(models, image, spec, prompt=prompt, seed=seed)
 
     def default_num_frames(self, models: sampler.WanSamplingModels) -> int | None:
-        return 81  # the pipeline's default: what Wan2.1 and A14B were trained at
+        # What the models were trained at: Wan2.2-TI2V-5B 121 frames, Wan2.1 and A14B 81.
+        return 121 if models.pipe.config.expand_timesteps else 81
 
     def describe_conditioning(self, spec: sampler.WanSamplingSpec, clip: torch.Tensor | None) -> str:
         shift = "scheduler's" if spec.shift is None else f"{spec.shift:g}"

@@ -293,6 +293,20 @@ def load_wan_pipeline(
     )
 
 
+def load_expert(
+    pretrained: str | Path, name: str, dtype: str, variant: str | None = None, revision: str | None = None
+) -> WanTransformer3DModel:
+    """One transformer of a pipeline (`name`: "transformer" or "transformer_2"), loaded alone."""
+    return WanTransformer3DModel.from_pretrained(
+        str(pretrained),
+        subfolder=name,
+        dtype=DTYPES[dtype],
+        variant=variant,
+        revision=revision,
+        use_safetensors=True,
+    )
+
+
 def wan_layout(pipe: WanImageToVideoPipeline) -> Layout:
     if pipe.config.expand_timesteps:
         return "ti2v"
