@@ -77,6 +77,7 @@ def tiny_overrides(tree: dict, pipeline: Path, manifest: Path, root: Path) -> li
         # paths
         "model.pretrained": pipeline,
         "data.manifest": manifest,
+        "data.cache_dir": root / "cache",  # a config with data.cache: true writes it here, not to ~/.cache
         "output_dir": root / "out",
         "train.storage_path": root / "ray",
         "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
