@@ -150,6 +150,7 @@ def epoch_times(work: Path, rows: list[dict], cache: bool) -> dict[str, float]:
     from svdray.config import load_config
     from svdray.data.cache import ensure_cache
     from svdray.data.manifest import write_manifest
+    from svdray.models.svd.cache import SVD_CACHE
     from svdray.models.svd.pipeline import save_tiny_pipeline
     from svdray.train.trainer import run_training
 
@@ -189,7 +190,7 @@ def epoch_times(work: Path, rows: list[dict], cache: bool) -> dict[str, float]:
         from svdray.data.prepare import training_rows
 
         started = time.perf_counter()
-        ensure_cache(training_rows(cfg.data, run_dir / "prep").rows, cfg.data, cfg.model)
+        ensure_cache(training_rows(cfg.data, run_dir / "prep").rows, cfg.data, cfg.model, SVD_CACHE)
         out["cache_build_s"] = time.perf_counter() - started
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # set by an earlier run's set_tracking_uri
     started = time.perf_counter()
@@ -205,7 +206,7 @@ def step_cpu_seconds(work: Path, rows: list[dict], repeats: int = 5) -> dict[str
     model, from decoded clips and from their cache entries, on one thread: CPU time, unlike wall
     time, hardly depends on what else the machine runs."""
     from svdray.config import ModelConfig, SvdConfig
-    from svdray.data.cache import LatentEncoder
+    from svdray.models.svd.cache import SVDCacheEncoder
     from svdray.models.svd.loss import training_loss
     from svdray.models.svd.pipeline import FrozenModels, load_pipeline, save_tiny_pipeline
 
@@ -216,15 +217,15 @@ def step_cpu_seconds(work: Path, rows: list[dict], repeats: int = 5) -> dict[str
     examples = [decode_item(plan_item(row, (64, 96), 0, 0), cfg, 0) for row in rows[:2]]
     video = np.stack([f.numpy() for f, _ in examples])
     image = np.stack([i.numpy() for _, i in examples])
-    encoder = LatentEncoder(ModelConfig(pretrained=str(tiny)), str(work / "step-cache"))
-    encoded = encoder.encode(list(video), list(image))
+    encoder = SVDCacheEncoder(ModelConfig(pretrained=str(tiny)))
+    encoded = encoder.encode(torch.from_numpy(video), torch.from_numpy(image), ["", ""])
     common = {"fps": torch.tensor([7.0, 7.0]), "motion_bucket_id": torch.tensor([127.0, 127.0])}
     batches = {
         "decoded every step": {"video": torch.from_numpy(video), "image": torch.from_numpy(image), **common},
         "latent cache": {
             "latent_mean": encoded["latent_mean"],
             "latent_std": encoded["latent_std"],
-            "image_embedding": encoded["image_embedding"][:, None],
+            "image_embedding": encoded["image_embedding"],
             "image": torch.from_numpy(image),
             **common,
         },

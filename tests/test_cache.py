@@ -15,11 +15,13 @@ from safetensors import safe_open
 
 from svdray import cli
 from svdray.config import DataConfig, ModelConfig, SvdConfig, load_config
-from svdray.data.cache import LatentEncoder, lookup_cache, read_entry
+from svdray.data.cache import CacheWriter, lookup_cache, read_cached_batch, read_entry
 from svdray.data.manifest import write_manifest
 from svdray.data.video import FrameSpec, decode_clip
+from svdray.models.svd.cache import SVD_CACHE
 from svdray.models.svd.loss import encode_batch, training_loss
 from svdray.models.svd.pipeline import FrozenModels, load_pipeline
+from svdray.train.trainer import resolve_paths, shared_training_dataset
 from tests.conftest import ffmpeg_clip
 
 
@@ -38,28 +40,40 @@ def test_cached_batch_is_exact_and_skips_clip_and_video_encoding(
     common = {"fps": torch.tensor([7.0, 7.0]), "motion_bucket_id": torch.tensor([127.0, 90.0])}
     decoded_batch = {"video": torch.from_numpy(video), "image": torch.from_numpy(image), **common}
 
-    # The cache's encoder actor, run in this process: it writes one safetensors shard.
-    encoder = LatentEncoder(ModelConfig(pretrained=str(tiny_pipeline_dir)), str(tmp_path))
+    # The cache's writer actor with SVD's encoder, run in this process: it writes one shard.
+    writer = CacheWriter(SVD_CACHE, ModelConfig(pretrained=str(tiny_pipeline_dir)), str(tmp_path))
     keys = ["a" * 64, "b" * 64]
-    out = encoder(
+    out = writer(
         {
             "key": np.array(keys, dtype=object),
             "clip_id": np.array(["m:1", "m:2"], dtype=object),
+            "prompt": np.array(["", ""], dtype=object),
             "video": video,
             "image": image,
-            "motion_bucket": np.array([10.0, 20.0], np.float32),
+            "motion": np.array([10.5, 20.25], np.float64),
             "error": np.array(["", ""], dtype=object),
             "reason": np.array(["", ""], dtype=object),
         }
     )
     (shard,) = set(out["shard"])
     with safe_open(shard, framework="pt") as f:
-        assert f.metadata()["format"] == "svdray-latents-1"
+        assert f.metadata()["format"] == "svdray-latents-2"
     entries = [read_entry(shard, key) for key in keys]
+    assert set(entries[0]) == {"latent_mean", "latent_std", "image_embedding", "image", "motion"}
+    assert entries[1]["motion"].dtype == torch.float64 and entries[1]["motion"].item() == 20.25
+    # What the training stream reads back: every stored tensor with a batch dimension of one.
+    planned = {"shard": [shard], "key": [keys[0]], "clip_id": ["m:1"], "epoch": [3], "fps": [0.0]}
+    planned |= {"motion_bucket_id": [-1.0], "prompt": ["a cat"]}
+    row = read_cached_batch({k: np.array(v) for k, v in planned.items()}, DataConfig(fps=7.0))
+    assert row["latent_mean"].shape == (1, *entries[0]["latent_mean"].shape)
+    assert row["image_embedding"].shape == (1, 1, entries[0]["image_embedding"].shape[-1])
+    assert row["motion"].dtype == np.float64 and row["motion"].tolist() == [10.5]
+    assert row["motion_bucket_id"].tolist() == [-1.0] and row["prompt"].tolist() == ["a cat"]
+    assert row["fps"].tolist() == [7.0] and row["epoch"].tolist() == [3]
     cached_batch = {
         "latent_mean": torch.stack([e["latent_mean"] for e in entries]),
         "latent_std": torch.stack([e["latent_std"] for e in entries]),
-        "image_embedding": torch.stack([e["image_embedding"] for e in entries])[:, None],
+        "image_embedding": torch.stack([e["image_embedding"] for e in entries]),
         "image": torch.stack([e["image"] for e in entries]),
         **common,
     }
@@ -104,7 +118,8 @@ def test_cache_command_then_training_reads_it(
     cache_dir = tmp_path / "cache"
     path = write_config(
         manifest,
-        data={"cache": True, "cache_dir": str(cache_dir), "motion_bucket_id": None, "start": "random"},
+        data={"cache": True, "cache_dir": str(cache_dir), "start": "random"},
+        svd={"motion_bucket_id": None},
         train={"name": "cached", "max_steps": 3, "checkpoint_every": 3},
     )
     assert cli.main(["cache", "--config", str(path)]) == 0
@@ -117,10 +132,12 @@ def test_cache_command_then_training_reads_it(
     cfg = load_config(path)
     rows = [{"video": str(clips / n), "clip_id": n} for n in ("a.mp4", "b.mp4")]
 
-    def misses(data: DataConfig, model: ModelConfig = cfg.model) -> int:
-        return len(lookup_cache(rows, data, model).missing())
+    def misses(data: DataConfig, model: ModelConfig = cfg.model, encoder=SVD_CACHE, rows=rows) -> int:
+        return len(lookup_cache(rows, data, model, encoder).missing())
 
     assert misses(cfg.data) == 0  # a re-run, or a Tune trial changing lr or rank
+    assert misses(cfg.data, encoder=dataclasses.replace(SVD_CACHE, version="svd-2")) == 2
+    assert misses(cfg.data, rows=[{**rows[0], "prompt": "a dog"}, rows[1]]) == 1
     assert misses(dataclasses.replace(cfg.data, num_frames=6)) == 2
     assert misses(dataclasses.replace(cfg.data, crop="random")) == 2
     assert misses(cfg.data, dataclasses.replace(cfg.model, frozen_dtype="bfloat16")) == 2
@@ -137,3 +154,8 @@ def test_cache_command_then_training_reads_it(
     assert tags["data.cache_hits"] == "2" and tags["data.cache_computed"] == "0"
     assert tags["data.samples_fed"] == "3" and tags["data.decode_failures"] == "0"
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3
+
+    # The stream a Tune sweep shares between its trials reads the cache too.
+    example = shared_training_dataset(resolve_paths(cfg)).take(1)[0]
+    assert {"latent_mean", "latent_std", "image_embedding", "motion"} <= set(example)
+    assert "video" not in example

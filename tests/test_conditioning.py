@@ -14,8 +14,9 @@ import torch
 from diffusers import StableVideoDiffusionPipeline
 from PIL import Image
 
-from svdray.data.video import FrameSpec, decode_clip, to_model_range
+from svdray.data.video import FrameSpec, decode_clip, motion_score, to_model_range
 from svdray.models.svd import conditioning as cond
+from svdray.models.svd.buckets import motion_bucket_ids
 from svdray.models.svd.objective import predict_v
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -193,12 +194,14 @@ def test_motion_bucket_is_the_scaled_temporal_pixel_std():
     rng = np.random.default_rng(0)
     clip = rng.integers(0, 256, (FRAMES, 3, 8, 8), dtype=np.uint8)
     expected = round(2.0 * clip.astype(np.float64).std(axis=0, ddof=1).mean())
-    assert cond.motion_bucket_from_clip(to_model_range(torch.from_numpy(clip)), 2.0) == float(
-        min(expected, 255)
-    )
-    still = np.repeat(clip[:1], FRAMES, axis=0)
-    assert cond.motion_bucket_from_clip(to_model_range(torch.from_numpy(still)), 2.0) == 1.0  # clamped
-    assert cond.motion_bucket_from_clip(to_model_range(torch.from_numpy(clip)), 4.0) == 255.0
+
+    def bucket(frames: np.ndarray, scale: float) -> float:
+        motion = torch.tensor([motion_score(torch.from_numpy(frames))], dtype=torch.float64)
+        return motion_bucket_ids(motion, torch.tensor([-1.0]), None, scale).item()
+
+    assert bucket(clip, 2.0) == float(min(expected, 255))
+    assert bucket(np.repeat(clip[:1], FRAMES, axis=0), 2.0) == 1.0  # a still clip: clamped
+    assert bucket(clip, 4.0) == 255.0
 
 
 def test_the_first_sampled_frame_conditions_the_clip(square_clip, tmp_path):

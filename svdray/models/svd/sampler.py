@@ -26,11 +26,12 @@ from diffusers import EulerDiscreteScheduler
 from torch.utils.checkpoint import checkpoint
 
 from svdray.config import Config, ModelConfig
-from svdray.data.video import to_model_range
+from svdray.data.video import motion_score, to_model_range
 from svdray.models.images import conditioning_pixels
 from svdray.models.lora import load_lora
 from svdray.models.precision import encoder_precision, mixed_precision_dtype
 from svdray.models.svd import conditioning as cond
+from svdray.models.svd.buckets import motion_bucket_ids
 from svdray.models.svd.pipeline import FrozenModels, load_pipeline
 
 logger = logging.getLogger("svdray.sample")
@@ -65,7 +66,8 @@ class SamplingSpec:
             return float(self.motion_bucket_id)
         if clip is None or len(clip) < 2:
             return DEFAULT_MOTION_BUCKET
-        return cond.motion_bucket_from_clip(to_model_range(clip), self.motion_bucket_scale)
+        motion = torch.tensor([motion_score(clip)], dtype=torch.float64)
+        return motion_bucket_ids(motion, torch.tensor([-1.0]), None, self.motion_bucket_scale).item()
 
 
 def sampling_spec(cfg: Config, purpose: str = "sample") -> SamplingSpec:
