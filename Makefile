@@ -1,4 +1,6 @@
-# svdray: `make demo` runs the main job on the embedded tiny model; `make test` runs the tests.
+# svdray: `make demo` runs the main job on the embedded tiny model; `make test` runs the tests (the
+# fast unit tier first, then the integration tier: real Ray, MLflow servers, Ray jobs);
+# `make test-unit` runs the unit tier alone.
 # Both install what they need first (idempotent: a stamp file tracks pyproject.toml).
 
 PYTHON ?= python3
@@ -7,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.svdray-installed
 DEMO ?= demo
 
-.PHONY: setup demo test lint format mlflow-ui clean
+.PHONY: setup demo test test-unit test-integration lint format mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -25,8 +27,13 @@ demo: setup
 	$(VENV)/bin/svdray demo-data --out $(DEMO)/manifest.jsonl --validate-manifest $(DEMO)/val.jsonl
 	RAY_AUTH_MODE=disabled $(VENV)/bin/svdray train --config configs/demo.yaml
 
-test: setup
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
+test: test-unit test-integration
+
+test-unit: setup
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests/integration
 
 lint: setup
 	$(VENV)/bin/ruff check svdray jobs tests benchmarks

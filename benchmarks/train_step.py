@@ -503,7 +503,12 @@ def probed_train_loop(loop_config: dict[str, Any]) -> None:
     Path(probe_path).write_text(json.dumps(probe))
 
 
-def trainer_loop(cfg: Config, warmup: int, steps: int, workdir: Path, tag: str) -> dict[str, Any]:
+def trainer_loop(
+    cfg: Config, warmup: int, steps: int, workdir: Path, tag: str, checkpoint_every: int | None = None
+) -> dict[str, Any]:
+    """svdray's loop under a one-worker TorchTrainer; step times from the logged steps. One
+    checkpoint after the last step, or one every `checkpoint_every` steps (a multiple of
+    `train.log_every`, so each timed interval holds the same number of them)."""
     import ray
     import ray.train
     from mlflow.tracking import MlflowClient
@@ -516,7 +521,8 @@ def trainer_loop(cfg: Config, warmup: int, steps: int, workdir: Path, tag: str) 
     # first logged step after warm-up and time whole logging intervals.
     every = cfg.train.log_every
     warmup = every * math.ceil(warmup / every)
-    cfg.train.max_steps = cfg.train.checkpoint_every = warmup + every * math.ceil(steps / every)
+    cfg.train.max_steps = warmup + every * math.ceil(steps / every)
+    cfg.train.checkpoint_every = checkpoint_every or cfg.train.max_steps
     cfg.train.name = f"benchmark-{tag}"
     init_ray(cfg)  # RAY_ADDRESS (or ray.address) joins a running cluster; else a local one
     ray.data.DataContext.get_current().enable_progress_bars = False

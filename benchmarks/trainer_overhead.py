@@ -7,10 +7,13 @@ Ray Data dataset of them, nothing to decode). Both run with the same torch threa
 worker's OMP_NUM_THREADS from its CPUs). The sequence: plain; trainer reporting every step; trainer
 reporting every `--log-every` steps; the plain loop itself run as a Ray Train worker's function (what
 the worker's surroundings cost, without Ray Data, reports or MLflow); plain again (a warmed-up
-process: it bounds the drift of a shared machine's load); then the parts: Ray Data's fetch per batch
-in a worker, and one MLflow log call.
+process: it bounds the drift of a shared machine's load); the trainer with a checkpoint every
+`--checkpoint-every` steps, uploaded synchronously and asynchronously (`train.checkpoint_upload`),
+side by side in two interleaved rounds; then the parts: Ray Data's fetch per batch in a worker, and
+one MLflow log call.
 
     python benchmarks/trainer_overhead.py --out trainer_overhead.json
+    python benchmarks/trainer_overhead.py --checkpoint-upload-only --out checkpoint_upload.json
 """
 
 from __future__ import annotations
@@ -128,6 +131,35 @@ def mlflow_log_cost(cfg, calls: int = 20) -> dict[str, Any]:
     return {"calls": calls, "log_s_median": statistics.median(times[1:])}
 
 
+def checkpoint_upload_runs(args: argparse.Namespace, config, workdir: Path) -> list[dict[str, Any]]:
+    """The trainer with a checkpoint every `--checkpoint-every` steps, uploaded "sync" and
+    "async" (`train.checkpoint_upload`), interleaved sync, async, sync, async so that a change of
+    the machine's load shows as a difference between the two rounds rather than between modes.
+    Each timed interval (a logging interval) holds one checkpoint."""
+    runs = []
+    every = args.checkpoint_every
+    for round_ in (1, 2):
+        for mode in ("sync", "async"):
+            cfg = config(every, args.steps)
+            cfg.train.checkpoint_upload = mode
+            tag = f"checkpoint-{mode}-{round_}"
+            run = measure(
+                f"checkpoint every {every}, {mode} ({round_})",
+                trainer_loop,
+                cfg,
+                args.warmup,
+                args.steps,
+                workdir,
+                tag,
+                every,
+            )
+            checkpoints = sorted((Path(cfg.train.storage_path) / f"benchmark-{tag}").glob("step_*"))
+            run["checkpoints"] = len(checkpoints)
+            run["checkpoint_bytes"] = sum(f.stat().st_size for f in checkpoints[-1].rglob("*") if f.is_file())
+            runs.append(run)
+    return runs
+
+
 def measure(name: str, fn, *fn_args) -> dict[str, Any]:
     print(f"{name} ...", flush=True)
     load = os.getloadavg()
@@ -149,6 +181,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
 
         runs.append(measure("plain", plain_loop, config(1, args.steps), args.warmup, args.steps, False))
+        if args.checkpoint_upload_only:
+            runs += checkpoint_upload_runs(args, config, workdir)
+            shutdown_ray()
+            return summarize(runs, {}, args, case)
         runs.append(
             measure(
                 "trainer, report every step",
@@ -184,13 +220,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runs.append(
             measure("plain, again", plain_loop, config(1, args.steps), args.warmup, args.steps, False)
         )
+        runs += checkpoint_upload_runs(args, config, workdir)
         # Where the rest goes: the data path per batch, and one MLflow log call.
         parts = {
             "data_fetch": data_fetch(config(1, args.steps), workdir),
             "mlflow_log": mlflow_log_cost(config(1, args.steps)),
         }
         shutdown_ray()
+    return summarize(runs, parts, args, case)
 
+
+def summarize(runs: list[dict[str, Any]], parts: dict[str, Any], args: argparse.Namespace, case) -> dict:
     # The reference is the first plain run: like the trainer's worker it is a fresh process with
     # the same warm-up (a CPU process keeps getting faster for ~100 steps, allocator and caches),
     # so the warmed-up second plain run only bounds the drift.
@@ -221,7 +261,15 @@ def print_summary(report: dict[str, Any]) -> None:
             f"{r['throughput_over_plain']:>6.3f}  "
             f"{r['load_average_before'][0]:.1f} -> {r['load_average_after'][0]:.1f}"
         )
+    for r in report["runs"]:
+        if "checkpoints" in r:
+            print(
+                f"{r['name']}: {r['checkpoints']} checkpoints of {r['checkpoint_bytes'] / 1024:.0f} KiB, "
+                f"fit {r['fit_s']:.1f} s (the last uploads included)"
+            )
     parts = report["parts"]
+    if not parts:
+        return
     print(
         f"Ray Data batch fetch in a worker: {1000 * parts['data_fetch']['fetch_s_median']:.1f} ms median; "
         f"one MLflow log call: {1000 * parts['mlflow_log']['log_s_median']:.1f} ms median"
@@ -249,6 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     # One thread each by default: on a small shared machine two OpenMP threads spin-wait for cores
     # other processes hold, which measures the neighbours rather than Ray.
     parser.add_argument("--cpus", type=float, default=1.0, help="the worker's CPUs = torch threads of both")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=5,
+        help="the sync/async runs' checkpoint (and logging) interval",
+    )
+    parser.add_argument(
+        "--checkpoint-upload-only",
+        action="store_true",
+        help="run only the plain loop and the sync/async checkpoint upload runs",
+    )
     parser.add_argument("--out", help="write all figures as JSON here")
     args = parser.parse_args(argv)
     report = run(args)

@@ -100,6 +100,13 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Where the workers go on a multi-node cluster (Ray Train's placement group strategy): "pack"
+    # fills a node before the next (collectives stay on one machine), "spread" puts each worker on
+    # its own node where it can (one preempted node costs one worker's slot, not all of them).
+    placement: Literal["pack", "spread"] = "pack"
+    # Custom Ray resources each worker also needs, e.g. {"trainer": 1} where only the GPU nodes
+    # offer "trainer" (CPU and GPU come from cpus_per_worker and use_gpu).
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
     mixed_precision: Literal["no", "bf16"] = "no"
     # false; true: diffusers' own (ResNet blocks and spatial attention blocks only); "full": also
     # every temporal attention block and the rest of each spatio-temporal transformer
@@ -114,6 +121,10 @@ class TrainConfig:
     report_every: int = 10
     seed: int = 0
     storage_path: str = ""  # Ray Train results; defaults to <output_dir>/ray
+    # How a checkpoint reaches storage_path: "sync" copies it before the step after it starts;
+    # "async" copies it in a background thread while training goes on (Ray Train's
+    # CheckpointUploadMode.ASYNC; worth it when storage_path is a slow network or cloud store).
+    checkpoint_upload: Literal["sync", "async"] = "sync"
     # Debug aid: every worker also saves its own final LoRA to <output_dir>/workers/rank<N>,
     # to check that DDP kept the replicas identical.
     save_worker_loras: bool = False
@@ -509,6 +520,13 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         raise ConfigError("svd.cfg_dropout: must be in [0, 1/3) (drops use 3p of the unit interval)")
     if not cfg.lora.blocks:
         raise ConfigError("lora.blocks: choose at least one of spatial, temporal")
+    for name, amount in cfg.train.resources_per_worker.items():
+        if name in ("CPU", "GPU"):
+            raise ConfigError(
+                f"train.resources_per_worker.{name}: set by train.cpus_per_worker / train.use_gpu, not here"
+            )
+        if not amount > 0:
+            raise ConfigError(f"train.resources_per_worker.{name}: must be positive, got {amount}")
     if cfg.train.max_failures < -1:
         raise ConfigError(f"train.max_failures: must be -1 (no limit) or >= 0, got {cfg.train.max_failures}")
     if cfg.validate.num_videos < 0 or (cfg.validate.max_clips is not None and cfg.validate.max_clips <= 0):

@@ -44,6 +44,8 @@ NOT_PARAMS = {
     "train.save_worker_loras",
     "train.resume_from",
     "train.max_failures",
+    "train.placement",
+    "train.checkpoint_upload",
     "train.max_bad_steps",
     "train.debug_nan_at_steps",
     "data.cache_dir",

@@ -73,12 +73,15 @@ class CacheEncoderSpec:
     `encode(videos, images, prompts) -> dict[str, Tensor]` takes uint8 videos (B, T, 3, H, W),
     uint8 conditioning images (B, 3, H, W) and the B prompts, and returns tensors with the batch
     dimension first (on any device). `components` are the pipeline subfolders whose files
-    identify the encoders; `version` changes whenever the family changes what `encode` stores.
+    identify the encoders; `version` changes whenever the family changes what `encode` stores;
+    `uses_prompts` puts each clip's prompt in its key (a family that ignores prompts keeps its
+    entries when a caption is edited).
     """
 
     cls: type
     components: tuple[str, ...]
     version: str
+    uses_prompts: bool = False
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -129,14 +132,14 @@ def file_identity(path: str, reason: str) -> list[Any]:
     return [path, stat.st_size, stat.st_mtime_ns]
 
 
-def entry_key(item: dict[str, Any], cfg: DataConfig, model: str, version: str) -> str:
+def entry_key(item: dict[str, Any], cfg: DataConfig, model: str, encoder: CacheEncoderSpec) -> str:
     """The hash of everything that determines a planned example's cached tensors (`model`: the
-    `model_key`, `version`: the encoder's)."""
+    `model_key`)."""
     return _digest(
         {
             "format": CACHE_FORMAT,
             "model": model,
-            "encoder": version,
+            "encoder": encoder.version,
             "video": file_identity(item["video"], VIDEO_NOT_FOUND),
             "image": file_identity(item["image"], IMAGE_NOT_FOUND) if item["image"] else None,
             "num_frames": cfg.num_frames,
@@ -145,7 +148,7 @@ def entry_key(item: dict[str, Any], cfg: DataConfig, model: str, version: str) -
             "start": cfg.start,
             "crop": cfg.crop,
             "start_frame": item["start_frame"],
-            "prompt": item["prompt"],
+            "prompt": item["prompt"] if encoder.uses_prompts else None,
         }
     )
 
@@ -298,7 +301,7 @@ def lookup_cache(
     for row, size in zip(rows, sizes, strict=True):
         item = plan_item(row, size, epoch=0, seed=0)
         try:
-            keys[row["clip_id"]] = (entry_key(item, cfg, mkey, encoder.version), item)
+            keys[row["clip_id"]] = (entry_key(item, cfg, mkey, encoder), item)
         except ClipError as err:
             failures.append(Reject(row["clip_id"], err.reason, str(err), row))
     return CacheLookup(folder, keys, read_index(folder), failures)

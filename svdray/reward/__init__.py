@@ -1,1 +1,1 @@
-"""Stage 2: reward-gradient fine-tuning of SVD LoRA weights, guarded against silent zero rewards."""
+"""Stage 2: reward-gradient fine-tuning of LoRA weights, guarded against silent zero rewards."""

@@ -40,7 +40,7 @@ from svdray.sample import write_preview
 from svdray.tracking import MetricWriter
 from svdray.train.distributed import mean_across_workers, restore_rng
 from svdray.train.failures import training_failure
-from svdray.train.loop import StepLog, report_checkpoint, restore_state
+from svdray.train.loop import StepLog, checkpoint_and_report, restore_state
 from svdray.train.optim import build_lr_scheduler, build_optimizer
 from svdray.train.trainer import (
     init_ray,
@@ -141,7 +141,7 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics |= {f"reward/{name}": mean_across_workers(v.detach().mean()) for name, v in parts.items()}
         log.log(metrics)
         if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.max_steps:
-            report_checkpoint(
+            checkpoint_and_report(
                 metrics, models.denoiser, optimizer, lr_scheduler, state, generator, loop_config
             )
     if dist.is_available() and dist.is_initialized():

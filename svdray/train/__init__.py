@@ -1,0 +1,1 @@
+"""Training: the per-worker loop, checkpoints, validation, optimizer, failures and the TorchTrainer driver."""

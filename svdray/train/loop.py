@@ -10,8 +10,8 @@ over micro-batches, clip, update unless the loss or gradient is not finite, vali
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +34,9 @@ from svdray.tracking import MetricWriter, mlflow_metrics
 from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from svdray.train.distributed import all_workers_finite, mean_across_workers, restore_rng, rng_snapshot
 from svdray.train.optim import build_lr_scheduler, build_optimizer
+from svdray.train.upload import report_checkpoint
 from svdray.train.validate import Validation
+from svdray.train.workers import save_worker_record
 
 logger = logging.getLogger("svdray.train")
 
@@ -121,7 +123,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         family.save_lora(models.denoiser, cfg, Path(cfg.output_dir) / "lora")
     if cfg.train.save_worker_loras:
-        family.save_lora(models.denoiser, cfg, Path(cfg.output_dir) / "workers" / f"rank{rank}")
+        save_worker_record(models.denoiser, cfg.output_dir, rank)
     return {"step": state.step, "bad_steps": state.bad_steps}
 
 
@@ -208,7 +210,7 @@ def restore_state(
     return TrainState(), None, None
 
 
-def report_checkpoint(
+def checkpoint_and_report(
     metrics: dict[str, float],
     denoiser: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -217,17 +219,22 @@ def report_checkpoint(
     generator: torch.Generator,
     loop_config: dict[str, Any],
 ) -> None:
-    """Report `metrics` to Ray with a checkpoint of the run (rank 0 writes it; every rank's RNG
-    states are in it, gathered from all workers)."""
+    """Report `metrics` to Ray with a checkpoint of the run: rank 0 writes it, with every rank's
+    RNG states gathered from all workers; uploaded as `train.checkpoint_upload` says."""
     context = ray.train.get_context()
     rank = context.get_world_rank()
     rngs = rng_snapshot(generator, rank, context.get_world_size())
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            save_checkpoint(tmp, denoiser, optimizer, lr_scheduler, state, rngs, loop_config["config"])
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{state.step:08d}")
+    write = functools.partial(
+        save_checkpoint,
+        denoiser=denoiser,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        state=state,
+        rng_states=rngs,
+        config=loop_config["config"],
+    )
+    upload = loop_config["config"]["train"]["checkpoint_upload"]
+    report_checkpoint(metrics, f"step_{state.step:08d}", write if rank == 0 else None, upload)
 
 
 @dataclass

@@ -146,6 +146,20 @@ def shared_training_dataset(cfg: Config) -> ray.data.Dataset:
     )
 
 
+def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
+    """The worker group of `train.*`: how many, what each reserves (CPUs, a GPU, the custom
+    resources that pick its nodes), and how they are placed over the nodes (`train.placement`)."""
+    resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.resources_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    return ray.train.ScalingConfig(
+        num_workers=cfg.train.num_workers,
+        use_gpu=cfg.train.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=cfg.train.placement.upper(),  # Ray's PACK / SPREAD
+    )
+
+
 def make_trainer(
     cfg: Config,
     loop: Callable[[dict[str, Any]], Any],
@@ -157,15 +171,10 @@ def make_trainer(
     resources from `train.*`, a stable name for resuming, bounded checkpoints, worker restarts
     after lost workers, and an error in the run's code or config ending the run at once (it would
     recur on every restart; see svdray.train.failures)."""
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.use_gpu:
-        resources["GPU"] = 1
     return TorchTrainer(
         stop_on_errors(loop),
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.train.name,
             storage_path=cfg.train.storage_path,

@@ -14,7 +14,7 @@ import torch
 from svdray.config import ModelConfig
 from svdray.data.cache import CacheEncoderSpec
 from svdray.data.video import to_model_range
-from svdray.model import conditioning as cond
+from svdray.models.svd import conditioning as cond
 
 
 class SVDCacheEncoder:

@@ -1,0 +1,123 @@
+"""A driver process for tests/test_multinode.py: a real multi-node Ray cluster on this machine
+(`ray.cluster_utils.Cluster`: a head and worker nodes, each its own raylet, object store and
+worker processes), and one `svdray train` run on it through `run_training`, the function the CLI
+calls; optionally a whole worker node is killed mid-run (its raylet and every process on it)
+and a fresh node joins, as when a cloud node is preempted and replaced.
+
+It runs as a separate process because a Ray driver connects to one cluster: the test session's
+own local cluster (the `ray_cluster` fixture) cannot share a process with this one.
+
+    python -m tests.support.multinode --config run.yaml --out result.json [--lose-node-after step_00000002]
+
+Layout: the head holds the driver, Ray Train's controller, the data decoders and the run's small
+actors (data ledger, progress board); only the worker nodes offer the custom resource
+`trainer`, which the run's workers ask for (`train.resources_per_worker`), so training runs on
+worker nodes only and losing one never takes the controller or the data with it. Each worker node
+has room for two workers, so where they go is up to `train.placement`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from svdray.config import load_config
+from svdray.train.trainer import TrainingResult, run_training
+from tests.support.servers import free_port
+
+HEAD_CPUS = 3
+NODE_CPUS = 2
+NODE_RESOURCES = {"trainer": 2.0}
+OBJECT_STORE_BYTES = 150 * 1024**2  # Ray's minimum is 75 MiB; the tiny clips need little
+
+
+def add_worker_node(cluster: Cluster) -> str:
+    return cluster.add_node(
+        num_cpus=NODE_CPUS, resources=NODE_RESOURCES, object_store_memory=OBJECT_STORE_BYTES
+    ).node_id
+
+
+def start_cluster(worker_nodes: int) -> Cluster:
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": HEAD_CPUS,
+            "object_store_memory": OBJECT_STORE_BYTES,
+            # Ray starts a dashboard process even so: on a free port, never a taken default.
+            "include_dashboard": False,
+            "dashboard_port": free_port(),
+        },
+    )
+    for _ in range(worker_nodes):
+        add_worker_node(cluster)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def training_nodes() -> list[str]:
+    """The nodes of the live worker group's placement group (the one whose bundles ask for
+    `trainer`), one entry per bundle; empty while none is placed."""
+    for group in ray.util.placement_group_table().values():
+        bundles = group.get("bundles", {})
+        if group["state"] == "CREATED" and any("trainer" in b for b in bundles.values()):
+            return [group["bundles_to_node_id"][i] for i in sorted(group["bundles_to_node_id"])]
+    return []
+
+
+def lose_node(cluster: Cluster, lost: list[str]) -> bool:
+    """Kill the worker node holding the first bundle of the worker group (SIGKILL to its raylet
+    and every process on it), then add a fresh node; False while no worker group is placed."""
+    placed = training_nodes()
+    if not placed:
+        return False
+    victim = next(node for node in cluster.worker_nodes if node.node_id == placed[0])
+    cluster.remove_node(victim, allow_graceful=False)
+    lost.append(victim.node_id)
+    add_worker_node(cluster)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True, help="the run's result and the cluster's nodes, as JSON")
+    parser.add_argument("--worker-nodes", type=int, default=2)
+    parser.add_argument("--lose-node-after", help="kill a training node once this checkpoint is registered")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.config)  # a bad config fails before the cluster starts
+    cluster = start_cluster(args.worker_nodes)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        worker_nodes = [node.node_id for node in cluster.worker_nodes]
+        lost: list[str] = []
+        if args.lose_node_after:
+            from tests.support.resume import run_and_fail
+
+            result: TrainingResult = run_and_fail(cfg, args.lose_node_after, lambda: lose_node(cluster, lost))
+        else:
+            result = run_training(cfg)
+        report = {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()},
+            "head_node": cluster.head_node.node_id,
+            "worker_nodes": worker_nodes,
+            "lost_nodes": lost,
+            "nodes_at_end": [node.node_id for node in cluster.worker_nodes],
+        }
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

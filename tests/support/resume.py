@@ -1,0 +1,137 @@
+"""Helpers of the tests whose runs survive failures (tests/integration/test_resume.py,
+test_multinode.py and the multi-node driver tests/support/multinode.py): one config shape for
+runs that are compared step by step, LoRA and MLflow readers, and running a training while a
+fault is injected."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from svdray.config import Config, config_from_dict
+from svdray.models.lora import ADAPTER_WEIGHTS
+from svdray.train.trainer import TrainingResult, run_training
+from tests.support.runs import TINY_DATA
+
+MAX_STEPS = 12
+CHECKPOINT_EVERY = 2
+NAN_STEP = 7
+
+
+def config_tree(root: Path, pipeline_dir: Path, name: str, **train) -> dict:
+    return {
+        "model": {"pretrained": str(pipeline_dir)},
+        "data": {"manifest": str(root / "train.jsonl"), **TINY_DATA},
+        "lora": {"rank": 4, "alpha": 4},
+        # Warmup then cosine: a resume that lost the scheduler state would change the lr.
+        "optim": {"lr": 2e-3, "warmup_steps": 2},
+        "train": {
+            "name": name,
+            "max_steps": MAX_STEPS,
+            "checkpoint_every": CHECKPOINT_EVERY,
+            "keep_checkpoints": 2,
+            "cpus_per_worker": 1,
+            "storage_path": str(root / "ray"),
+            "max_bad_steps": 2,
+            "debug_nan_at_steps": [NAN_STEP],
+            **train,
+        },
+        "validate": {"manifest": str(root / "val.jsonl"), "every": 6, "num_videos": 1, "steps": 2},
+        "sample": {"enabled": False},
+        "output_dir": str(root / name),
+        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "resume"},
+    }
+
+
+def make_config(root: Path, pipeline_dir: Path, name: str, **train) -> Config:
+    return config_from_dict(config_tree(root, pipeline_dir, name, **train))
+
+
+def lora_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / ADAPTER_WEIGHTS))
+
+
+def assert_same_lora(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def all_values(uri: str, run_id: str, key: str) -> dict[int, list[float]]:
+    """Every value logged for `key`, per step, in logging order."""
+    values: dict[int, list[float]] = {}
+    for m in sorted(
+        MlflowClient(tracking_uri=uri).get_metric_history(run_id, key), key=lambda m: m.timestamp
+    ):
+        values.setdefault(m.step, []).append(m.value)
+    return values
+
+
+def run_id_of(root: Path, name: str) -> str:
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("resume")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+    assert len(runs) == 1, f"expected one MLflow run named {name}, found {len(runs)}"
+    return runs[0].info.run_id
+
+
+def train_worker_pid() -> int | None:
+    from ray.util.state import list_actors
+
+    alive = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
+    return alive[0].pid if len(alive) == 1 else None
+
+
+def run_and_kill_worker(cfg: Config, after_checkpoint: str) -> TrainingResult:
+    """run_training; its training worker process is SIGKILLed once `after_checkpoint` is
+    registered."""
+
+    def kill() -> bool:
+        pid = train_worker_pid()
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        return pid is not None
+
+    return run_and_fail(cfg, after_checkpoint, kill)
+
+
+def run_and_fail(cfg: Config, after_checkpoint: str, fail: Callable[[], bool]) -> TrainingResult:
+    """run_training in a thread; `fail()` (a fault: kill a worker, a node) is called once
+    `after_checkpoint` is registered in Ray Train's checkpoint manager snapshot (so a restore can
+    find it), and again until it returns True (it found what to kill)."""
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["result"] = run_training(cfg)
+        except BaseException as err:  # re-raised in the test thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    snapshot = Path(cfg.train.storage_path) / cfg.train.name / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 300
+    while thread.is_alive() and time.monotonic() < deadline:
+        if snapshot.exists() and after_checkpoint in snapshot.read_text() and fail():
+            break
+        time.sleep(0.02)
+    else:
+        thread.join(timeout=300)
+        pytest.fail(f"the run ended before the fault could be injected: {outcome}")
+    thread.join(timeout=300)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
