@@ -56,6 +56,10 @@ class WanCacheEncoder:
         return {name: value.float().cpu() for name, value in fields.items()}
 
 
+# uses_prompts: an edited caption is a new entry (its UMT5 embeddings change).
 WAN_CACHE = CacheEncoderSpec(
-    WanCacheEncoder, ("vae", "text_encoder", "tokenizer", "image_encoder", "image_processor"), "wan-1"
+    WanCacheEncoder,
+    ("vae", "text_encoder", "tokenizer", "image_encoder", "image_processor"),
+    "wan-1",
+    uses_prompts=True,
 )
