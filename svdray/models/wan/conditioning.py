@@ -4,7 +4,7 @@ Latents are normalised per channel with the VAE's `latents_mean` / `latents_std`
 encoded by the pipeline's own `encode_prompt` (UMT5, padded to `max_sequence_length` tokens),
 Wan2.1's CLIP image embedding by its `encode_image`, and the image condition as its
 `prepare_latents` makes it (mask channels and the zero-padded image latent for 2.1 / A14B, the
-image latent alone for TI2V). tests/test_wan.py compares every piece with the real pipeline.
+image latent alone for TI2V). tests/unit/test_wan.py compares every piece with the real pipeline.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ With clean normalised latents x0, noise eps and sigma in [0, 1]:
                                                 it to an integer, less than one step away)
 Sigmas are drawn from a density over u in [0, 1] (uniform or logit-normal) and then shifted as
 the scheduler shifts its grid, sigma = k u / (1 + (k - 1) u). Everything here is a pure function of
-its inputs; tests/test_wan.py compares it with the real pipeline's transformer inputs.
+its inputs; tests/unit/test_wan.py compares it with the real pipeline's transformer inputs.
 """
 
 from __future__ import annotations
