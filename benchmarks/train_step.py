@@ -373,7 +373,8 @@ def option_variants(cfg: Config, device: torch.device) -> list[str]:
 
 
 def example_batch(cfg: Config, device: torch.device | str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One batch as the Ray Data pipeline delivers it: uint8 video and first frame, fps, bucket."""
+    """One batch as the Ray Data pipeline delivers it: uint8 video and first frame, fps, the clip's
+    motion score and a manifest motion bucket."""
     b, t, h, w = cfg.train.batch_size, cfg.data.num_frames, cfg.data.height, cfg.data.width
     if str(device) == "meta":
         video = torch.empty(b, t, 3, h, w, dtype=torch.uint8, device="meta")
@@ -384,7 +385,8 @@ def example_batch(cfg: Config, device: torch.device | str, seed: int = 0) -> dic
         "video": video,
         "image": video[:, 0].clone(),
         "fps": torch.full((b,), cfg.data.fps, device=device),
-        "motion_bucket_id": torch.full((b,), 127.0, device=device),
+        "motion": torch.full((b,), 20.0, dtype=torch.float64, device=device),  # the clip's motion score
+        "motion_bucket_id": torch.full((b,), 127.0, device=device),  # as a manifest gives it: it wins
     }
 
 

@@ -48,11 +48,14 @@ def data_only_loop(loop_config: dict[str, Any]) -> None:
     batch. Not overlapped with compute here, so an upper bound on what it costs a step."""
     import ray.train
 
+    from svdray.models import family_of
+    from svdray.train.checkpoint import TrainState
     from svdray.train.loop import batches
 
+    cfg = config_from_dict(loop_config["config"], check_files=False)
     shard = ray.train.get_dataset_shard("train")
     times, last = [], time.perf_counter()
-    for _ in batches(shard, loop_config["batch_size"], torch.device("cpu")):
+    for _ in batches(shard, cfg, family_of(cfg), torch.device("cpu"), 0, TrainState()):
         now = time.perf_counter()
         times.append(now - last)
         last = now
@@ -104,7 +107,7 @@ def data_fetch(cfg, workdir: Path) -> dict[str, Any]:
     probe_path = workdir / "probe-data-only.json"
     TorchTrainer(
         data_only_loop,
-        train_loop_config={"batch_size": cfg.train.batch_size, "probe_path": str(probe_path)},
+        train_loop_config={"config": cfg.to_dict(), "probe_path": str(probe_path)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=1, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
         ),
