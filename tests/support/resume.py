@@ -112,6 +112,13 @@ def run_and_fail(cfg: Config, after_checkpoint: str, fail: Callable[[], bool]) -
     """run_training in a thread; `fail()` (a fault: kill a worker, a node) is called once
     `after_checkpoint` is registered in Ray Train's checkpoint manager snapshot (so a restore can
     find it), and again until it returns True (it found what to kill)."""
+    return run_with_events(cfg, [(after_checkpoint, fail)])
+
+
+def run_with_events(cfg: Config, events: list[tuple[str, Callable[[], bool]]]) -> TrainingResult:
+    """run_training in a thread; each event (checkpoint name, action) in turn: the action (kill a
+    worker, a node; add a node) is called once that checkpoint is registered in Ray Train's
+    checkpoint manager snapshot, and again until it returns True (it found what to act on)."""
     outcome: dict = {}
 
     def train() -> None:
@@ -124,13 +131,15 @@ def run_and_fail(cfg: Config, after_checkpoint: str, fail: Callable[[], bool]) -
     thread.start()
     snapshot = Path(cfg.train.storage_path) / cfg.train.name / "checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + 300
-    while thread.is_alive() and time.monotonic() < deadline:
-        if snapshot.exists() and after_checkpoint in snapshot.read_text() and fail():
-            break
+    pending = list(events)
+    while pending and thread.is_alive() and time.monotonic() < deadline:
+        checkpoint, act = pending[0]
+        if snapshot.exists() and checkpoint in snapshot.read_text() and act():
+            pending.pop(0)
         time.sleep(0.02)
-    else:
+    if pending:
         thread.join(timeout=300)
-        pytest.fail(f"the run ended before the fault could be injected: {outcome}")
+        pytest.fail(f"the run ended before {pending[0][0]}'s event could happen: {outcome}")
     thread.join(timeout=300)
     if "error" in outcome:
         raise outcome["error"]
