@@ -117,7 +117,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             ddp.train()
         log.log(metrics)
         if is_last or (good and state.step % cfg.train.checkpoint_every == 0):
-            report_checkpoint(
+            checkpoint_and_report(
                 metrics, models.denoiser, optimizer, lr_scheduler, state, generator, loop_config
             )
             last_checkpoint = state.step

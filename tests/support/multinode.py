@@ -1,4 +1,4 @@
-"""A driver process for tests/test_multinode.py: a real multi-node Ray cluster on this machine
+"""A driver process for tests/integration/test_multinode.py: a real multi-node Ray cluster on this machine
 (`ray.cluster_utils.Cluster`: a head and worker nodes, each its own raylet, object store and
 worker processes), and one `svdray train` run on it through `run_training`, the function the CLI
 calls; optionally a whole worker node is killed mid-run (its raylet and every process on it)

@@ -9,7 +9,7 @@ With clean latents x0, noise eps and sigma:
     denoised = c_out * F(c_in * noisy) + c_skip * noisy
 The EDM loss w * |denoised - x0|^2 with w = (1 + sigma^2) / sigma^2 equals |F - v|^2 with
 v = (eps - sigma * x0) / sqrt(sigma^2 + 1); training uses the v form, which has no 1/sigma^2 to
-overflow in low precision. tests/test_objective.py checks both identities against diffusers.
+overflow in low precision. tests/unit/test_objective.py checks both identities against diffusers.
 """
 
 from __future__ import annotations
