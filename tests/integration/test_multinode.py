@@ -65,8 +65,9 @@ def write_config(root: Path, pipeline_dir: Path, name: str, **train) -> Path:
     return path
 
 
-def run_driver(root: Path, config: Path, *options: str) -> dict:
-    """`python -m tests.support.multinode` on `config`; its JSON report."""
+def run_driver(root: Path, config: Path, *options: str, env: dict[str, str] | None = None) -> dict:
+    """`python -m tests.support.multinode` on `config` (with `env` added to its environment); its
+    JSON report."""
     out = config.with_suffix(".json")
     command = [
         sys.executable,
@@ -78,7 +79,7 @@ def run_driver(root: Path, config: Path, *options: str) -> dict:
         str(out),
         *options,
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", **(env or {})}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -173,7 +174,7 @@ def test_node_lost_mid_run_resumes_exactly(spread_run: dict, root: Path, tiny_pi
     assert dict(report["metrics"])["step"] == MAX_STEPS
 
 
-ELASTIC_STEPS = 16
+ELASTIC_STEPS = 40
 
 
 def test_elastic_run_keeps_its_global_batch(root: Path, tiny_pipeline_dir: Path) -> None:
@@ -202,8 +203,9 @@ def test_elastic_run_keeps_its_global_batch(root: Path, tiny_pipeline_dir: Path)
         "1",
         "--lose-node-after",
         "step_00000002",
-        "--add-node-after",
-        "step_00000004",
+        "--add-node-at-workers",
+        "1",
+        env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"},
     )
     uri, run_id = report["tracking_uri"], report["mlflow_run_id"]
     assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FINISHED"

@@ -2,7 +2,7 @@
 (`ray.cluster_utils.Cluster`: a head and worker nodes, each its own raylet, object store and
 worker processes), and one `svdray train` run on it through `run_training`, the function the CLI
 calls; optionally a whole worker node is killed mid-run (its raylet and every process on it)
-and a fresh node joins, as when a cloud node is preempted and replaced (with --add-node-after,
+and a fresh node joins, as when a cloud node is preempted and replaced (with --add-node-at-workers,
 only later: an elastic run goes on with fewer workers in between).
 
 It runs as a separate process because a Ray driver connects to one cluster: the test session's
@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer-slots", type=int, default=TRAINER_SLOTS, help="workers a node holds")
     parser.add_argument("--lose-node-after", help="kill a training node once this checkpoint is registered")
     parser.add_argument(
-        "--add-node-after",
-        help="with --lose-node-after: no replacement at once; a node joins after this checkpoint",
+        "--add-node-at-workers",
+        type=int,
+        help="with --lose-node-after: no replacement at once; a node joins once a checkpoint written "
+        "by this many workers is registered (an elastic run going on with fewer)",
     )
     args = parser.parse_args(argv)
 
@@ -111,10 +113,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.lose_node_after:
             from tests.support.resume import run_with_events
 
-            replace = args.add_node_after is None
-            events = [(args.lose_node_after, lambda: lose_node(cluster, lost, replace, args.trainer_slots))]
+            replace = args.add_node_at_workers is None
+            events = [
+                (
+                    lambda registered: args.lose_node_after in registered,
+                    lambda: lose_node(cluster, lost, replace, args.trainer_slots),
+                )
+            ]
             if not replace:
-                events.append((args.add_node_after, lambda: add_worker_node(cluster, args.trainer_slots)))
+                events.append(
+                    (
+                        lambda registered: any(
+                            m.get("num_workers") == args.add_node_at_workers for m in registered.values()
+                        ),
+                        lambda: add_worker_node(cluster, args.trainer_slots),
+                    )
+                )
             result: TrainingResult = run_with_events(cfg, events)
         else:
             result = run_training(cfg)
