@@ -176,6 +176,13 @@ class TrainConfig:
             )
         return self.global_batch() // per_micro_step
 
+    def at_world_size(self, world_size: int) -> TrainConfig:
+        """This config for a worker group of `world_size`: the same global batch (pinned), the
+        accumulation that makes it up."""
+        return dataclasses.replace(
+            self, global_batch_size=self.global_batch(), grad_accum=self.grad_accum_at(world_size)
+        )
+
     def bucket_run(self) -> int:
         """Examples the plan keeps in one aspect-ratio bucket: one micro-step of all workers
         (batch_size x workers); elastic, the whole update, which every count's micro-steps divide."""

@@ -50,7 +50,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     # The global batch stays whatever the worker count (an elastic run restarts at another): the
     # accumulation is what this attempt's count needs for it.
-    cfg.train.grad_accum = cfg.train.grad_accum_at(world_size)
+    cfg.train = cfg.train.at_world_size(world_size)
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed + rank)
     # All training randomness (noise levels, noise, augmentation, dropout masks) comes from this

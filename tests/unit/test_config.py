@@ -68,6 +68,8 @@ def test_global_batch_stays_whatever_the_worker_count(one_clip_manifest, write_c
     assert elastic.elastic() and elastic.worker_range() == (1, 2) and elastic.global_batch() == 4
     assert [elastic.grad_accum_at(w) for w in (1, 2)] == [2, 1]
     assert elastic.bucket_run() == 4  # a whole update in one aspect-ratio bucket, for either count
+    one_worker = elastic.at_world_size(1)  # what a worker of a 1-worker group trains with
+    assert (one_worker.grad_accum, one_worker.global_batch()) == (2, 4)
     chosen = load_config(
         write_config(one_clip_manifest), ["train.num_workers=[2, 4]", "train.global_batch_size=24"]
     ).train
