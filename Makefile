@@ -30,7 +30,7 @@ demo: setup
 test: test-unit test-integration
 
 test-unit: setup
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests/unit
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -n auto tests/unit
 
 test-integration: setup
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests/integration

@@ -21,6 +21,9 @@ same run (bf16 8192^3 on a GPU, fp32 on a CPU). Step times are step-end to step-
     python benchmarks/train_step.py --tiny --out results.json
     # the H100 matrix of benchmarks/RESULTS.md, one call:
     python benchmarks/train_step.py --preset h100 --out train_step_h100.json
+    # Wan image-to-video: model FLOPs per step at full size, counted on the meta device
+    # (benchmarks/wan_flops.py's cases: TI2V-5B, Wan2.1-I2V-14B, one A14B expert):
+    python benchmarks/train_step.py --family wan --out wan_flops.json
 
 `--vary` measures config variants of the first case: `all` flips each speed/memory option from the
 baseline (`--set`), or give `key=value` overrides, one variant each; `cached_latents` times the
@@ -783,6 +786,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--family",
+        choices=("svd", "wan"),
+        default="svd",
+        help="svd: time steps (below); wan: count full-size Wan FLOPs per step (benchmarks/wan_flops.py)",
+    )
     parser.add_argument("--tiny", action="store_true", help="the tiny test pipeline instead of SVD-XT")
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), help="a predefined matrix (overrides other flags)"
@@ -842,8 +851,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_wan_flops(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`--family wan`: FLOPs per training step of the full-size Wan models (wan_flops.py's
+    cases, the first of `--ranks`), counted on the meta device: nothing is timed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import wan_flops
+
+    out = ["--out", args.out] if args.out else []
+    return wan_flops.main(["--rank", str((args.ranks or [32])[0]), *out])
+
+
 def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.family == "wan":
+        run_wan_flops(args)
+    else:
+        run(args)
     return 0
 
 

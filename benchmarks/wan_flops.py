@@ -1,7 +1,7 @@
 """Model FLOPs of one Wan image-to-video LoRA training step at full size, counted on the meta device.
 
 Per case (model, frames x height x width, batch 1): the transformer's forward and backward with
-LoRA on the attention projections (svdray.models.wan.training_loss, so exactly the training
+LoRA on the attention projections (svdray.models.wan.objective.training_loss, so exactly the training
 inputs), and the frozen encoders' forwards a step without a latent cache would add: the VAE
 encoding the clip, the VAE encoding the condition clip ((image, zeros...) for Wan2.1/A14B, the
 image alone for TI2V), UMT5-XXL on 512 tokens and, for Wan2.1, CLIP ViT-H/14. Counted with
@@ -25,7 +25,9 @@ from diffusers import AutoencoderKLWan
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-from svdray.models import wan
+from svdray.models.wan import conditioning, objective
+from svdray.models.wan import lora as wan_lora
+from svdray.models.wan import pipeline as wan_pipeline
 
 CASES = [
     ("Wan2.2-TI2V-5B", 121, 704, 1280),
@@ -81,10 +83,10 @@ def _count(fn) -> tuple[int, dict[str, int]]:
 def step_flops(
     model: str, frames: int, height: int, width: int, rank: int = 32, batch: int = 1
 ) -> dict[str, Any]:
-    """FLOPs of one training step of `model` (a key of wan.FULL_SIZE_TRANSFORMERS), by part."""
-    wan.check_num_frames(frames, key="frames")
-    transformer = wan.meta_transformer(model)
-    wan.add_wan_lora(transformer, rank=rank, alpha=rank)
+    """FLOPs of one training step of `model` (a key of wan_pipeline.FULL_SIZE_TRANSFORMERS), by part."""
+    wan_pipeline.check_num_frames(frames, key="frames")
+    transformer = wan_pipeline.meta_transformer(model)
+    wan_lora.add_wan_lora(transformer, rank=rank, alpha=rank)
     config = transformer.config
     z = config.out_channels
     expand = model == "Wan2.2-TI2V-5B"
@@ -93,26 +95,28 @@ def step_flops(
         text_encoder = UMT5EncoderModel(UMT5Config(**_UMT5_XXL))
         clip = CLIPVisionModel(CLIPVisionConfig(**_CLIP_VIT_H)) if config.image_dim else None
     spatial = vae.config.scale_factor_spatial
-    latent_shape = (batch, z, wan.num_latent_frames(frames), height // spatial, width // spatial)
+    latent_shape = (batch, z, wan_pipeline.num_latent_frames(frames), height // spatial, width // spatial)
 
     video = torch.empty(batch, frames, 3, height, width, device="meta")
     with torch.no_grad():
         parts = {
-            "vae_video": _count(lambda: wan.encode_video(vae, video))[0],
-            "vae_condition": _count(lambda: wan.condition_latents(vae, video[:, 0], frames, expand))[0],
+            "vae_video": _count(lambda: conditioning.encode_video(vae, video))[0],
+            "vae_condition": _count(lambda: conditioning.condition_latents(vae, video[:, 0], frames, expand))[
+                0
+            ],
             "umt5": _count(
                 lambda: text_encoder(
-                    torch.zeros(batch, wan.MAX_SEQUENCE_LENGTH, dtype=torch.long, device="meta")
+                    torch.zeros(batch, wan_pipeline.MAX_SEQUENCE_LENGTH, dtype=torch.long, device="meta")
                 )
             )[0],
         }
         if clip is not None:
             pixels = torch.empty(batch, 3, 224, 224, device="meta")
             parts["clip"] = _count(lambda: clip(pixel_values=pixels, output_hidden_states=True))[0]
-        condition = wan.condition_latents(vae, video[:, 0], frames, expand)
+        condition = conditioning.condition_latents(vae, video[:, 0], frames, expand)
 
-    cond = wan.WanConditioning(
-        prompt_embeds=torch.empty(batch, wan.MAX_SEQUENCE_LENGTH, config.text_dim, device="meta"),
+    cond = conditioning.WanConditioning(
+        prompt_embeds=torch.empty(batch, wan_pipeline.MAX_SEQUENCE_LENGTH, config.text_dim, device="meta"),
         image_embeds=torch.empty(batch, 257, config.image_dim, device="meta") if config.image_dim else None,
         condition=condition,
     )
@@ -120,7 +124,7 @@ def step_flops(
     sigmas = torch.full((batch,), 0.5, device="meta")
 
     def transformer_step():
-        wan.training_loss(transformer, x0, torch.empty_like(x0), sigmas, cond, expand).mean().backward()
+        objective.training_loss(transformer, x0, torch.empty_like(x0), sigmas, cond, expand).mean().backward()
 
     parts["transformer_fwd_bwd"], by_op = _count(transformer_step)
     p_t, p_h, p_w = config.patch_size

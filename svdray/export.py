@@ -122,5 +122,7 @@ def export(
         raise ValueError(
             f"--format {fmt!r}: model.family {family.name} exports {', '.join(family.export_formats)}"
         )
-    model = base_model(run, pipeline) if fmt == "merged" else {}
+    model = {}
+    if fmt == "merged":  # the base model, and the run's options of its family (e.g. which expert trained)
+        model = {**base_model(run, pipeline), "options": (run_config(run) or {}).get(family.name) or {}}
     return family.export(fmt, lora_dir, out, model, dtype)

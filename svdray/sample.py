@@ -69,6 +69,8 @@ SAMPLE_FLAGS = {
     "noise_aug_strength": "svd.sample.noise_aug_strength",
     "min_guidance": "svd.sample.min_guidance",
     "max_guidance": "svd.sample.max_guidance",
+    "guidance_scale": "wan.sample.guidance_scale",
+    "negative_prompt": "wan.sample.negative_prompt",
     "seed": "sample.seed",
 }
 

@@ -167,7 +167,9 @@ class ModelFamily(ABC):
         """Apply a saved LoRA to the denoiser (no leftover or missing key)."""
 
     def export(self, fmt: str, lora_dir: Path, out: Path, model: dict[str, Any], dtype: str) -> Path:
-        """Write the LoRA in format `fmt` (one of `export_formats`, "peft" is handled by the caller)."""
+        """Write the LoRA in format `fmt` (one of `export_formats`, "peft" is handled by the caller).
+        For "merged", `model` is the base model's section, with `options`: the run's own section
+        of this family (empty when unknown)."""
         raise ValueError(
             f"--format {fmt!r}: model.family {self.name} exports {', '.join(self.export_formats)}"
         )

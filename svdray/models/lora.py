@@ -13,6 +13,7 @@ user needs only peft to load it:
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import peft
@@ -106,6 +107,17 @@ def load_lora(model: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
     peft.inject_adapter_in_model(peft.LoraConfig.from_pretrained(str(lora_dir)), model)
     model.train(model.training)
     return load_lora_weights(model, lora_dir)
+
+
+def alpha_and_rank(lora_dir: str | Path) -> tuple[float, int]:
+    """A LoRA folder's (alpha, rank) as kohya/ComfyUI files carry them: those tools scale each
+    update by alpha / rank, peft's rsLoRA by lora_alpha / sqrt(rank)."""
+    config = peft.LoraConfig.from_pretrained(str(lora_dir))
+    if config.use_dora or config.rank_pattern or config.alpha_pattern:
+        raise ValueError(
+            f"comfy export: {lora_dir}: DoRA and per-module ranks have no kohya/ComfyUI equivalent"
+        )
+    return config.lora_alpha * (math.sqrt(config.r) if config.use_rslora else 1.0), config.r
 
 
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:

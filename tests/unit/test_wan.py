@@ -14,7 +14,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanImageToVideoPipeline
 from PIL import Image
 
-from svdray.models import wan
+from svdray.models.wan import conditioning, objective
+from svdray.models.wan import lora as wan_lora
+from svdray.models.wan import pipeline as wan_pipeline
 
 torch.set_num_threads(1)
 
@@ -26,12 +28,15 @@ PROMPT = "a red car drives down an empty road"
 @pytest.fixture(scope="module")
 def wan_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-wan")
-    return {layout: wan.save_tiny_wan_pipeline(root / layout, layout, seed=0) for layout in wan.LAYOUTS}
+    return {
+        layout: wan_pipeline.save_tiny_wan_pipeline(root / layout, layout, seed=0)
+        for layout in wan_pipeline.LAYOUTS
+    }
 
 
 @pytest.fixture(scope="module")
 def pipes(wan_dirs):
-    return {layout: wan.load_wan_pipeline(path) for layout, path in wan_dirs.items()}
+    return {layout: wan_pipeline.load_wan_pipeline(path) for layout, path in wan_dirs.items()}
 
 
 def _image(layout: str, seed: int = 0) -> np.ndarray:
@@ -49,7 +54,7 @@ def _video(pixels: np.ndarray, num_frames: int = NUM_FRAMES, seed: int = 1) -> t
 def _noise(pipe: WanImageToVideoPipeline, layout: str, seed: int = 2) -> torch.Tensor:
     h, w = SIZES[layout]
     s = pipe.vae_scale_factor_spatial
-    shape = (1, pipe.vae.config.z_dim, wan.num_latent_frames(NUM_FRAMES), h // s, w // s)
+    shape = (1, pipe.vae.config.z_dim, wan_pipeline.num_latent_frames(NUM_FRAMES), h // s, w // s)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
@@ -69,7 +74,7 @@ def _run_recorded(pipe, layout, pixels, noise, steps=3, guidance=2.0):
         return pre, post
 
     handles = []
-    for name in wan.EXPERTS:
+    for name in wan_pipeline.EXPERTS:
         module = getattr(pipe, name)
         if module is not None:
             pre, post = record(name)
@@ -101,15 +106,15 @@ def _x0_behind(latents: torch.Tensor, noise: torch.Tensor, sigma: float, seed: i
     return (latents - sigma * noise) / (1.0 - sigma)
 
 
-@pytest.mark.parametrize("layout", wan.LAYOUTS)
+@pytest.mark.parametrize("layout", wan_pipeline.LAYOUTS)
 def test_training_inputs_match_the_pipelines_transformer_calls(pipes, layout):
     pipe = pipes[layout]
     pixels, noise = _image(layout), _noise(pipe, layout)
     calls = _run_recorded(pipe, layout, pixels, noise)
     assert len(calls) == 2 * 3  # conditional and unconditional call per step
 
-    cond = wan.build_conditioning(pipe, _video(pixels), [PROMPT])
-    empty = wan.encode_prompts(pipe, [""])
+    cond = conditioning.build_conditioning(pipe, _video(pixels)[:, 0], NUM_FRAMES, [PROMPT])
+    empty = conditioning.encode_prompts(pipe, [""])
     expand = pipe.config.expand_timesteps
     z = pipe.vae.config.z_dim
     sigmas = pipe.scheduler.sigmas
@@ -117,14 +122,14 @@ def test_training_inputs_match_the_pipelines_transformer_calls(pipes, layout):
     for step in range(3):
         conditional, unconditional = calls[2 * step], calls[2 * step + 1]
         sigma = sigmas[step].reshape(1)
-        assert conditional["expert"] == wan.expert_for_sigma(pipe.config.boundary_ratio, float(sigma))
+        assert conditional["expert"] == objective.expert_for_sigma(pipe.config.boundary_ratio, float(sigma))
         experts_seen.add(conditional["expert"])
         expert = getattr(pipe, conditional["expert"])
         latents = conditional["hidden_states"] if expand else conditional["hidden_states"][:, :z]
         x0 = _x0_behind(latents, noise, float(sigma), seed=step)
 
-        mine = wan.transformer_inputs(
-            wan.noisy_latents(x0, noise, sigma),
+        mine = objective.transformer_inputs(
+            objective.noisy_latents(x0, noise, sigma),
             sigma,
             cond,
             expand,
@@ -145,14 +150,14 @@ def test_training_inputs_match_the_pipelines_transformer_calls(pipes, layout):
             assert conditional["encoder_hidden_states_image"] is None
 
         # The guidance branch sees the empty prompt: what prompt dropout trains with.
-        dropped, _ = wan.drop_prompts(cond.prompt_embeds, empty, p=1.0)
+        dropped, _ = conditioning.drop_prompts(cond.prompt_embeds, empty, p=1.0)
         torch.testing.assert_close(dropped, unconditional["encoder_hidden_states"])
 
         # The loss of this expert is the MSE between the pipeline's own prediction and eps - x0.
         target = noise - x0
         err = (conditional["output"] - target) ** 2
         expected = (err[:, :, 1:] if expand else err).mean()
-        loss = wan.training_loss(expert, x0, noise, sigma, cond, expand)
+        loss = objective.training_loss(expert, x0, noise, sigma, cond, expand)
         torch.testing.assert_close(loss, expected.reshape(1), rtol=1e-4, atol=1e-5)
     if layout == "a14b":
         assert experts_seen == {"transformer", "transformer_2"}
@@ -160,14 +165,14 @@ def test_training_inputs_match_the_pipelines_transformer_calls(pipes, layout):
 
 @pytest.mark.parametrize("layout", ["i2v", "ti2v"])
 def test_bfloat16_inputs_have_the_pipelines_dtypes(wan_dirs, layout):
-    pipe = wan.load_wan_pipeline(wan_dirs[layout], dtype="bfloat16")
+    pipe = wan_pipeline.load_wan_pipeline(wan_dirs[layout], dtype="bfloat16")
     assert pipe.vae.dtype == torch.float32 and pipe.transformer.dtype == torch.bfloat16
     pixels, noise = _image(layout), _noise(pipe, layout)
     call = _run_recorded(pipe, layout, pixels, noise, steps=1, guidance=1.0)[0]
-    cond = wan.build_conditioning(pipe, _video(pixels), [PROMPT])
+    cond = conditioning.build_conditioning(pipe, _video(pixels)[:, 0], NUM_FRAMES, [PROMPT])
     sigma = pipe.scheduler.sigmas[:1]
-    mine = wan.transformer_inputs(
-        wan.noisy_latents(torch.zeros_like(noise), noise, sigma),
+    mine = objective.transformer_inputs(
+        objective.noisy_latents(torch.zeros_like(noise), noise, sigma),
         sigma,
         cond,
         pipe.config.expand_timesteps,
@@ -198,12 +203,12 @@ def test_perfect_velocity_takes_the_sampler_to_x0(pipes, steps):
         scheduler = type(template).from_config(template.config)
         scheduler.set_timesteps(steps)
         sigmas = scheduler.sigmas
-        latents = wan.noisy_latents(x0, noise, sigmas[:1])
+        latents = objective.noisy_latents(x0, noise, sigmas[:1])
         for i, t in enumerate(scheduler.timesteps):
-            latents = scheduler.step(wan.velocity_target(x0, noise), t, latents, return_dict=False)[0]
+            latents = scheduler.step(objective.velocity_target(x0, noise), t, latents, return_dict=False)[0]
             # Every intermediate state is the training mix at the next sigma.
             torch.testing.assert_close(
-                latents, wan.noisy_latents(x0, noise, sigmas[i + 1 : i + 2]), rtol=1e-4, atol=1e-4
+                latents, objective.noisy_latents(x0, noise, sigmas[i + 1 : i + 2]), rtol=1e-4, atol=1e-4
             )
         torch.testing.assert_close(latents, x0, rtol=1e-4, atol=1e-4)
 
@@ -212,9 +217,9 @@ def test_shift_and_timesteps_are_the_schedulers(pipes):
     for template in _schedulers(pipes):
         scheduler = type(template).from_config(template.config)
         scheduler.set_timesteps(10)
-        shift = wan.scheduler_shift(scheduler)
-        unshifted = wan.unshift_sigmas(scheduler.sigmas[:-1].double(), shift)
-        torch.testing.assert_close(wan.shift_sigmas(unshifted, shift).float(), scheduler.sigmas[:-1])
+        shift = objective.scheduler_shift(scheduler)
+        unshifted = objective.unshift_sigmas(scheduler.sigmas[:-1].double(), shift)
+        torch.testing.assert_close(objective.shift_sigmas(unshifted, shift).float(), scheduler.sigmas[:-1])
         # The transformer's timestep is sigma * num_train_timesteps; UniPC truncates it to an
         # integer, a difference below one step that training (continuous t) does not copy.
         t = scheduler.sigmas[:-1] * scheduler.config.num_train_timesteps
@@ -222,10 +227,10 @@ def test_shift_and_timesteps_are_the_schedulers(pipes):
             assert torch.all((t - scheduler.timesteps.float()).abs() < 1.0)
         else:
             torch.testing.assert_close(scheduler.timesteps, t, rtol=1e-6, atol=1e-3)
-    assert wan.scheduler_shift(pipes["ti2v"].scheduler) == 5.0
-    assert wan.scheduler_shift(pipes["i2v"].scheduler) == 3.0
+    assert objective.scheduler_shift(pipes["ti2v"].scheduler) == 5.0
+    assert objective.scheduler_shift(pipes["i2v"].scheduler) == 3.0
     with pytest.raises(ValueError, match="dynamic"):
-        wan.scheduler_shift(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
+        objective.scheduler_shift(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
 
 
 def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -264,48 +269,48 @@ def _naive_sigmas(n, density, shift, mean, std, sigma_range, seed):
 def test_sigma_density(density, shift, mean, std, expert):
     n = 20000
     boundary = 0.9 if expert else None
-    sigma_range = wan.expert_sigma_range(boundary, expert)
+    sigma_range = objective.expert_sigma_range(boundary, expert)
     g = torch.Generator().manual_seed(0)
-    sigmas = wan.sample_sigmas(n, density, shift, mean, std, sigma_range, generator=g)
+    sigmas = objective.sample_sigmas(n, density, shift, mean, std, sigma_range, generator=g)
     assert sigmas.shape == (n,) and sigmas.dtype == torch.float32
     lo, hi = sigma_range
     assert sigmas.min() >= lo and sigmas.max() <= hi
     if expert is not None:
-        assert {wan.expert_for_sigma(boundary, float(s)) for s in sigmas[:500]} == {expert}
+        assert {objective.expert_for_sigma(boundary, float(s)) for s in sigmas[:500]} == {expert}
     reference = _naive_sigmas(n, density, shift, mean, std, sigma_range, seed=1)
     assert len(reference) > 2000
     # Critical value of the two-sample KS test at alpha = 0.001 is about 0.011 / 0.04 here.
     assert _ks(sigmas, reference) < 1.95 * np.sqrt(1 / n + 1 / len(reference))
     # A fixed grid follows the same distribution.
-    grid = wan.grid_sigmas(400, density, shift, mean, std, sigma_range)
+    grid = objective.grid_sigmas(400, density, shift, mean, std, sigma_range)
     assert torch.all(grid[1:] > grid[:-1]) and grid.min() >= lo and grid.max() <= hi
     assert _ks(grid, reference) < 0.05
 
 
 def test_expert_ranges_follow_the_boundary():
-    assert wan.expert_sigma_range(0.9, "transformer") == (0.9, 1.0)
-    assert wan.expert_sigma_range(0.9, "transformer_2") == (0.0, 0.9)
-    assert wan.expert_sigma_range(None, None) == (0.0, 1.0)
-    with pytest.raises(ValueError, match="model.expert"):
-        wan.expert_sigma_range(0.9, None)
-    with pytest.raises(ValueError, match="model.expert"):
-        wan.expert_sigma_range(None, "transformer_2")
-    with pytest.raises(ValueError, match="train.timestep_density"):
-        wan.sample_sigmas(4, "lognormal")
+    assert objective.expert_sigma_range(0.9, "transformer") == (0.9, 1.0)
+    assert objective.expert_sigma_range(0.9, "transformer_2") == (0.0, 0.9)
+    assert objective.expert_sigma_range(None, None) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="wan.expert"):
+        objective.expert_sigma_range(0.9, None)
+    with pytest.raises(ValueError, match="wan.expert"):
+        objective.expert_sigma_range(None, "transformer_2")
+    with pytest.raises(ValueError, match="wan.timestep_density"):
+        objective.sample_sigmas(4, "lognormal")
 
 
 def test_prompt_dropout_frequency():
     n, p = 20000, 0.3
     embeds = torch.randn(n, 3, 2)
     empty = torch.randn(1, 3, 2)
-    mixed, keep = wan.drop_prompts(embeds, empty, p, generator=torch.Generator().manual_seed(0))
+    mixed, keep = conditioning.drop_prompts(embeds, empty, p, generator=torch.Generator().manual_seed(0))
     dropped = keep == 0
     assert abs(dropped.float().mean().item() - p) < 4 * np.sqrt(p * (1 - p) / n)
     torch.testing.assert_close(mixed[dropped], empty.expand(int(dropped.sum()), -1, -1))
     torch.testing.assert_close(mixed[~dropped], embeds[~dropped])
-    assert torch.equal(wan.drop_prompts(embeds, empty, 0.0)[0], embeds)
+    assert torch.equal(conditioning.drop_prompts(embeds, empty, 0.0)[0], embeds)
     with pytest.raises(ValueError, match="prompt_dropout"):
-        wan.drop_prompts(embeds, empty, 1.5)
+        conditioning.drop_prompts(embeds, empty, 1.5)
 
 
 @pytest.mark.parametrize("layout", ["i2v", "ti2v"])
@@ -316,8 +321,10 @@ def test_video_latents_are_normalised_like_the_condition(pipes, layout):
     pipe = pipes[layout]
     pixels = _image(layout)
     video = _video(pixels)
-    dist = wan.encode_video(pipe.vae, video)
-    condition = wan.condition_latents(pipe.vae, video[:, 0], NUM_FRAMES, pipe.config.expand_timesteps)
+    dist = conditioning.encode_video(pipe.vae, video)
+    condition = conditioning.condition_latents(
+        pipe.vae, video[:, 0], NUM_FRAMES, pipe.config.expand_timesteps
+    )
     image_latent = condition if layout == "ti2v" else condition[:, 4:, :1]
     torch.testing.assert_close(dist.mean[:, :, :1], image_latent, rtol=1e-4, atol=1e-4)
     assert dist.mean.shape == (
@@ -328,13 +335,13 @@ def test_video_latents_are_normalised_like_the_condition(pipes, layout):
     )
 
     raw = pipe.vae.encode(video.permute(0, 2, 1, 3, 4)).latent_dist
-    expected = wan.normalize_latents(pipe.vae, raw.sample(torch.Generator().manual_seed(3)))
+    expected = conditioning.normalize_latents(pipe.vae, raw.sample(torch.Generator().manual_seed(3)))
     torch.testing.assert_close(dist.sample(torch.Generator().manual_seed(3)), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_i2v_mask_marks_latent_frame_zero(pipes):
     pipe = pipes["i2v"]
-    condition = wan.condition_latents(pipe.vae, _video(_image("i2v"))[:, 0], NUM_FRAMES, False)
+    condition = conditioning.condition_latents(pipe.vae, _video(_image("i2v"))[:, 0], NUM_FRAMES, False)
     mask = condition[:, :4]
     assert torch.all(mask[:, :, 0] == 1) and torch.all(mask[:, :, 1:] == 0)
 
@@ -345,13 +352,14 @@ def test_ti2v_loss_ignores_frame_zero_and_i2v_does_not():
     changed = pred.clone()
     changed[:, :, 0] += 1.0
     torch.testing.assert_close(
-        wan.flow_matching_loss(pred, target, True), wan.flow_matching_loss(changed, target, True)
+        objective.flow_matching_loss(pred, target, True), objective.flow_matching_loss(changed, target, True)
     )
     assert torch.all(
-        wan.flow_matching_loss(changed, target, False) != wan.flow_matching_loss(pred, target, False)
+        objective.flow_matching_loss(changed, target, False)
+        != objective.flow_matching_loss(pred, target, False)
     )
     torch.testing.assert_close(
-        wan.flow_matching_loss(pred, target, False), ((pred - target) ** 2).flatten(1).mean(1)
+        objective.flow_matching_loss(pred, target, False), ((pred - target) ** 2).flatten(1).mean(1)
     )
 
 
@@ -360,18 +368,18 @@ def test_ti2v_loss_ignores_frame_zero_and_i2v_does_not():
 )
 def test_frame_counts_are_4k_plus_1(frames, ok):
     if ok:
-        wan.check_num_frames(frames)
+        wan_pipeline.check_num_frames(frames)
     else:
         with pytest.raises(ValueError, match=r"data\.num_frames: .*4k \+ 1"):
-            wan.check_num_frames(frames)
+            wan_pipeline.check_num_frames(frames)
 
 
 def test_lora_targets():
     import re
 
-    pattern = re.compile(wan.lora_target_modules(feed_forward=False))
-    pattern_ffn = re.compile(wan.lora_target_modules(feed_forward=True))
-    pipe = wan.build_tiny_wan_pipeline("i2v")
+    pattern = re.compile(wan_lora.lora_target_modules(feed_forward=False))
+    pattern_ffn = re.compile(wan_lora.lora_target_modules(feed_forward=True))
+    pipe = wan_pipeline.build_tiny_wan_pipeline("i2v")
     linear = [n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
     chosen = {n for n in linear if pattern.fullmatch(n)}
     chosen_ffn = {n for n in linear if pattern_ffn.fullmatch(n)}
@@ -400,9 +408,9 @@ def test_lora_folder_loads_into_a_vanilla_pipeline(wan_dirs, tmp_path, layout, e
             output_type="latent",
         ).frames
 
-    trained = wan.load_wan_pipeline(wan_dirs[layout])
+    trained = wan_pipeline.load_wan_pipeline(wan_dirs[layout])
     module = getattr(trained, expert)
-    wan.add_wan_lora(module, rank=4, alpha=2.0, feed_forward=True)
+    wan_lora.add_wan_lora(module, rank=4, alpha=2.0, feed_forward=True)
     trainable = [p for p in module.parameters() if p.requires_grad]
     assert trainable and all(p.ndim == 2 for p in trainable)
     with torch.no_grad():  # a trained adapter: B is no longer zero
@@ -410,7 +418,7 @@ def test_lora_folder_loads_into_a_vanilla_pipeline(wan_dirs, tmp_path, layout, e
             if "lora_B" in name:
                 p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
     reference = sample(trained)
-    lora_dir = wan.save_wan_lora(module, tmp_path / "lora")
+    lora_dir = wan_lora.save_wan_lora(module, tmp_path / "lora")
     assert (lora_dir / "pytorch_lora_weights.safetensors").is_file()
 
     vanilla = WanImageToVideoPipeline.from_pretrained(wan_dirs[layout])

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import peft
 import torch
 from safetensors.torch import load_file
 
-from svdray.models.lora import ADAPTER_WEIGHTS, load_lora, merge_lora
+from svdray.models.lora import ADAPTER_WEIGHTS, alpha_and_rank, load_lora, merge_lora
 from svdray.models.svd.comfy import save_comfy_lora
 from svdray.models.svd.pipeline import load_pipeline
 from svdray.safeload import check_pipeline_folder
@@ -62,13 +60,9 @@ def check_full_size_svd(lora_state: dict[str, torch.Tensor]) -> None:
 def export_comfy(lora_dir: Path, out: Path) -> Path:
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: the comfy format is one .safetensors file")
-    config = peft.LoraConfig.from_pretrained(str(lora_dir))
-    if config.use_dora or config.rank_pattern or config.alpha_pattern:
-        raise ValueError(f"comfy export: {lora_dir}: DoRA and per-module ranks have no kohya equivalent")
-    # kohya/ComfyUI scale by alpha / rank; peft's rsLoRA by alpha / sqrt(rank).
-    alpha = config.lora_alpha * (math.sqrt(config.r) if config.use_rslora else 1.0)
+    alpha, rank = alpha_and_rank(lora_dir)
     lora_state = load_file(str(lora_dir / ADAPTER_WEIGHTS))
     check_full_size_svd(lora_state)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_comfy_lora(lora_state, alpha, config.r, out, metadata={"svdray_source": str(lora_dir)})
+    save_comfy_lora(lora_state, alpha, rank, out, metadata={"svdray_source": str(lora_dir)})
     return out

@@ -26,7 +26,8 @@ from diffusers import EulerDiscreteScheduler
 from torch.utils.checkpoint import checkpoint
 
 from svdray.config import Config, ModelConfig
-from svdray.data.video import FrameSpec, motion_score, resize_and_crop, to_model_range
+from svdray.data.video import motion_score, to_model_range
+from svdray.models.images import conditioning_pixels
 from svdray.models.lora import load_lora
 from svdray.models.precision import encoder_precision, mixed_precision_dtype
 from svdray.models.svd import conditioning as cond
@@ -111,16 +112,6 @@ def sampling_spec(cfg: Config, purpose: str = "sample") -> SamplingSpec:
     if purpose != "sample":
         raise ValueError(f"sampling_spec: unknown purpose {purpose!r}")
     return spec
-
-
-def conditioning_pixels(image: np.ndarray | torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
-    """An image ((H, W, 3) or (3, H, W) uint8) cover-resized and centre-cropped to the spec's size
-    as training frames its clips (`svdray.data.video.resize_and_crop`), (3, H, W) uint8."""
-    pixels = torch.as_tensor(np.asarray(image))
-    if pixels.shape[-1] == 3 and pixels.shape[0] != 3:
-        pixels = pixels.permute(2, 0, 1)
-    frame = FrameSpec(1, spec.fps, spec.height, spec.width, "first", "center")
-    return resize_and_crop(pixels.unsqueeze(0), frame, (0.5, 0.5))[0]
 
 
 def sample_latents(

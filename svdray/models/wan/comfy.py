@@ -2,7 +2,7 @@
 
 The reference for the original names is diffusers' own single-file loader,
 `diffusers.loaders.single_file_utils.convert_wan_transformer_to_diffusers`, which renames an
-original checkpoint to diffusers names; tests/test_wan_comfy.py checks that running it on our
+original checkpoint to diffusers names; tests/unit/test_wan_comfy.py checks that running it on our
 original names gives back every diffusers parameter name of the full-size Wan2.1-I2V-14B and
 Wan2.2-TI2V-5B transformers (built on the meta device), one to one.
 

@@ -1,0 +1,185 @@
+"""Wan image-to-video (Wan2.1-I2V-14B, Wan2.2-TI2V-5B, Wan2.2-I2V-A14B) as a model family:
+`model.family: wan`, options in `wan:`.
+
+The pieces live next to this file, one job each: `pipeline` (the three layouts, loading, the tiny
+pipelines), `conditioning` (what the transformer is fed, as the pipeline builds it), `objective`
+(rectified flow with shift, timestep densities, expert ranges), `loss` (a batch -> its loss),
+`cache` (the latent cache's encoder), `lora` (targets and diffusers' LoRA file), `sampler` (the
+real pipeline with the LoRA), `comfy` and `export`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from svdray.config import Config
+from svdray.models.base import ModelFamily, TrainingModels
+from svdray.models.lora import load_lora, save_lora
+from svdray.models.precision import mixed_precision_dtype
+from svdray.models.speed import apply_speed_options
+from svdray.models.wan import loss, sampler
+from svdray.models.wan.lora import add_wan_lora, save_wan_lora
+from svdray.models.wan.pipeline import (
+    EXPERTS,
+    LAYOUTS,
+    check_num_frames,
+    load_expert,
+    load_wan_pipeline,
+    save_tiny_wan_pipeline,
+)
+
+if TYPE_CHECKING:
+    from svdray.data.cache import CacheEncoderSpec
+
+
+def check_pipeline_shapes(pipe: Any, cfg: Config) -> None:
+    """The layout-dependent rules config validation cannot check without the pipeline: frame
+    counts follow the VAE's temporal compression, sides its spatial one times the patch size."""
+    check_num_frames(cfg.data.num_frames, "data.num_frames", pipe.vae_scale_factor_temporal)
+    multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+    for key, side in (("data.height", cfg.data.height), ("data.width", cfg.data.width)):
+        if side % multiple:
+            raise ValueError(
+                f"{key}: {side} is not a multiple of {multiple} (this pipeline's VAE x patch size)"
+            )
+
+
+class WanFamily(ModelFamily):
+    name = "wan"
+    batch_columns = (
+        "video",
+        "image",
+        "latent_mean",
+        "latent_std",
+        "prompt_embeds",
+        "image_embeds",
+        "condition",
+    )
+    export_formats = ("peft", "merged", "comfy")
+
+    def save_tiny_pipeline(self, out_dir: str | Path, seed: int = 0, **options: Any) -> Path:
+        layout = options.pop("layout", None) or "i2v"
+        if options:
+            raise ValueError(f"tiny-model --family wan: no options {sorted(options)}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"--layout: {layout!r} is not one of {LAYOUTS}")
+        return save_tiny_wan_pipeline(out_dir, layout, seed)
+
+    def build_models(self, cfg: Config, device: torch.device) -> TrainingModels:
+        """The pipeline's encoders in `model.frozen_dtype`, the trained expert with float32 LoRA
+        weights over frozen weights in `model.denoiser_dtype` (A14B's other expert is not kept:
+        `sampling_models` loads it the first time a sample needs it)."""
+        m = cfg.model
+        pipe = load_wan_pipeline(m.pretrained, m.denoiser_dtype, m.variant, m.revision, m.frozen_dtype)
+        check_pipeline_shapes(pipe, cfg)
+        for name in ("vae", "text_encoder", "image_encoder"):
+            module = getattr(pipe, name)
+            if module is not None:
+                module.requires_grad_(False).eval().to(device)
+        frozen = loss.FrozenWan.from_pipeline(pipe, cfg.wan)
+        for name in EXPERTS:  # A14B's other expert (14B weights) is loaded only if a sample needs it
+            if name != frozen.expert:
+                setattr(pipe, name, None)
+        denoiser = getattr(pipe, frozen.expert)
+        add_wan_lora(denoiser, cfg.lora.rank, cfg.lora.alpha, cfg.lora.feed_forward, cfg.lora.dropout)
+        denoiser.to(device)
+        if cfg.train.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        apply_speed_options(denoiser, pipe.vae, cfg.speed)
+        return TrainingModels(denoiser, frozen)
+
+    def cache_encoder(self) -> CacheEncoderSpec:
+        from svdray.models.wan.cache import WAN_CACHE
+
+        return WAN_CACHE
+
+    def training_loss(
+        self,
+        denoiser: torch.nn.Module,
+        frozen: loss.FrozenWan,
+        batch: dict[str, Any],
+        cfg: Config,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        return loss.training_loss(denoiser, frozen, batch, cfg.wan, generator)
+
+    def validation_loss(
+        self, denoiser: torch.nn.Module, frozen: loss.FrozenWan, batch: dict[str, Any], cfg: Config, seed: int
+    ) -> float:
+        return loss.validation_loss(denoiser, frozen, batch, seed=seed)
+
+    def sampling_spec(self, cfg: Config, purpose: str = "sample") -> sampler.WanSamplingSpec:
+        return sampler.sampling_spec(cfg, purpose)
+
+    def sampling_models(self, cfg: Config, models: TrainingModels) -> sampler.WanSamplingModels:
+        frozen: loss.FrozenWan = models.frozen
+        if frozen.pipe.config.boundary_ratio is not None:  # both experts sample: load the other once
+            other = next(name for name in EXPERTS if name != frozen.expert)
+            if getattr(frozen.pipe, other) is None:
+                m = cfg.model
+                setattr(
+                    frozen.pipe,
+                    other,
+                    load_expert(m.pretrained, other, m.denoiser_dtype, m.variant, m.revision),
+                )
+        pipe = sampler.pipeline_for_sampling(frozen.pipe, frozen.expert, models.denoiser)
+        autocast = mixed_precision_dtype(cfg.train.mixed_precision)
+        return sampler.WanSamplingModels(pipe, autocast, frozen.expert, models.denoiser)
+
+    def load_sampling_models(
+        self, cfg: Config, lora_dir: str | Path | None, device: str | torch.device | None = None
+    ) -> sampler.WanSamplingModels:
+        return sampler.load_sampling_models(cfg, lora_dir, device)
+
+    def sample_video(
+        self,
+        models: sampler.WanSamplingModels,
+        image: np.ndarray | torch.Tensor,
+        spec: sampler.WanSamplingSpec,
+        clip: torch.Tensor | None = None,
+        prompt: str = "",
+        seed: int | None = None,
+    ) -> np.ndarray:
+        return sampler.sample_video(models, image, spec, prompt=prompt, seed=seed)
+
+    def default_num_frames(self, models: sampler.WanSamplingModels) -> int | None:
+        # What the models were trained at: Wan2.2-TI2V-5B 121 frames, Wan2.1 and A14B 81.
+        return 121 if models.pipe.config.expand_timesteps else 81
+
+    def describe_conditioning(self, spec: sampler.WanSamplingSpec, clip: torch.Tensor | None) -> str:
+        shift = "scheduler's" if spec.shift is None else f"{spec.shift:g}"
+        return f"guidance_scale={spec.guidance_scale:g} shift={shift}"
+
+    def sample_frames(
+        self,
+        models: sampler.WanSamplingModels,
+        images: torch.Tensor,
+        spec: sampler.WanSamplingSpec,
+        generator: torch.Generator,
+        grad_steps: int,
+    ) -> torch.Tensor:
+        return sampler.sample_frames(models, images, spec, generator, grad_steps)
+
+    def save_lora(self, denoiser: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
+        """peft's adapter folder (what checkpoints, `svdray sample` and `export` read) with diffusers'
+        `pytorch_lora_weights.safetensors` beside it: `WanImageToVideoPipeline.load_lora_weights(out_dir)`
+        loads the folder as it is (`load_into_transformer_2=True` for A14B's low-noise expert)."""
+        save_lora(denoiser, out_dir, cfg.model.pretrained)
+        return save_wan_lora(denoiser, out_dir)
+
+    def load_lora(self, denoiser: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
+        return load_lora(denoiser, lora_dir)
+
+    def export(self, fmt: str, lora_dir: Path, out: Path, model: dict[str, Any], dtype: str) -> Path:
+        from svdray.models.wan.export import export_comfy, export_merged
+
+        if fmt == "merged":
+            # The expert the LoRA trained, from the run's `wan:` section (A14B's transformer_2).
+            return export_merged(lora_dir, model, out, dtype, model.get("options", {}).get("expert"))
+        if fmt == "comfy":
+            return export_comfy(lora_dir, out)
+        return super().export(fmt, lora_dir, out, model, dtype)
