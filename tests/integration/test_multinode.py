@@ -240,11 +240,11 @@ def test_elastic_run_keeps_its_global_batch(root: Path, tiny_pipeline_dir: Path)
 
     # The learning rate follows the schedule by step (warmup then cosine), whoever ran the step.
     cfg = load_config(config)
-    scheduler = build_lr_scheduler(
-        torch.optim.SGD([torch.zeros(1)], lr=cfg.optim.lr), cfg.optim, ELASTIC_STEPS
-    )
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
+    scheduler = build_lr_scheduler(optimizer, cfg.optim, ELASTIC_STEPS)
     expected_lr = {}
     for step in range(1, ELASTIC_STEPS + 1):
+        optimizer.step()
         scheduler.step()
         expected_lr[step] = scheduler.get_last_lr()[0]
     for step, values in all_values(uri, run_id, "train/lr").items():
