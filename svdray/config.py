@@ -96,8 +96,18 @@ class TrainConfig:
     name: str = "svdray"  # stable run name: re-running with the same name resumes
     max_steps: int = 1000
     batch_size: int = 1  # per worker
-    grad_accum: int = 1
-    num_workers: int = 1
+    grad_accum: int = 1  # micro-batches per update at the most workers (see global_batch)
+    # A fixed count, or [min, max]: elastic (Ray Train's ScalingConfig(num_workers=(min, max))),
+    # the worker group restarting at whatever count the cluster's free resources allow, between
+    # the two, after a lost node or once more nodes have joined.
+    num_workers: int | list[int] = 1
+    # Examples per optimizer update, all workers together, whatever their current count; each
+    # (re)start sets the accumulation to global_batch_size / (batch_size x workers). Unset:
+    # batch_size x grad_accum x the most workers (num_workers, or its max).
+    global_batch_size: int | None = None
+    # Elastic runs: how often (seconds) Ray Train checks whether more workers fit than are running
+    # and, if so, restarts the group larger from the latest checkpoint (Ray's default: 60).
+    elastic_resize_interval_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     # Where the workers go on a multi-node cluster (Ray Train's placement group strategy): "pack"
@@ -137,6 +147,46 @@ class TrainConfig:
     max_bad_steps: int = 5
     # Fault injection for tests and drills: the loss of these steps (1-based) is multiplied by NaN.
     debug_nan_at_steps: list[int] = field(default_factory=list)
+
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal for a fixed count."""
+        if isinstance(self.num_workers, int):
+            return self.num_workers, self.num_workers
+        low, high = self.num_workers
+        return low, high
+
+    def elastic(self) -> bool:
+        low, high = self.worker_range()
+        return isinstance(self.num_workers, list) and low != high
+
+    def global_batch(self) -> int:
+        """Examples per optimizer update, all workers together: the one definition the driver (the
+        plan's length, Tune's shared stream, the run description) and the workers use."""
+        if self.global_batch_size is not None:
+            return self.global_batch_size
+        return self.batch_size * self.grad_accum * self.worker_range()[1]
+
+    def grad_accum_at(self, world_size: int) -> int:
+        """Micro-batches per update with `world_size` workers, so that an update keeps global_batch."""
+        per_micro_step = self.batch_size * world_size
+        if self.global_batch() % per_micro_step:
+            raise ConfigError(
+                f"train.global_batch_size: {self.global_batch()} examples per update is not divisible by "
+                f"train.batch_size x workers = {self.batch_size} x {world_size}"
+            )
+        return self.global_batch() // per_micro_step
+
+    def at_world_size(self, world_size: int) -> TrainConfig:
+        """This config for a worker group of `world_size`: the same global batch (pinned), the
+        accumulation that makes it up."""
+        return dataclasses.replace(
+            self, global_batch_size=self.global_batch(), grad_accum=self.grad_accum_at(world_size)
+        )
+
+    def bucket_run(self) -> int:
+        """Examples the plan keeps in one aspect-ratio bucket: one micro-step of all workers
+        (batch_size x workers); elastic, the whole update, which every count's micro-steps divide."""
+        return self.global_batch() if self.elastic() else self.batch_size * self.worker_range()[1]
 
 
 @dataclass
@@ -477,6 +527,32 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
+def _validate_workers(train: TrainConfig) -> None:
+    """num_workers (a count or [min, max]) and a global batch every count in that range divides."""
+    if isinstance(train.num_workers, list) and len(train.num_workers) != 2:
+        raise ConfigError(f"train.num_workers: expected a count or [min, max], got {train.num_workers}")
+    low, high = train.worker_range()
+    if low < 1:
+        raise ConfigError(f"train.num_workers: must be at least 1, got {train.num_workers}")
+    if low > high:
+        raise ConfigError(f"train.num_workers: [min, max] with min <= max, got {train.num_workers}")
+    if train.global_batch_size is not None:
+        if train.global_batch_size <= 0:
+            raise ConfigError(f"train.global_batch_size: must be positive, got {train.global_batch_size}")
+        if train.grad_accum != 1 and train.batch_size * train.grad_accum * high != train.global_batch_size:
+            raise ConfigError(
+                f"train.grad_accum: {train.grad_accum} disagrees with train.global_batch_size="
+                f"{train.global_batch_size} (batch_size {train.batch_size} x grad_accum x {high} workers); "
+                "set one of them"
+            )
+    if train.elastic_resize_interval_s <= 0:
+        raise ConfigError(
+            f"train.elastic_resize_interval_s: must be positive, got {train.elastic_resize_interval_s}"
+        )
+    for workers in range(low, high + 1):
+        train.grad_accum_at(workers)  # raises naming train.global_batch_size
+
+
 def _validate_semantics(cfg: Config, check_files: bool) -> None:
     positive = {
         "data.num_frames": cfg.data.num_frames,
@@ -486,7 +562,6 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         "train.max_steps": cfg.train.max_steps,
         "train.batch_size": cfg.train.batch_size,
         "train.grad_accum": cfg.train.grad_accum,
-        "train.num_workers": cfg.train.num_workers,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.log_every": cfg.train.log_every,
         "train.report_every": cfg.train.report_every,
@@ -520,6 +595,7 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         raise ConfigError("svd.cfg_dropout: must be in [0, 1/3) (drops use 3p of the unit interval)")
     if not cfg.lora.blocks:
         raise ConfigError("lora.blocks: choose at least one of spatial, temporal")
+    _validate_workers(cfg.train)
     for name, amount in cfg.train.resources_per_worker.items():
         if name in ("CPU", "GPU"):
             raise ConfigError(

@@ -11,9 +11,41 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+
+class Fed(NamedTuple):
+    """One example a worker trained on."""
+
+    rank: int
+    clip_id: str
+    epoch: int
+    step: int  # the optimizer step it went into
+    # The step the worker group's attempt started from (0, or the checkpoint it restored): a
+    # restart redoes the steps after its checkpoint, so a step can appear under several attempts.
+    attempt: int
+
+
+def trained_examples(fed: list[Fed]) -> dict[int, list[Fed]]:
+    """Per step, the examples of the last attempt that ran it: the ones its update kept (an
+    earlier attempt's run of that step died with its worker group, before any checkpoint)."""
+    last = {}
+    for row in fed:
+        last[row.step] = max(last.get(row.step, row.attempt), row.attempt)
+    steps: dict[int, list[Fed]] = {}
+    for row in fed:
+        if row.attempt == last[row.step]:
+            steps.setdefault(row.step, []).append(row)
+    return dict(sorted(steps.items()))
+
+
+def fed_twice_in_epoch(fed: list[Fed]) -> list[tuple[str, int]]:
+    """(clip_id, epoch) pairs that the run's kept steps trained on more than once."""
+    counts = Counter((row.clip_id, row.epoch) for rows in trained_examples(fed).values() for row in rows)
+    return sorted(key for key, count in counts.items() if count > 1)
 
 
 def ledger_name(experiment: str) -> str:
@@ -23,16 +55,16 @@ def ledger_name(experiment: str) -> str:
 @ray.remote(num_cpus=0)
 class DataLedger:
     def __init__(self) -> None:
-        self.fed: list[tuple[int, str, int]] = []  # (worker rank, clip_id, epoch)
+        self.fed: list[Fed] = []
         self.failures: list[dict[str, Any]] = []
 
-    def record_fed(self, rank: int, clip_ids: list[str], epochs: list[int]) -> None:
-        self.fed.extend((rank, c, e) for c, e in zip(clip_ids, epochs, strict=True))
+    def record_fed(self, rank: int, clip_ids: list[str], epochs: list[int], step: int, attempt: int) -> None:
+        self.fed.extend(Fed(rank, c, e, step, attempt) for c, e in zip(clip_ids, epochs, strict=True))
 
     def record_failure(self, clip_id: str, epoch: int, reason: str, message: str) -> None:
         self.failures.append({"clip_id": clip_id, "epoch": epoch, "reason": reason, "message": message})
 
-    def fed_rows(self) -> list[tuple[int, str, int]]:
+    def fed_rows(self) -> list[Fed]:
         return list(self.fed)
 
     def failure_rows(self) -> list[dict[str, Any]]:
@@ -41,26 +73,36 @@ class DataLedger:
     def summary(self) -> dict[str, Any]:
         return {
             "samples_fed": len(self.fed),
-            "clips_fed": len({clip for _, clip, _ in self.fed}),
-            "fed_per_rank": dict(Counter(rank for rank, _, _ in self.fed)),
+            "clips_fed": len({row.clip_id for row in self.fed}),
+            "fed_per_rank": dict(Counter(row.rank for row in self.fed)),
+            "steps_redone": len({(row.step, row.attempt) for row in self.fed})
+            - len({row.step for row in self.fed}),
+            "fed_twice_in_epoch": fed_twice_in_epoch(self.fed),
             "decode_failures": len(self.failures),
             "failures_by_reason": dict(Counter(f["reason"] for f in self.failures)),
         }
 
 
 def fresh_named_actor(actor_class: Any, name: str) -> Any:
-    """A new named actor of `actor_class` (a `ray.remote` class), replacing one of that name left
-    over from an earlier run in this driver."""
+    """A new named actor of `actor_class` (a `ray.remote` class) on the driver's node, replacing one
+    of that name left over from an earlier run in this driver.
+
+    On the driver's node because the run's bookkeeping must outlive any worker node: an actor
+    without resources may otherwise land on a node that a preemption then takes with it."""
     try:
         ray.kill(ray.get_actor(name))
     except ValueError:
         pass
     for _ in range(50):  # a killed actor's name is released asynchronously
         try:
-            return actor_class.options(name=name).remote()
+            return actor_class.options(name=name, scheduling_strategy=on_this_node()).remote()
         except ValueError:
             time.sleep(0.1)
     raise RuntimeError(f"the actor name {name!r} stays taken: is another run with this name active?")
+
+
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def create_ledger(experiment: str):

@@ -9,6 +9,7 @@ accounts (`DataRecord`): the data layer knows nothing of MLflow.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections import Counter
@@ -22,7 +23,7 @@ import ray.data
 from svdray.config import Config, DataConfig, ModelConfig
 from svdray.data.cache import CacheEncoderSpec, CacheResult, build_cached_dataset, ensure_cache
 from svdray.data.dataset import build_training_dataset
-from svdray.data.ledger import create_ledger
+from svdray.data.ledger import Fed, create_ledger
 from svdray.data.manifest import DataError, write_manifest
 from svdray.data.prepare import Prepared, summary_table, training_rows
 
@@ -56,10 +57,9 @@ def build_run_data(cfg: Config, num_samples: int, skip: int, encoder: CacheEncod
     work_dir = Path(cfg.output_dir) / "data"
     prepared = training_rows(cfg.data, work_dir)
     ledger = create_ledger(cfg.train.name)
-    group = cfg.train.batch_size * cfg.train.num_workers  # examples per micro-step, all workers
     cache = fill_cache(prepared.rows, cfg.data, cfg.model, encoder, ledger) if cfg.data.cache else None
     dataset = training_stream(
-        prepared.rows, cfg.data, num_samples, cfg.train.seed, skip, group, ledger, cache
+        prepared.rows, cfg.data, num_samples, cfg.train.seed, skip, cfg.train.bucket_run(), ledger, cache
     )
     record = prepared_record(prepared, work_dir, cache)
     return RunData(prepared.rows, dataset, prepared, ledger, cache, work_dir, record)
@@ -128,18 +128,25 @@ def prepared_record(prepared: Prepared, work_dir: Path, cache: CacheResult | Non
 
 def finish_run_data(data: RunData) -> DataRecord:
     """Read the ledger: examples fed per worker, clips fed, decode failures, as tags and
-    data/report.json (the failures and how often each clip was fed); then drop the ledger."""
+    data/report.json (the failures, how often each clip was fed, steps redone after a restart,
+    examples the kept steps trained on twice in one epoch), every example fed as data/fed.csv
+    (rank, clip_id, epoch, step, attempt); then drop the ledger."""
     summary = ray.get(data.ledger.summary.remote())
     failures = ray.get(data.ledger.failure_rows.remote())
     fed = ray.get(data.ledger.fed_rows.remote())
     report = {
         **summary,
         "failures": failures,
-        "times_fed": dict(Counter(clip for _, clip, _ in fed)),
-        "never_fed": sorted({r["clip_id"] for r in data.rows} - {clip for _, clip, _ in fed}),
+        "times_fed": dict(Counter(row.clip_id for row in fed)),
+        "never_fed": sorted({r["clip_id"] for r in data.rows} - {row.clip_id for row in fed}),
     }
     path = data.work_dir / "report.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
+    table = data.work_dir / "fed.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(Fed._fields)
+        writer.writerows(fed)
     tags = {f"data.{key}": summary[key] for key in ("samples_fed", "clips_fed", "decode_failures")}
     if failures:
         logger.warning(
@@ -148,4 +155,4 @@ def finish_run_data(data: RunData) -> DataRecord:
             "; ".join(f["message"] for f in failures[:5]) + (" ..." if len(failures) > 5 else ""),
         )
     ray.kill(data.ledger)
-    return DataRecord(tags, [path])
+    return DataRecord(tags, [path, table])

@@ -41,6 +41,9 @@ class TrainState:
     step: int = 0  # optimizer updates done
     samples_seen: int = 0  # examples consumed by all workers together (the data position)
     bad_steps: int = 0  # updates skipped for a non-finite loss or gradient, in total
+    # Workers of the attempt that wrote the checkpoint (an elastic run's count changes; the global
+    # batch does not); 0 in checkpoints written before this was recorded.
+    world_size: int = 0
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -48,6 +48,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     family = family_of(cfg)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    # The global batch stays whatever the worker count (an elastic run restarts at another): the
+    # accumulation is what this attempt's count needs for it.
+    cfg.train = cfg.train.at_world_size(world_size)
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed + rank)
     # All training randomness (noise levels, noise, augmentation, dropout masks) comes from this
@@ -64,10 +67,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     state, rng_states, restored_from = restore_state(loop_config, models.denoiser, optimizer, lr_scheduler)
     if rng_states is not None:
         restore_rng(rng_states, generator, rank)
+    state.world_size = world_size  # what this attempt's checkpoints record
     log = StepLog(cfg, loop_config, rank, state, restored_from)
     data = batches(ray.train.get_dataset_shard("train"), cfg, family, device, loop_config["data_skip"], state)
     validation = Validation(cfg, family, loop_config) if cfg.validate.manifest else None
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum * world_size
+    global_batch = cfg.train.global_batch()
     last_checkpoint = state.step if restored_from else None
     bad_streak = 0  # skipped updates in a row
 
@@ -92,6 +96,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "lr": lr_scheduler.get_last_lr()[0],
             "grad_norm": grad_norm.item(),
             "bad_steps": state.bad_steps,
+            "num_workers": world_size,
             "samples_per_s": global_batch / elapsed,
             "frames_per_s": global_batch * cfg.data.num_frames / elapsed,
             "step": state.step,
@@ -163,21 +168,27 @@ def batches(
     device (uint8 pixels as they are), prompts as a list of strings.
 
     Examples arrive one per block and are batched by shape (one aspect-ratio bucket per batch).
-    Each batch's clips are recorded in the run's data ledger, so what was fed can be checked. The
-    driver already dropped the examples consumed before `data_skip`; anything consumed since (the
-    checkpoint is newer than the driver's view) is skipped here.
+    The driver already dropped the examples consumed before `data_skip`; anything consumed since (the
+    checkpoint is newer than the driver's view) is skipped here: Ray Train deals the stream out
+    round-robin anew at every (re)start, so whatever this attempt's worker count, skipping
+    (samples_seen - data_skip) / (batch_size x workers) batches on each worker skips exactly those
+    examples. Each batch trained on is recorded in the run's data ledger with its step and the step
+    this attempt started from, so what was fed can be checked.
     """
     context = ray.train.get_context()
     ledger = find_ledger(context.get_experiment_name())
-    skip = (state.samples_seen - data_skip) // (cfg.train.batch_size * context.get_world_size())
+    per_micro_step = cfg.train.batch_size * context.get_world_size()
+    skip = (state.samples_seen - data_skip) // per_micro_step
+    started_at = state.step
     blocks = shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
     for index, batch in enumerate(same_shape_batches(blocks, cfg.train.batch_size, family.batch_columns)):
-        if ledger is not None:
-            # Waited for: a worker that exits right after its last step must not drop it.
-            fed = [str(c) for c in batch["clip_id"]], [int(e) for e in batch["epoch"]]
-            ray.get(ledger.record_fed.remote(context.get_world_rank(), *fed))
         if index < skip:
             continue
+        if ledger is not None:
+            # Waited for: a worker that exits right after its last step must not drop it.
+            step = started_at + (index - skip) // cfg.train.grad_accum + 1
+            fed = [str(c) for c in batch["clip_id"]], [int(e) for e in batch["epoch"]]
+            ray.get(ledger.record_fed.remote(context.get_world_rank(), *fed, step, started_at))
         inputs: dict[str, Any] = {
             k: torch.from_numpy(batch[k]).to(device, non_blocking=True)
             for k in family.batch_columns

@@ -134,26 +134,34 @@ def shared_training_dataset(cfg: Config) -> ray.data.Dataset:
     trials' lookups all hit.
     """
     prepared = training_rows(cfg.data, Path(cfg.output_dir) / "data")
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
-    group = cfg.train.batch_size * cfg.train.num_workers
     cache = (
         fill_cache(prepared.rows, cfg.data, cfg.model, family_of(cfg).cache_encoder())
         if cfg.data.cache
         else None
     )
     return training_stream(
-        prepared.rows, cfg.data, cfg.train.max_steps * global_batch, cfg.train.seed, 0, group, None, cache
+        prepared.rows,
+        cfg.data,
+        cfg.train.max_steps * cfg.train.global_batch(),
+        cfg.train.seed,
+        0,
+        cfg.train.bucket_run(),
+        None,
+        cache,
     )
 
 
 def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
-    """The worker group of `train.*`: how many, what each reserves (CPUs, a GPU, the custom
-    resources that pick its nodes), and how they are placed over the nodes (`train.placement`)."""
+    """The worker group of `train.*`: how many (a count, or Ray Train's elastic (min, max) with
+    `train.elastic_resize_interval_s`), what each reserves (CPUs, a GPU, the custom resources that
+    pick its nodes), and how they are placed over the nodes (`train.placement`)."""
     resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.resources_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
+    low, high = cfg.train.worker_range()
     return ray.train.ScalingConfig(
-        num_workers=cfg.train.num_workers,
+        num_workers=(low, high) if cfg.train.elastic() else high,
+        elastic_resize_monitor_interval_s=cfg.train.elastic_resize_interval_s,
         use_gpu=cfg.train.use_gpu,
         resources_per_worker=resources,
         placement_strategy=cfg.train.placement.upper(),  # Ray's PACK / SPREAD
@@ -227,10 +235,9 @@ def run_training(
     # dataset's execution options with the global context's when it splits it for the workers.
     data_context.execution_options.preserve_order = True
     data_context.enable_progress_bars = False  # the training step lines are the progress to watch
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
     try:
         data = build_run_data(
-            cfg, cfg.train.max_steps * global_batch, data_skip, family_of(cfg).cache_encoder()
+            cfg, cfg.train.max_steps * cfg.train.global_batch(), data_skip, family_of(cfg).cache_encoder()
         )
     except (DataError, ManifestError):
         tracking.end_run(uri, run_id, status="FAILED")
@@ -306,12 +313,13 @@ def training_progress(cfg: Config, board: Any | None, label: str = "train") -> I
 
 def run_description(cfg: Config, prepared: Prepared) -> str:
     """The run's description in the MLflow UI (markdown): what ran, on what, and where it wrote."""
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
+    workers = "{}-{}".format(*cfg.train.worker_range()) if cfg.train.elastic() else cfg.train.num_workers
     lines = [
         f"- **command**: `{tracking.command_line()}`",
         f"- **model**: `{cfg.model.pretrained}` with a rank-{cfg.lora.rank} LoRA on the "
         f"{' and '.join(cfg.lora.blocks)} attention ({', '.join(cfg.lora.target_modules)}); "
-        f"{cfg.train.max_steps} steps of {global_batch} clips, lr {cfg.optim.lr:g} ({cfg.optim.schedule})",
+        f"{cfg.train.max_steps} steps of {cfg.train.global_batch()} clips on {workers} workers, "
+        f"lr {cfg.optim.lr:g} ({cfg.optim.schedule})",
         f"- **data**: {len(prepared.rows)} clips of `{cfg.data.manifest}` "
         f"({len(prepared.rejects)} rejected), "
         f"{cfg.data.num_frames} frames at {cfg.data.fps:g} fps, {cfg.data.height}x{cfg.data.width}",

@@ -11,6 +11,7 @@ these tests do not use) may already be running in this process when the whole su
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -18,11 +19,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from svdray.config import load_config
+from svdray.data.ledger import Fed, trained_examples
 from svdray.models.lora import ADAPTER_WEIGHTS
 from svdray.train.checkpoint import read_checkpoint_payload
+from svdray.train.optim import build_lr_scheduler
 from svdray.train.workers import NODE_FILE
 from tests.support.paths import REPO
 from tests.support.resume import all_values, assert_same_lora, config_tree, lora_weights, run_id_of
@@ -44,27 +49,25 @@ def write_config(root: Path, pipeline_dir: Path, name: str, **train) -> Path:
     """test_resume's run config (same data, LoRA, warmup + cosine schedule, storage and MLflow
     store layout) for two workers that need the worker nodes' `trainer` resource; no validation
     and no injected NaN, to keep the runs short."""
-    tree = config_tree(
-        root,
-        pipeline_dir,
-        name,
-        max_steps=MAX_STEPS,
-        checkpoint_every=CHECKPOINT_EVERY,
-        debug_nan_at_steps=[],
-        num_workers=2,
-        placement="spread",
-        resources_per_worker={"trainer": 1},
-        save_worker_loras=True,
-        **train,
-    )
+    defaults = {
+        "max_steps": MAX_STEPS,
+        "checkpoint_every": CHECKPOINT_EVERY,
+        "debug_nan_at_steps": [],
+        "num_workers": 2,
+        "placement": "spread",
+        "resources_per_worker": {"trainer": 1},
+        "save_worker_loras": True,
+    }
+    tree = config_tree(root, pipeline_dir, name, **{**defaults, **train})
     tree["validate"] = {"manifest": ""}
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
 
 
-def run_driver(root: Path, config: Path, *options: str) -> dict:
-    """`python -m tests.support.multinode` on `config`; its JSON report."""
+def run_driver(root: Path, config: Path, *options: str, env: dict[str, str] | None = None) -> dict:
+    """`python -m tests.support.multinode` on `config` (with `env` added to its environment); its
+    JSON report."""
     out = config.with_suffix(".json")
     command = [
         sys.executable,
@@ -76,7 +79,7 @@ def run_driver(root: Path, config: Path, *options: str) -> dict:
         str(out),
         *options,
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", **(env or {})}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -117,7 +120,12 @@ def test_two_workers_spread_over_two_nodes(spread_run: dict, root: Path) -> None
     assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_00000004", "step_00000006"]
     assert Path(spread_run["checkpoint_dir"]) == run_dir / "step_00000006"
     state = read_checkpoint_payload(spread_run["checkpoint_dir"])
-    assert state["train"] == {"step": MAX_STEPS, "samples_seen": 2 * MAX_STEPS, "bad_steps": 0}
+    assert state["train"] == {
+        "step": MAX_STEPS,
+        "samples_seen": 2 * MAX_STEPS,
+        "bad_steps": 0,
+        "world_size": 2,
+    }
 
     # One MLflow run, finished, with every step's loss logged once.
     run_id = run_id_of(root, "spread")
@@ -164,3 +172,87 @@ def test_node_lost_mid_run_resumes_exactly(spread_run: dict, root: Path, tiny_pi
     for step, values in got.items():
         assert values == pytest.approx([expected[step]] * len(values), rel=1e-5), step
     assert dict(report["metrics"])["step"] == MAX_STEPS
+
+
+ELASTIC_STEPS = 40
+
+
+def test_elastic_run_keeps_its_global_batch(root: Path, tiny_pipeline_dir: Path) -> None:
+    """train.num_workers: [1, 2] on worker nodes that hold one worker each. Two workers until
+    step 2's checkpoint is in storage; then one node is lost (not replaced) and Ray Train restarts
+    the group with the one worker that fits; once step 4's checkpoint is in, a node joins and Ray
+    Train's resize check restarts the group with two again. Every step trains on the same global
+    batch (2 examples: one micro-batch on each of two workers, or two accumulated on one), the data
+    position carries over (each step takes the next epoch of the 2 clips, none dropped or twice),
+    the learning rate follows the schedule by step, and each checkpoint records its world size."""
+    config = write_config(
+        root,
+        tiny_pipeline_dir,
+        "elastic",
+        max_steps=ELASTIC_STEPS,
+        num_workers=[1, 2],
+        max_failures=1,  # the lost node; a resize up is not a failure
+        elastic_resize_interval_s=1.0,
+        keep_checkpoints=ELASTIC_STEPS,
+        save_worker_loras=False,
+    )
+    report = run_driver(
+        root,
+        config,
+        "--trainer-slots",
+        "1",
+        "--lose-node-after",
+        "step_00000002",
+        "--add-node-at-workers",
+        "1",
+        env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"},
+    )
+    uri, run_id = report["tracking_uri"], report["mlflow_run_id"]
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FINISHED"
+
+    # The worker count of each step's kept run (the last logged): 2, then 1 after the loss, then 2.
+    workers = {step: int(values[-1]) for step, values in all_values(uri, run_id, "train/num_workers").items()}
+    assert sorted(workers) == list(range(1, ELASTIC_STEPS + 1))
+    phases = [count for i, count in enumerate(workers.values()) if i == 0 or count != workers[i]]
+    print(f"elastic: workers per step {workers}")
+    assert phases == [2, 1, 2]
+    restarts = all_values(uri, run_id, "train/resumed_from_step")
+    assert len(restarts) == 2 and min(restarts) >= CHECKPOINT_EVERY
+
+    # The data: each kept step trained on exactly the next epoch of the two clips, on every rank
+    # of its worker group; steps redone after a restart (an attempt from an older checkpoint)
+    # are set aside by `trained_examples`, which keeps each step's last attempt.
+    with (Path(report["output_dir"]) / "data" / "fed.csv").open() as f:
+        fed = [
+            Fed(int(r["rank"]), r["clip_id"], int(r["epoch"]), int(r["step"]), int(r["attempt"]))
+            for r in csv.DictReader(f)
+        ]
+    clips = sorted({row.clip_id for row in fed})
+    assert len(clips) == 2
+    kept = trained_examples(fed)
+    assert sorted(kept) == list(range(1, ELASTIC_STEPS + 1))
+    for step, rows in kept.items():
+        assert sorted((row.clip_id, row.epoch) for row in rows) == [(clip, step - 1) for clip in clips], step
+        assert {row.rank for row in rows} == set(range(workers[step])), step
+    data_report = json.loads((Path(report["output_dir"]) / "data" / "report.json").read_text())
+    assert data_report["fed_twice_in_epoch"] == []
+    assert data_report["steps_redone"] == len({(r.step, r.attempt) for r in fed}) - ELASTIC_STEPS
+
+    # The learning rate follows the schedule by step (warmup then cosine), whoever ran the step.
+    cfg = load_config(config)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
+    scheduler = build_lr_scheduler(optimizer, cfg.optim, ELASTIC_STEPS)
+    expected_lr = {}
+    for step in range(1, ELASTIC_STEPS + 1):
+        optimizer.step()
+        scheduler.step()
+        expected_lr[step] = scheduler.get_last_lr()[0]
+    for step, values in all_values(uri, run_id, "train/lr").items():
+        assert values == pytest.approx([expected_lr[step]] * len(values), rel=1e-6), step
+
+    # Each checkpoint records the worker count it was written with, and the data position.
+    for checkpoint in sorted((root / "ray" / "elastic").glob("step_*")):
+        state = read_checkpoint_payload(checkpoint)["train"]
+        step = state["step"]
+        assert state["world_size"] == workers[step] and state["samples_seen"] == 2 * step, checkpoint.name
+    assert Path(report["checkpoint_dir"]).name == f"step_{ELASTIC_STEPS:08d}"

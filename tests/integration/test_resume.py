@@ -67,7 +67,7 @@ def test_uninterrupted_run(baseline: TrainingResult, root: Path) -> None:
     ]
     assert baseline.checkpoint_dir.name == "step_00000012"
     state = read_checkpoint_payload(baseline.checkpoint_dir)
-    assert state["train"] == {"step": 12, "samples_seen": 12, "bad_steps": 1}
+    assert state["train"] == {"step": 12, "samples_seen": 12, "bad_steps": 1, "world_size": 1}
     assert state["config"]["train"]["name"] == "full"
 
     # The NaN step was skipped: 11 optimizer and scheduler steps in 12, counted in `bad_steps`,

