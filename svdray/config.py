@@ -227,6 +227,11 @@ class ValidateConfig:
     # Held-out clips (a manifest like data.manifest); empty turns validation off.
     manifest: str = ""
     every: int = 500  # steps between validations; the last step always validates
+    # Where it runs. "inline": in the training loop, on every worker, between two steps.
+    # "checkpoint": outside the training step, as Ray Train's checkpoint validation (a Ray task
+    # with its own copy of the model, on the checkpoint of every `every`-th step, while training
+    # goes on); `every` must then be a multiple of train.checkpoint_every.
+    mode: Literal["inline", "checkpoint"] = "inline"
     max_clips: int | None = None  # clips for the validation loss (default: all of the manifest)
     num_videos: int = 2  # clips whose first frame conditions a sampled video (0: loss only)
     steps: int = 25  # sampler steps for those videos (fps, motion, guidance come from `sample`)
@@ -607,6 +612,16 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         raise ConfigError(f"train.max_failures: must be -1 (no limit) or >= 0, got {cfg.train.max_failures}")
     if cfg.validate.num_videos < 0 or (cfg.validate.max_clips is not None and cfg.validate.max_clips <= 0):
         raise ConfigError("validate.num_videos/validate.max_clips: must be positive")
+    if cfg.validate.mode == "checkpoint" and cfg.validate.every % cfg.train.checkpoint_every:
+        raise ConfigError(
+            f"validate.every: {cfg.validate.every} with validate.mode: checkpoint must be a multiple of "
+            f"train.checkpoint_every ({cfg.train.checkpoint_every}): it validates checkpoints"
+        )
+    if cfg.validate.mode == "checkpoint" and cfg.tune.metric == "val_loss":
+        raise ConfigError(
+            "tune.metric: val_loss needs validate.mode: inline (checkpoint validations finish "
+            "after the step they validate, too late for the trial's reports)"
+        )
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas: expected two numbers")
     if cfg.data.height % 8 or cfg.data.width % 8:

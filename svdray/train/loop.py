@@ -70,7 +70,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     state.world_size = world_size  # what this attempt's checkpoints record
     log = StepLog(cfg, loop_config, rank, state, restored_from)
     data = batches(ray.train.get_dataset_shard("train"), cfg, family, device, loop_config["data_skip"], state)
-    validation = Validation(cfg, family, loop_config) if cfg.validate.manifest else None
+    inline = cfg.validate.manifest and cfg.validate.mode == "inline"
+    validation = Validation(cfg, family, loop_config) if inline else None
     global_batch = cfg.train.global_batch()
     last_checkpoint = state.step if restored_from else None
     bad_streak = 0  # skipped updates in a row
@@ -112,13 +113,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         # Validate, log, report: a checkpoint only after a good update (or at the last step), so
         # the latest checkpoint never holds a run on its way to a numerical stop.
         is_last = state.step == cfg.train.max_steps
-        if validation and (is_last or state.step % cfg.validate.every == 0):
+        validates = bool(cfg.validate.manifest) and (is_last or state.step % cfg.validate.every == 0)
+        if validation and validates:
             metrics["val_loss"] = validation.run(models, state.step, rank, world_size)
             ddp.train()
         log.log(metrics)
         if is_last or (good and state.step % cfg.train.checkpoint_every == 0):
             checkpoint_and_report(
-                metrics, models.denoiser, optimizer, lr_scheduler, state, generator, loop_config
+                metrics,
+                models.denoiser,
+                optimizer,
+                lr_scheduler,
+                state,
+                generator,
+                loop_config,
+                validate=validates and validation is None,
             )
             last_checkpoint = state.step
         elif state.step % cfg.train.report_every == 0 or "val_loss" in metrics:
@@ -229,9 +238,11 @@ def checkpoint_and_report(
     state: TrainState,
     generator: torch.Generator,
     loop_config: dict[str, Any],
+    validate: bool = False,
 ) -> None:
     """Report `metrics` to Ray with a checkpoint of the run: rank 0 writes it, with every rank's
-    RNG states gathered from all workers; uploaded as `train.checkpoint_upload` says."""
+    RNG states gathered from all workers; uploaded as `train.checkpoint_upload` says; `validate`
+    has Ray Train validate it outside the training step (`validate.mode: checkpoint`)."""
     context = ray.train.get_context()
     rank = context.get_world_rank()
     rngs = rng_snapshot(generator, rank, context.get_world_size())
@@ -245,7 +256,7 @@ def checkpoint_and_report(
         config=loop_config["config"],
     )
     upload = loop_config["config"]["train"]["checkpoint_upload"]
-    report_checkpoint(metrics, f"step_{state.step:08d}", write if rank == 0 else None, upload)
+    report_checkpoint(metrics, f"step_{state.step:08d}", write if rank == 0 else None, upload, validate)
 
 
 @dataclass

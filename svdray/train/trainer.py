@@ -19,6 +19,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.validation_config import ValidationConfig
 
 from svdray import console, tracking
 from svdray.config import Config
@@ -34,7 +35,7 @@ from svdray.tracking import metric_history
 from svdray.train.checkpoint import check_checkpoint, read_train_state
 from svdray.train.failures import StopOnTrainingFailed, stop_on_errors, training_failure
 from svdray.train.loop import train_loop_per_worker
-from svdray.train.validate import to_hwc, write_previews
+from svdray.train.validate import checkpoint_validation, to_hwc, write_previews
 
 logger = logging.getLogger("svdray.train")
 
@@ -174,11 +175,13 @@ def make_trainer(
     loop_config: dict[str, Any],
     dataset: ray.data.Dataset,
     callbacks: list[ray.train.UserCallback] | None = None,
+    validation: ValidationConfig | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer of a run (`svdray train`, `svdray reward-train`, Tune trials): workers and
     resources from `train.*`, a stable name for resuming, bounded checkpoints, worker restarts
     after lost workers, and an error in the run's code or config ending the run at once (it would
-    recur on every restart; see svdray.train.failures)."""
+    recur on every restart; see svdray.train.failures). `validation` validates checkpoints
+    outside the training step (`validate.mode: checkpoint`)."""
     return TorchTrainer(
         stop_on_errors(loop),
         train_loop_config=loop_config,
@@ -192,6 +195,7 @@ def make_trainer(
             callbacks=[*(callbacks or []), StopOnTrainingFailed()],
         ),
         datasets={"train": dataset},
+        validation_config=validation,
         # The stream's own execution options (plan order kept): without them Ray Train copies the
         # global context's, reading a deprecated option on the way (a warning in every run).
         dataset_config=ray.train.DataConfig(execution_options={"train": dataset.context.execution_options}),
@@ -262,6 +266,7 @@ def run_training(
         },
         dataset,
         callbacks,
+        checkpoint_validation(cfg, uri, run_id),
     )
     try:
         with training_progress(cfg, board), tracking.SystemMetrics(uri, run_id):
@@ -285,12 +290,22 @@ def run_training(
         checkpoint_dir=Path(result.checkpoint.path) if result.checkpoint else None,
         mlflow_run_id=run_id,
         tracking_uri=uri,
-        metrics=result.metrics or {},
+        metrics=final_metrics(result),
     )
     log_data_record(uri, run_id, finish_run_data(data))
     log_results(cfg, output, rows)
     tracking.end_run(uri, run_id)
     return output
+
+
+def final_metrics(result: ray.train.Result) -> dict[str, Any]:
+    """The last report's metrics, with what a checkpoint validation (`validate.mode: checkpoint`)
+    added to the last checkpoint's (its `val_loss`): Ray Train waits for it before `fit` returns."""
+    metrics = dict(result.metrics or {})
+    for checkpoint, checkpoint_metrics in result.best_checkpoints or []:
+        if result.checkpoint is not None and checkpoint.path == result.checkpoint.path:
+            metrics.update(checkpoint_metrics)
+    return metrics
 
 
 def log_data_record(uri: str, run_id: str, record: DataRecord) -> None:

