@@ -33,7 +33,7 @@ test-unit: setup
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -n auto tests/unit
 
 test-integration: setup
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests/integration
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q --durations=12 tests/integration
 
 lint: setup
 	$(VENV)/bin/ruff check svdray jobs tests benchmarks
