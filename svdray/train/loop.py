@@ -70,7 +70,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     state.world_size = world_size  # what this attempt's checkpoints record
     log = StepLog(cfg, loop_config, rank, state, restored_from)
     data = batches(ray.train.get_dataset_shard("train"), cfg, family, device, loop_config["data_skip"], state)
-    inline = cfg.validate.manifest and cfg.validate.mode == "inline"
+    inline = bool(cfg.validate.manifest) and cfg.validate.mode == "inline"
     validation = Validation(cfg, family, loop_config) if inline else None
     global_batch = cfg.train.global_batch()
     last_checkpoint = state.step if restored_from else None
@@ -114,7 +114,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         # the latest checkpoint never holds a run on its way to a numerical stop.
         is_last = state.step == cfg.train.max_steps
         validates = bool(cfg.validate.manifest) and (is_last or state.step % cfg.validate.every == 0)
-        if validation and validates:
+        if validates and inline:
             metrics["val_loss"] = validation.run(models, state.step, rank, world_size)
             ddp.train()
         log.log(metrics)
@@ -127,7 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 state,
                 generator,
                 loop_config,
-                validate=validates and validation is None,
+                validate=validates and not inline,  # validate.mode: checkpoint
             )
             last_checkpoint = state.step
         elif state.step % cfg.train.report_every == 0 or "val_loss" in metrics:
