@@ -150,7 +150,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from svdray.data.video import ClipError, load_image
-    from svdray.safeload import check_pipeline_folder
     from svdray.sample import SAMPLE_FLAGS, sampling_config
 
     if args.lora:
@@ -171,22 +170,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise ConfigError(f"--out: {out} is a folder; give the .mp4 file to write")
     flags = {flag: getattr(args, flag) for flag in SAMPLE_FLAGS}
-    cfg, from_run = sampling_config(args.lora, flags)
-    if not from_run:  # no training run to follow: the image's own size, the UNet's frame count
-        cfg.data.height = args.height or image.shape[1] // 8 * 8
-        cfg.data.width = args.width or image.shape[2] // 8 * 8
-    if Path(cfg.model.pretrained).exists():
-        check_pipeline_folder(cfg.model.pretrained, "--pipeline")
-    elif cfg.model.pretrained.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"--pipeline: {cfg.model.pretrained} does not exist")
+    cfg, _ = sampling_config(args.lora, flags, tuple(image.shape[1:]))
 
     from svdray.models import family_of
     from svdray.sample import write_mp4
 
     family = family_of(cfg)
     models = family.load_sampling_models(cfg, args.lora)
-    if not from_run and not args.num_frames:
-        cfg.sample.num_frames = family.default_num_frames(models)
     spec = family.sampling_spec(cfg)
     frames = family.sample_video(models, image, spec, prompt=args.prompt or "")
     write_mp4(frames, out, spec.fps)

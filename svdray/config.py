@@ -466,7 +466,7 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return _build(hint, value, key)
+        return build_section(hint, value, key)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -492,7 +492,8 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """The dataclass `cls` from a mapping, every value checked; errors name `prefix`.key."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for name in values:
@@ -624,8 +625,9 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas: expected two numbers")
-    if cfg.data.height % 8 or cfg.data.width % 8:
-        raise ConfigError("data.height/data.width: must be multiples of 8 (the VAE downsamples by up to 8)")
+    for key, side in (("data.height", cfg.data.height), ("data.width", cfg.data.width)):
+        if side % 8:
+            raise ConfigError(f"{key}: {side} is not a multiple of 8 (the VAE downsamples by up to 8)")
     for i, bucket in enumerate(cfg.data.buckets):
         try:
             height, width = parse_bucket(bucket)
@@ -829,7 +831,7 @@ def _validate_tune(cfg: Config) -> None:
 
 
 def config_from_dict(tree: dict[str, Any], check_files: bool = True) -> Config:
-    cfg = _build(Config, tree, "")
+    cfg = build_section(Config, tree, "")
     _validate_semantics(cfg, check_files)
     return cfg
 

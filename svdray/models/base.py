@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from svdray.config import Config
+    from svdray.config import Config, ModelConfig
     from svdray.data.cache import CacheEncoderSpec
 
 
@@ -141,10 +141,14 @@ class ModelFamily(ABC):
         """(T, H, W, 3) uint8 frames conditioned on `image` (uint8, cropped like training);
         `clip` (T, 3, H, W) uint8 when the image is a clip's first frame."""
 
-    def default_num_frames(self, models: Any) -> int | None:
-        """The frame count a pipeline samples when neither a run nor the user says (None: the
-        config's `data.num_frames`)."""
-        return None
+    # What `svdray sample` needs of a pipeline before it loads (from its configs at most, no weights):
+    @abstractmethod
+    def default_num_frames(self, model: ModelConfig) -> int:
+        """The frame count the pipeline of `model` samples when neither a run nor the user says."""
+
+    def side_multiple(self, model: ModelConfig) -> int:
+        """What the sides of a video of the pipeline of `model` must be multiples of."""
+        return 8  # the VAE's downsampling, as the config requires of every family
 
     def describe_conditioning(self, spec: Any, clip: torch.Tensor | None) -> str:
         """One line saying how a sample was conditioned (logged and tagged in MLflow)."""
@@ -155,6 +159,11 @@ class ModelFamily(ABC):
     ) -> torch.Tensor:
         """Frames (B, T, 3, H, W) in about [-1, 1] from images in [-1, 1], keeping a graph
         through the last `grad_steps` steps (the reward stage)."""
+        raise NotImplementedError(f"model.family {self.name}: the reward stage is not supported")
+
+    def describe_reward_sampling(self, spec: Any) -> str:
+        """One line saying how `sample_frames` samples (the reward stage logs and tags it in
+        MLflow): what it conditions on and how it guides, as it really runs."""
         raise NotImplementedError(f"model.family {self.name}: the reward stage is not supported")
 
     # ---------------------------------------------------------------- LoRA and exports

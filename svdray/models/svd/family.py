@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from svdray.config import Config
+from svdray.config import Config, ModelConfig
 from svdray.models.base import ModelFamily, TrainingModels
 from svdray.models.lora import cast_frozen_weights, load_lora, save_lora
 from svdray.models.precision import mixed_precision_dtype
@@ -24,7 +24,13 @@ from svdray.models.svd import loss, sampler
 from svdray.models.svd.buckets import motion_bucket_ids
 from svdray.models.svd.checkpointing import enable_checkpointing
 from svdray.models.svd.lora import add_lora
-from svdray.models.svd.pipeline import FrozenModels, load_pipeline, save_tiny_pipeline, scheduler_config
+from svdray.models.svd.pipeline import (
+    FrozenModels,
+    load_pipeline,
+    save_tiny_pipeline,
+    scheduler_config,
+    unet_num_frames,
+)
 
 if TYPE_CHECKING:
     from svdray.data.cache import CacheEncoderSpec
@@ -116,11 +122,24 @@ class SVDFamily(ModelFamily):
     ) -> np.ndarray:
         return sampler.sample_video(models, image, spec, clip=clip, seed=seed)
 
-    def default_num_frames(self, models: sampler.SamplingModels) -> int | None:
-        return models.unet.config.num_frames
+    def default_num_frames(self, model: ModelConfig) -> int:
+        return unet_num_frames(model.pretrained, model.revision)
 
     def describe_conditioning(self, spec: sampler.SamplingSpec, clip: torch.Tensor | None) -> str:
         return f"fps={spec.fps:g} motion_bucket_id={spec.bucket_for(clip):g}"
+
+    def describe_reward_sampling(self, spec: sampler.SamplingSpec) -> str:
+        # sample_frames conditions on still images (no clip: a computed bucket falls back to
+        # 127) and guides only when max_guidance > 1, ramped over the frames.
+        guidance = (
+            f"guidance {spec.min_guidance:g}->{spec.max_guidance:g} over the frames"
+            if spec.max_guidance > 1.0
+            else "no guidance"
+        )
+        return (
+            f"fps={spec.fps:g} motion_bucket_id={spec.bucket_for(None):g} "
+            f"noise_aug_strength={spec.noise_aug_strength:g}, {guidance}"
+        )
 
     def sample_frames(
         self,

@@ -89,6 +89,18 @@ def scheduler_config(pretrained: str | Path, revision: str | None = None) -> dic
     return dict(EulerDiscreteScheduler.load_config(str(pretrained), subfolder="scheduler", revision=revision))
 
 
+def unet_num_frames(pretrained: str | Path, revision: str | None = None) -> int:
+    """The frame count the UNet was trained at (SVD 14, SVD-XT 25), from its config alone (14 when
+    it cannot be read, e.g. a hub id offline: loading it fails then anyway)."""
+    try:
+        config = UNetSpatioTemporalConditionModel.load_config(
+            str(pretrained), subfolder="unet", revision=revision
+        )
+    except OSError:
+        return 14
+    return int(config["num_frames"])
+
+
 def build_tiny_pipeline(seed: int = 0, num_frames: int = 8) -> StableVideoDiffusionPipeline:
     """A randomly initialised SVD pipeline from the real classes, small enough for a CPU.
 

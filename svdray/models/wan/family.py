@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from svdray.config import Config
+from svdray.config import Config, ModelConfig
 from svdray.models.base import ModelFamily, TrainingModels
 from svdray.models.lora import load_lora, save_lora
 from svdray.models.precision import mixed_precision_dtype
@@ -27,9 +27,11 @@ from svdray.models.wan.pipeline import (
     EXPERTS,
     LAYOUTS,
     check_num_frames,
+    default_num_frames,
     load_expert,
     load_wan_pipeline,
     save_tiny_wan_pipeline,
+    side_multiple,
 )
 
 if TYPE_CHECKING:
@@ -146,13 +148,20 @@ class WanFamily(ModelFamily):
     ) -> np.ndarray:
         return sampler.sample_video(models, image, spec, prompt=prompt, seed=seed)
 
-    def default_num_frames(self, models: sampler.WanSamplingModels) -> int | None:
-        # What the models were trained at: Wan2.2-TI2V-5B 121 frames, Wan2.1 and A14B 81.
-        return 121 if models.pipe.config.expand_timesteps else 81
+    def default_num_frames(self, model: ModelConfig) -> int:
+        return default_num_frames(model.pretrained, model.revision)
+
+    def side_multiple(self, model: ModelConfig) -> int:
+        return side_multiple(model.pretrained, model.revision)
 
     def describe_conditioning(self, spec: sampler.WanSamplingSpec, clip: torch.Tensor | None) -> str:
         shift = "scheduler's" if spec.shift is None else f"{spec.shift:g}"
         return f"guidance_scale={spec.guidance_scale:g} shift={shift}"
+
+    def describe_reward_sampling(self, spec: sampler.WanSamplingSpec) -> str:
+        # sample_frames has images and no prompts: the empty prompt, one transformer call per step.
+        shift = "scheduler's" if spec.shift is None else f"{spec.shift:g}"
+        return f"empty prompt, no guidance, shift={shift}"
 
     def sample_frames(
         self,

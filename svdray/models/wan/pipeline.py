@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from svdray import console
+from svdray.config import WAN_SIDE_MULTIPLE
 from svdray.config import check_wan_num_frames as check_num_frames
 
 Layout = Literal["i2v", "ti2v", "a14b"]
@@ -305,6 +306,31 @@ def load_expert(
         revision=revision,
         use_safetensors=True,
     )
+
+
+def default_num_frames(pretrained: str | Path, revision: str | None = None) -> int:
+    """The frame count the checkpoints were trained at (Wan2.2-TI2V-5B 121, Wan2.1 and A14B 81),
+    from the pipeline's config alone (81 when it cannot be read, e.g. a hub id offline)."""
+    try:
+        config = WanImageToVideoPipeline.load_config(str(pretrained), revision=revision)
+    except OSError:
+        return 81
+    return 121 if config.get("expand_timesteps") else 81
+
+
+def side_multiple(pretrained: str | Path, revision: str | None = None) -> int:
+    """What a pipeline's sides must be multiples of, from its configs alone (no weights load):
+    the VAE's spatial compression times the transformer's patch, as the pipeline computes it
+    (`vae_scale_factor_spatial`): 16, or 32 for Wan2.2-TI2V-5B's 16x VAE. A pipeline whose configs
+    cannot be read (a hub id offline) gets Wan's general rule, checked again when it loads."""
+    try:
+        vae = AutoencoderKLWan.load_config(str(pretrained), subfolder="vae", revision=revision)
+        transformer = WanTransformer3DModel.load_config(
+            str(pretrained), subfolder="transformer", revision=revision
+        )
+    except OSError:
+        return WAN_SIDE_MULTIPLE
+    return int(vae.get("scale_factor_spatial", 8)) * int(transformer.get("patch_size", (1, 2, 2))[1])
 
 
 def wan_layout(pipe: WanImageToVideoPipeline) -> Layout:
