@@ -6,8 +6,9 @@ MLflow, checkpoints, the reward stage, exports and the CLI) talks to a family on
 true of its models alone: how they load, which modules LoRA adapts, how a batch becomes model
 inputs and conditioning (and what of that the cache may store), its conditioning dropout, its
 objective with its own noise/timestep draws, the fixed-grid validation loss, its sampler and the
-export formats its users load. Adding a family is one file (plus its helpers) and a line in
-`svdray.models.FAMILIES`.
+export formats its users load. Its config section and rules are its `FamilyConfig`
+(`svdray.models`), in the same folder; adding a family is that folder and a line in
+`svdray.models.FAMILIES` (README.md, Layout, lists what the folder holds).
 
 A batch, as the data layer delivers it (`svdray.data.dataset` / `svdray.data.cache`), is a dict
 of tensors with a leading batch dimension:
@@ -73,10 +74,8 @@ class ModelFamily(ABC):
     # `svdray export --format`: what this family's LoRA can be written as.
     export_formats: ClassVar[tuple[str, ...]] = ("peft", "merged")
 
-    # ---------------------------------------------------------------- config and loading
-    def check_config(self, cfg: Config) -> None:  # noqa: B027 - optional hook
-        """Family rules on the whole config (raise `ConfigError` naming the key); run at load."""
-
+    # ---------------------------------------------------------------- loading
+    # (The family's config section and its rules are its `FamilyConfig`, in its config.py.)
     @abstractmethod
     def save_tiny_pipeline(self, out_dir: str | Path, seed: int = 0, **options: Any) -> Path:
         """A tiny, randomly initialised pipeline of the real classes, saved with `save_pretrained`

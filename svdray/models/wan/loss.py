@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from diffusers import WanImageToVideoPipeline
 
-from svdray.config import WanConfig
 from svdray.data.video import to_model_range
 from svdray.models.base import LatentDistribution
 from svdray.models.precision import encoder_precision
@@ -26,6 +25,7 @@ from svdray.models.wan.conditioning import (
     encode_prompts,
     encode_video,
 )
+from svdray.models.wan.config import WanConfig
 
 # Points of the validation loss's fixed sigma grid, evenly spaced over the trained expert's range
 # (independent of the training density and shift, so runs that sweep those compare).

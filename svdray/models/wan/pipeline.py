@@ -36,8 +36,8 @@ from transformers import (
 )
 
 from svdray import console
-from svdray.config import WAN_SIDE_MULTIPLE
-from svdray.config import check_wan_num_frames as check_num_frames
+from svdray.models.wan.config import WAN_SIDE_MULTIPLE
+from svdray.models.wan.config import check_wan_num_frames as check_num_frames
 
 Layout = Literal["i2v", "ti2v", "a14b"]
 LAYOUTS: tuple[str, ...] = ("i2v", "ti2v", "a14b")
