@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from svdray.config import Config, ConfigError, ModelConfig, build_section, config_from_dict, set_key
+from svdray.models import registered_families
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> Path:
@@ -51,9 +52,10 @@ def write_preview(frames: np.ndarray, path: str | Path, columns: int = 8, scale:
     return path
 
 
-# `svdray sample` flag -> the config key it sets. Unset flags keep the value of the LoRA's own
-# training run (its config.yaml next to the LoRA), so a sample is conditioned as training was.
-SAMPLE_FLAGS = {
+# `svdray sample` flag -> the config key it sets: these, and each family's own
+# (`FamilyConfig.sample_flags`). Unset flags keep the value of the LoRA's own training run (its
+# config.yaml next to the LoRA), so a sample is conditioned as training was.
+SHARED_SAMPLE_FLAGS = {
     "family": "model.family",
     "pipeline": "model.pretrained",
     "variant": "model.variant",
@@ -65,13 +67,10 @@ SAMPLE_FLAGS = {
     "width": "data.width",
     "steps": "sample.steps",
     "fps": "sample.fps",
-    "motion_bucket_id": "svd.sample.motion_bucket_id",
-    "noise_aug_strength": "svd.sample.noise_aug_strength",
-    "min_guidance": "svd.sample.min_guidance",
-    "max_guidance": "svd.sample.max_guidance",
-    "guidance_scale": "wan.sample.guidance_scale",
-    "negative_prompt": "wan.sample.negative_prompt",
     "seed": "sample.seed",
+}
+SAMPLE_FLAGS = SHARED_SAMPLE_FLAGS | {
+    flag: option.key for spec in registered_families() for flag, option in spec.sample_flags.items()
 }
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 if TYPE_CHECKING:
     from svdray.config import Config
@@ -30,6 +30,12 @@ FAMILIES = {
 }
 
 
+class SampleFlag(NamedTuple):
+    key: str  # the config key it sets, e.g. "svd.sample.motion_bucket_id"
+    type: type
+    help: str
+
+
 class FamilyConfig:
     """A model family as the config sees it: its section and its rules, without importing the
     family itself (no torch, no diffusers, so validating a config stays instant)."""
@@ -37,6 +43,11 @@ class FamilyConfig:
     name: ClassVar[str]  # the family's name and its section's key (`svd:`)
     section: ClassVar[type]  # the section's dataclass; its defaults mean "not set"
     family: ClassVar[str]  # "module:Class" of its `ModelFamily`, imported on first use
+    # `svdray sample`'s options of this family: flag (`motion_bucket_id` is --motion-bucket-id)
+    # -> the key of its section it sets, its type and its help.
+    sample_flags: ClassVar[dict[str, SampleFlag]] = {}
+    # `svdray tiny-model --layout`: the layouts of its tiny pipeline ("" when it has one).
+    layouts: ClassVar[str] = ""
 
     def check(self, cfg: Config) -> None:
         """The family's rules on a whole config of this family (raise `ConfigError` naming the

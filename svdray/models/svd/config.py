@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from svdray.config import Config, ConfigError
-from svdray.models import FamilyConfig
+from svdray.models import FamilyConfig, SampleFlag
 
 
 @dataclass
@@ -55,6 +55,22 @@ class SvdFamilyConfig(FamilyConfig):
     name = "svd"
     section = SvdConfig
     family = "svdray.models.svd.family:SVDFamily"
+    sample_flags = {
+        "motion_bucket_id": SampleFlag(
+            "svd.sample.motion_bucket_id",
+            int,
+            "default: the run's fixed bucket, else 127 (a still image has no motion to compute it from)",
+        ),
+        "noise_aug_strength": SampleFlag(
+            "svd.sample.noise_aug_strength", float, "default: the run's, else 0.02"
+        ),
+        "min_guidance": SampleFlag(
+            "svd.sample.min_guidance", float, "guidance at the first frame (default 1.0)"
+        ),
+        "max_guidance": SampleFlag(
+            "svd.sample.max_guidance", float, "guidance at the last frame (default 3.0)"
+        ),
+    }
 
     def check(self, cfg: Config) -> None:
         if not 0 <= cfg.svd.cfg_dropout < 1 / 3:

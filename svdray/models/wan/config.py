@@ -7,7 +7,7 @@ from typing import Literal
 
 from svdray.config import Config, ConfigError, LoraConfig
 from svdray.data.buckets import parse_bucket
-from svdray.models import FamilyConfig
+from svdray.models import FamilyConfig, SampleFlag
 
 # Wan's VAEs compress time 4x after the first frame (`scale_factor_temporal`).
 WAN_TEMPORAL_COMPRESSION = 4
@@ -129,6 +129,17 @@ class WanFamilyConfig(FamilyConfig):
     name = "wan"
     section = WanConfig
     family = "svdray.models.wan.family:WanFamily"
+    sample_flags = {
+        "guidance_scale": SampleFlag(
+            "wan.sample.guidance_scale", float, "wan: classifier-free guidance (default: the run's)"
+        ),
+        "negative_prompt": SampleFlag(
+            "wan.sample.negative_prompt", str, "wan: the unconditional branch's prompt (default: the run's)"
+        ),
+    }
+    layouts = (
+        "i2v, the default, as Wan2.1-I2V; ti2v, as Wan2.2-TI2V-5B; a14b, as Wan2.2-I2V-A14B's two experts"
+    )
 
     def check(self, cfg: Config) -> None:
         validate_wan(cfg)
