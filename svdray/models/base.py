@@ -86,6 +86,24 @@ class ModelFamily(ABC):
         """Load `model.*`, freeze the encoders, put LoRA on the denoiser (float32 LoRA weights,
         frozen weights in the configured dtype), gradient checkpointing and `speed.*` applied."""
 
+    # ---------------------------------------------------------------- builders (benchmarks)
+    # Named full-size architectures (e.g. "SVD-XT", "Wan2.2-TI2V-5B") these build without a download.
+    architectures: ClassVar[tuple[str, ...]] = ()
+
+    def meta_models(self, cfg: Config, architecture: str | None = None) -> TrainingModels:
+        """What `build_models(cfg, device)` builds, on the meta device (shapes and dtypes, no storage,
+        no weights read): the architecture whose configs `model.pretrained` holds (a local folder),
+        or the named full-size `architecture`; LoRA, dtypes, gradient checkpointing and `speed.*`
+        applied as `build_models` applies them (no `torch.compile`: nothing runs on meta). Benchmarks
+        count FLOPs and memory on it (`FakeTensorMode` gives it fake storage)."""
+        raise NotImplementedError(f"model.family {self.name}: no meta-device builder")
+
+    def save_full_size_pipeline(self, out_dir: str | Path, architecture: str, weights: bool = True) -> Path:
+        """A full-size `architecture` saved as a downloaded pipeline is, with random weights (what
+        `build_models` then loads, to time a step without a download), or its configs alone
+        (`weights=False`: what `meta_models` reads)."""
+        raise NotImplementedError(f"model.family {self.name}: no full-size builder")
+
     # ---------------------------------------------------------------- data
     @abstractmethod
     def cache_encoder(self) -> CacheEncoderSpec:

@@ -9,6 +9,7 @@ encoder), `checkpointing` and `export`/`comfy`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +26,12 @@ from svdray.models.svd.buckets import motion_bucket_ids
 from svdray.models.svd.checkpointing import enable_checkpointing
 from svdray.models.svd.lora import add_lora
 from svdray.models.svd.pipeline import (
+    ARCHITECTURES,
     FrozenModels,
+    build_full_size_pipeline,
     load_pipeline,
+    meta_pipeline,
+    save_full_size_pipeline,
     save_tiny_pipeline,
     scheduler_config,
     unet_num_frames,
@@ -46,6 +51,7 @@ def with_motion_buckets(batch: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 class SVDFamily(ModelFamily):
     name = "svd"
+    architectures = ARCHITECTURES
     batch_columns = (
         "video",
         "image",
@@ -67,6 +73,18 @@ class SVDFamily(ModelFamily):
         """Frozen VAE + image encoder in `model.frozen_dtype`, and the UNet with float32 LoRA
         weights, its frozen weights in `model.denoiser_dtype`."""
         pipe = load_pipeline(cfg.model.pretrained, "float32", cfg.model.variant, cfg.model.revision)
+        return self.training_models(pipe, cfg, device)
+
+    def meta_models(self, cfg: Config, architecture: str | None = None) -> TrainingModels:
+        pipe = build_full_size_pipeline(architecture) if architecture else meta_pipeline(cfg.model.pretrained)
+        speed = replace(cfg.speed, compile_denoiser=False)  # nothing to compile on meta
+        return self.training_models(pipe, replace(cfg, speed=speed), torch.device("meta"))
+
+    def save_full_size_pipeline(self, out_dir: str | Path, architecture: str, weights: bool = True) -> Path:
+        return save_full_size_pipeline(out_dir, architecture, weights)
+
+    def training_models(self, pipe: Any, cfg: Config, device: torch.device) -> TrainingModels:
+        """`build_models` of a pipeline at hand (loaded, or on the meta device)."""
         frozen = FrozenModels.from_pipeline(pipe, device, cfg.model.frozen_dtype)
         frozen.vae_chunk = cfg.speed.vae_chunk
         unet = add_lora(pipe.unet, cfg.lora)

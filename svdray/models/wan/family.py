@@ -10,6 +10,7 @@ real pipeline with the LoRA), `comfy` and `export`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,11 +26,17 @@ from svdray.models.wan import loss, sampler
 from svdray.models.wan.lora import add_wan_lora, save_wan_lora
 from svdray.models.wan.pipeline import (
     EXPERTS,
+    FULL_SIZE_LAYOUTS,
     LAYOUTS,
+    build_full_size_pipeline,
+    cast_as_loaded,
     check_num_frames,
+    component_dtypes,
     default_num_frames,
     load_expert,
     load_wan_pipeline,
+    meta_pipeline,
+    save_full_size_pipeline,
     save_tiny_wan_pipeline,
     side_multiple,
 )
@@ -52,6 +59,7 @@ def check_pipeline_shapes(pipe: Any, cfg: Config) -> None:
 
 class WanFamily(ModelFamily):
     name = "wan"
+    architectures = tuple(FULL_SIZE_LAYOUTS)
     batch_columns = (
         "video",
         "image",
@@ -77,6 +85,22 @@ class WanFamily(ModelFamily):
         `sampling_models` loads it the first time a sample needs it)."""
         m = cfg.model
         pipe = load_wan_pipeline(m.pretrained, m.denoiser_dtype, m.variant, m.revision, m.frozen_dtype)
+        return self.training_models(pipe, cfg, device)
+
+    def meta_models(self, cfg: Config, architecture: str | None = None) -> TrainingModels:
+        pipe = build_full_size_pipeline(architecture) if architecture else meta_pipeline(cfg.model.pretrained)
+        dtypes = component_dtypes(cfg.model.denoiser_dtype, cfg.model.frozen_dtype)
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                cast_as_loaded(module, dtypes.get(name, dtypes["default"]))
+        speed = replace(cfg.speed, compile_denoiser=False)  # nothing to compile on meta
+        return self.training_models(pipe, replace(cfg, speed=speed), torch.device("meta"))
+
+    def save_full_size_pipeline(self, out_dir: str | Path, architecture: str, weights: bool = True) -> Path:
+        return save_full_size_pipeline(out_dir, architecture, weights)
+
+    def training_models(self, pipe: Any, cfg: Config, device: torch.device) -> TrainingModels:
+        """`build_models` of a pipeline at hand (loaded, or on the meta device)."""
         check_pipeline_shapes(pipe, cfg)
         for name in ("vae", "text_encoder", "image_encoder"):
             module = getattr(pipe, name)
