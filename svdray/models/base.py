@@ -25,12 +25,14 @@ of tensors with a leading batch dimension:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
+
+from svdray.models.random_weights import empty_parameters, fill_random
 
 if TYPE_CHECKING:
     from svdray.config import Config, ModelConfig
@@ -90,13 +92,38 @@ class ModelFamily(ABC):
     # Named full-size architectures (e.g. "SVD-XT", "Wan2.2-TI2V-5B") these build without a download.
     architectures: ClassVar[tuple[str, ...]] = ()
 
+    def configured_pipeline(self, cfg: Config, architecture: str | None, device: str) -> Any:
+        """The pipeline `build_models` loads, from configs alone: the architecture whose configs
+        `model.pretrained` holds (a local folder) or the named full-size `architecture`, each
+        component in the dtype loading gives it, built on `device` ("meta": no storage), without
+        what training would drop."""
+        raise NotImplementedError(f"model.family {self.name}: no builder from configs")
+
+    def training_models(self, pipe: Any, cfg: Config, device: torch.device) -> TrainingModels:
+        """What `build_models` does once it has loaded the pipeline."""
+        raise NotImplementedError(f"model.family {self.name}: no builder from configs")
+
     def meta_models(self, cfg: Config, architecture: str | None = None) -> TrainingModels:
         """What `build_models(cfg, device)` builds, on the meta device (shapes and dtypes, no storage,
-        no weights read): the architecture whose configs `model.pretrained` holds (a local folder),
-        or the named full-size `architecture`; LoRA, dtypes, gradient checkpointing and `speed.*`
-        applied as `build_models` applies them (no `torch.compile`: nothing runs on meta). Benchmarks
-        count FLOPs and memory on it (`FakeTensorMode` gives it fake storage)."""
-        raise NotImplementedError(f"model.family {self.name}: no meta-device builder")
+        no weights read) for `configured_pipeline`'s architecture; LoRA, dtypes, gradient
+        checkpointing and `speed.*` applied as `build_models` applies them (no `torch.compile`:
+        nothing runs on meta). Benchmarks count FLOPs and memory on it (`FakeTensorMode` gives it
+        fake storage)."""
+        pipe = self.configured_pipeline(cfg, architecture, "meta")
+        speed = replace(cfg.speed, compile_denoiser=False)
+        return self.training_models(pipe, replace(cfg, speed=speed), torch.device("meta"))
+
+    def random_models(
+        self, cfg: Config, device: torch.device, architecture: str | None = None
+    ) -> TrainingModels:
+        """What `build_models(cfg, device)` builds, with random weights made on `device` instead of
+        a checkpoint's (`svdray.models.random_weights`), for `configured_pipeline`'s architecture.
+        Only configs are read and nothing is initialised on the CPU, so a 14B model is ready in
+        seconds (benchmarks/gpu.py times the step on it)."""
+        with empty_parameters():
+            pipe = self.configured_pipeline(cfg, architecture, "cpu")
+        fill_random([m for m in pipe.components.values() if isinstance(m, torch.nn.Module)], device)
+        return self.training_models(pipe, cfg, device)
 
     def save_full_size_pipeline(self, out_dir: str | Path, architecture: str, weights: bool = True) -> Path:
         """A full-size `architecture` saved as a downloaded pipeline is, with random weights (what

@@ -9,7 +9,6 @@ encoder), `checkpointing` and `export`/`comfy`.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,10 +74,11 @@ class SVDFamily(ModelFamily):
         pipe = load_pipeline(cfg.model.pretrained, "float32", cfg.model.variant, cfg.model.revision)
         return self.training_models(pipe, cfg, device)
 
-    def meta_models(self, cfg: Config, architecture: str | None = None) -> TrainingModels:
-        pipe = build_full_size_pipeline(architecture) if architecture else meta_pipeline(cfg.model.pretrained)
-        speed = replace(cfg.speed, compile_denoiser=False)  # nothing to compile on meta
-        return self.training_models(pipe, replace(cfg, speed=speed), torch.device("meta"))
+    def configured_pipeline(self, cfg: Config, architecture: str | None, device: str) -> Any:
+        # float32, as `build_models` loads it (`training_models` casts)
+        if architecture:
+            return build_full_size_pipeline(architecture, device)
+        return meta_pipeline(cfg.model.pretrained, device)
 
     def save_full_size_pipeline(self, out_dir: str | Path, architecture: str, weights: bool = True) -> Path:
         return save_full_size_pipeline(out_dir, architecture, weights)

@@ -19,6 +19,7 @@ from diffusers import (
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from svdray import console
+from svdray.models.random_weights import to_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -196,11 +197,10 @@ SVD_XT_IMAGE_ENCODER = dict(
 ARCHITECTURES: tuple[str, ...] = ("SVD-XT",)
 
 
-def _pipeline(unet, vae, image_encoder, feature_extractor) -> StableVideoDiffusionPipeline:
+def _pipeline(unet, vae, image_encoder, feature_extractor, device) -> StableVideoDiffusionPipeline:
     # A few parameters are made with the legacy torch.Tensor(...) constructor, which ignores the
-    # device context: on meta, move everything.
-    if next(unet.parameters()).device.type == "meta":
-        unet, vae, image_encoder = unet.to("meta"), vae.to("meta"), image_encoder.to("meta")
+    # device context.
+    unet, vae, image_encoder = (to_device(m, device) for m in (unet, vae, image_encoder))
     return StableVideoDiffusionPipeline(
         vae=vae,
         image_encoder=image_encoder,
@@ -214,7 +214,9 @@ def build_full_size_pipeline(
     architecture: str, device: str | torch.device = "meta"
 ) -> StableVideoDiffusionPipeline:
     """A full-size pipeline (`ARCHITECTURES`: SVD-XT, about 2.25 B parameters) with random weights
-    on `device` ("meta": shapes and dtypes only, nothing allocated). Same weights every time."""
+    on `device` ("meta": shapes and dtypes only, nothing allocated; inside
+    `random_weights.empty_parameters()`, parameters on meta and buffers on `device`). Same weights
+    every time."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"{architecture!r} is not one of {ARCHITECTURES}")
     generator_state = torch.random.get_rng_state()
@@ -227,15 +229,18 @@ def build_full_size_pipeline(
     finally:
         torch.random.set_rng_state(generator_state)
     return _pipeline(
-        unet, vae, image_encoder, CLIPImageProcessorPil(crop_size=224, size={"shortest_edge": 224})
+        unet, vae, image_encoder, CLIPImageProcessorPil(crop_size=224, size={"shortest_edge": 224}), device
     )
 
 
-def meta_pipeline(pretrained: str | Path) -> StableVideoDiffusionPipeline:
+def meta_pipeline(
+    pretrained: str | Path, device: str | torch.device = "meta"
+) -> StableVideoDiffusionPipeline:
     """The pipeline of a folder with the components' configs (a downloaded pipeline, or one saved
-    by `save_full_size_pipeline(weights=False)`) on the meta device: no weights are read."""
+    by `save_full_size_pipeline(weights=False)`) on the meta device: no weights are read. (Inside
+    `random_weights.empty_parameters()`, `device` is where its buffers are made.)"""
     pretrained = str(pretrained)
-    with torch.device("meta"):
+    with torch.device(device):
         unet = UNetSpatioTemporalConditionModel.from_config(
             UNetSpatioTemporalConditionModel.load_config(pretrained, subfolder="unet")
         )
@@ -246,7 +251,7 @@ def meta_pipeline(pretrained: str | Path) -> StableVideoDiffusionPipeline:
             CLIPVisionConfig.from_pretrained(pretrained, subfolder="image_encoder")
         )
     feature_extractor = CLIPImageProcessorPil.from_pretrained(pretrained, subfolder="feature_extractor")
-    return _pipeline(unet, vae, image_encoder, feature_extractor)
+    return _pipeline(unet, vae, image_encoder, feature_extractor, device)
 
 
 def save_full_size_pipeline(out_dir: str | Path, architecture: str, weights: bool = True) -> Path:

@@ -10,7 +10,6 @@ real pipeline with the LoRA), `comfy` and `export`.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,14 +86,19 @@ class WanFamily(ModelFamily):
         pipe = load_wan_pipeline(m.pretrained, m.denoiser_dtype, m.variant, m.revision, m.frozen_dtype)
         return self.training_models(pipe, cfg, device)
 
-    def meta_models(self, cfg: Config, architecture: str | None = None) -> TrainingModels:
-        pipe = build_full_size_pipeline(architecture) if architecture else meta_pipeline(cfg.model.pretrained)
+    def configured_pipeline(self, cfg: Config, architecture: str | None, device: str) -> Any:
+        if architecture:
+            pipe = build_full_size_pipeline(architecture, device)
+        else:
+            pipe = meta_pipeline(cfg.model.pretrained, device)
+        for name in EXPERTS:  # as `training_models` drops it (A14B's other expert)
+            if name != loss.trained_expert(cfg.wan):
+                setattr(pipe, name, None)
         dtypes = component_dtypes(cfg.model.denoiser_dtype, cfg.model.frozen_dtype)
         for name, module in pipe.components.items():
             if isinstance(module, torch.nn.Module):
                 cast_as_loaded(module, dtypes.get(name, dtypes["default"]))
-        speed = replace(cfg.speed, compile_denoiser=False)  # nothing to compile on meta
-        return self.training_models(pipe, replace(cfg, speed=speed), torch.device("meta"))
+        return pipe
 
     def save_full_size_pipeline(self, out_dir: str | Path, architecture: str, weights: bool = True) -> Path:
         return save_full_size_pipeline(out_dir, architecture, weights)

@@ -32,6 +32,11 @@ from svdray.models.wan.config import WanConfig
 VALIDATION_POINTS = 8
 
 
+def trained_expert(cfg: WanConfig) -> str:
+    """The transformer of the pipeline that trains: `wan.expert`, or the (first) "transformer"."""
+    return cfg.expert or "transformer"
+
+
 @dataclass
 class FrozenWan:
     """The pipeline around the transformer being trained (its VAE, text and image encoders,
@@ -55,7 +60,7 @@ class FrozenWan:
     @classmethod
     def from_pipeline(cls, pipe: WanImageToVideoPipeline, cfg: WanConfig) -> FrozenWan:
         sigma_range = objective.expert_sigma_range(pipe.config.boundary_ratio, cfg.expert)
-        expert = cfg.expert or "transformer"
+        expert = trained_expert(cfg)
         shift = cfg.shift if cfg.shift is not None else objective.scheduler_shift(pipe.scheduler)
         if pipe.text_encoder.device.type == "meta":  # shapes only (UMT5's padding mask reads values)
             empty = torch.empty(1, cfg.max_sequence_length, pipe.text_encoder.config.d_model, device="meta")

@@ -32,12 +32,14 @@ from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     UMT5Config,
     UMT5EncoderModel,
 )
 
 from svdray import console
+from svdray.models.random_weights import to_device
 from svdray.models.wan.config import WAN_SIDE_MULTIPLE
 from svdray.models.wan.config import check_wan_num_frames as check_num_frames
 
@@ -46,6 +48,7 @@ LAYOUTS: tuple[str, ...] = ("i2v", "ti2v", "a14b")
 EXPERTS: tuple[str, ...] = ("transformer", "transformer_2")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # The pipeline's own default for `max_sequence_length`. The transformer attends to every one of
 # these tokens (zero padding included, there is no attention mask), so training must pad to the
@@ -322,14 +325,15 @@ def _pipeline(
 def _on(device: str | torch.device, *modules: torch.nn.Module | None) -> list[torch.nn.Module | None]:
     """Each module on `device`: tensors a constructor makes with the legacy torch.Tensor(...)
     ignore the device context."""
-    return [module.to(device) if module is not None else None for module in modules]
+    return [to_device(module, device) if module is not None else None for module in modules]
 
 
 def build_full_size_pipeline(
     architecture: str, device: str | torch.device = "meta"
 ) -> WanImageToVideoPipeline:
     """A full-size pipeline (a key of `FULL_SIZE_LAYOUTS`) with random weights on `device` ("meta":
-    shapes and dtypes only, nothing allocated), the checkpoint's shift and expert boundary. Its
+    shapes and dtypes only, nothing allocated; inside `random_weights.empty_parameters()`,
+    parameters on meta and buffers on `device`), the checkpoint's shift and expert boundary. Its
     tokenizer is the tiny pipelines' word-level one: a stand-in (UMT5's 256k vocabulary is not
     here), whose ids the full-size text encoder takes all the same."""
     if architecture not in FULL_SIZE_LAYOUTS:
@@ -354,9 +358,10 @@ def build_full_size_pipeline(
     return _pipeline(layout, *modules, image_processor)
 
 
-def meta_pipeline(pretrained: str | Path) -> WanImageToVideoPipeline:
+def meta_pipeline(pretrained: str | Path, device: str | torch.device = "meta") -> WanImageToVideoPipeline:
     """The pipeline of a folder with the components' configs (a downloaded pipeline, or one saved
-    by `save_full_size_pipeline(weights=False)`) on the meta device: no weights are read."""
+    by `save_full_size_pipeline(weights=False)`) on the meta device: no weights are read. (Inside
+    `random_weights.empty_parameters()`, `device` is where its buffers are made.)"""
     pretrained = str(pretrained)
     index = WanImageToVideoPipeline.load_config(pretrained)
 
@@ -368,7 +373,7 @@ def meta_pipeline(pretrained: str | Path) -> WanImageToVideoPipeline:
             WanTransformer3DModel.load_config(pretrained, subfolder=name)
         )
 
-    with torch.device("meta"):
+    with torch.device(device):
         transformer = transformer_at("transformer")
         transformer_2 = transformer_at("transformer_2") if has("transformer_2") else None
         vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(pretrained, subfolder="vae"))
@@ -389,7 +394,7 @@ def meta_pipeline(pretrained: str | Path) -> WanImageToVideoPipeline:
     layout: Layout = (
         "ti2v" if index.get("expand_timesteps") else "a14b" if index.get("boundary_ratio") else "i2v"
     )
-    modules = _on("meta", vae, text_encoder, transformer, transformer_2, image_encoder)
+    modules = _on(device, vae, text_encoder, transformer, transformer_2, image_encoder)
     return _pipeline(layout, *modules, image_processor, tokenizer, scheduler)
 
 
@@ -435,8 +440,15 @@ def component_dtypes(dtype: str = "float32", encoder_dtype: str | None = None) -
 
 def cast_as_loaded(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """`module` in `dtype` as `from_pretrained(dtype=...)` loads it: diffusers keeps the parameters
-    of its `_keep_in_fp32_modules` (the transformer's norms, time embedding, ...) in float32."""
-    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    of its `_keep_in_fp32_modules` (the transformer's norms, time embedding, ...) in float32;
+    transformers keeps its `_keep_in_fp32_modules` (UMT5's `wo`) so for float16 alone, and its
+    `_keep_in_fp32_modules_strict` for float16 and bfloat16."""
+    if isinstance(module, PreTrainedModel):
+        keep = set(module._keep_in_fp32_modules_strict or ()) if dtype in HALF_DTYPES else set()
+        if dtype == torch.float16:
+            keep |= set(module._keep_in_fp32_modules or ())
+    else:
+        keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if tensor.is_floating_point() and not keep & set(name.split(".")):
             tensor.data = tensor.data.to(dtype)
