@@ -59,6 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from svdray.config import Config, SpeedConfig, apply_overrides, config_from_dict  # noqa: E402
 from svdray.models import family_of, get_family  # noqa: E402
+from svdray.models.base import TrainingModels  # noqa: E402
 from svdray.models.lora import lora_parameters  # noqa: E402
 from svdray.models.precision import mixed_precision  # noqa: E402
 
@@ -340,38 +341,56 @@ def step_stats(ends: dict[int, float], warmup: int, cfg: Config) -> dict[str, An
 def plain_loop(cfg: Config, warmup: int, steps: int, cached: bool) -> dict[str, Any]:
     """The same models, objective, optimizer and schedule as the Ray Train loop, in a bare loop."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000)
-    family = family_of(cfg)
-    models = family.build_models(cfg, device)
+    models = family_of(cfg).build_models(cfg, device)
+    batches = [example_batch(cfg, device, seed) for seed in range(2)]
+    if not cached:
+        return timed_steps(cfg, models, batches, warmup, steps, generator)
+    # What a latent cache leaves in the step: the UNet alone; VAE and CLIP are not resident.
+    frozen = models.frozen
+    encoded = []
+    for batch in batches:
+        strength = torch.full((cfg.train.batch_size,), 0.05, device=device)
+        encoded.append(encode_batch(frozen, batch, strength, generator))
+    frozen.vae.to("cpu")
+    frozen.image_encoder.to("cpu")
+    del batches
+
+    def unet_step(unet, _frozen, encoded_batch, cfg, generator):
+        return cached_step_loss(unet, encoded_batch, cfg, generator)
+
+    return timed_steps(cfg, models, encoded, warmup, steps, generator, unet_step)
+
+
+def timed_steps(
+    cfg: Config,
+    models: TrainingModels,
+    batches: list[Any],
+    warmup: int,
+    steps: int,
+    generator: torch.Generator,
+    step_loss: Any = None,
+) -> dict[str, Any]:
+    """`warmup` + `steps` training steps of the loop (the family's `training_loss`, or `step_loss`
+    with its arguments, + backward under `train.mixed_precision`, gradient clipping, AdamW, the
+    LR schedule), cycling through `batches`; step times after the warm-up and the peak memory of
+    the steps (models and batches included, whatever building them held before not)."""
+    device = next(models.denoiser.parameters()).device
+    step_loss = step_loss or family_of(cfg).training_loss
     frozen, unet = models.frozen, models.denoiser
     optimizer = build_optimizer(lora_parameters(unet), cfg.optim, cfg.speed, device)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    batches = [example_batch(cfg, device, seed) for seed in range(2)]
-    encoded = []
-    if cached:
-        # What a latent cache leaves in the step: the UNet alone; VAE and CLIP are not resident.
-        for batch in batches:
-            strength = torch.full((cfg.train.batch_size,), 0.05, device=device)
-            encoded.append(encode_batch(frozen, batch, strength, generator))
-        frozen.vae.to("cpu")
-        frozen.image_encoder.to("cpu")
-        del batches
-        release_memory()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+    release_memory()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     unet.train()
     synchronize(device)
     step_ends = {0: time.perf_counter()}
     for i in range(warmup + steps):
         with mixed_precision(cfg.train.mixed_precision, device):
-            if cached:
-                loss = cached_step_loss(unet, encoded[i % len(encoded)], cfg, generator)
-            else:
-                loss = family.training_loss(unet, frozen, batches[i % len(batches)], cfg, generator)
+            loss = step_loss(unet, frozen, batches[i % len(batches)], cfg, generator)
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(unet), cfg.optim.max_grad_norm)
         optimizer.step()

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from svdray.config import config_from_dict
 from svdray.models import get_family
+from svdray.models.base import TrainingModels
 from svdray.models.wan import conditioning, objective
 from svdray.models.wan import pipeline as wan_pipeline
 
@@ -40,6 +41,33 @@ def _count(fn) -> tuple[int, dict[str, int]]:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops(), {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+
+
+def cache_fields(
+    models: TrainingModels, frames: int, height: int, width: int, batch: int, device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    """What the latent cache holds for `batch` clips (`svdray.models.wan.cache`), the fields a cached
+    step reads, made on `device` with the shapes and dtypes the cache gives them (values: whatever
+    the device holds; the image condition is the VAE's encoding of a blank image). With meta
+    models and `device="meta"`, shapes alone."""
+    transformer, frozen = models.denoiser, models.frozen
+    vae, clip = frozen.pipe.vae, frozen.pipe.image_encoder
+    spatial = vae.config.scale_factor_spatial
+    latent_frames = wan_pipeline.num_latent_frames(frames, vae.config.scale_factor_temporal)
+    latent = (batch, transformer.config.out_channels, latent_frames, height // spatial, width // spatial)
+    _, length, width_text = frozen.empty_prompt.shape  # prompts are padded to the empty prompt's length
+    image = torch.zeros(batch, 3, height, width, device=device, dtype=vae.dtype)
+    with torch.no_grad():
+        fields = {
+            "latent_mean": torch.empty(latent, device=device),
+            "latent_std": torch.empty(latent, device=device),
+            "prompt_embeds": torch.empty(batch, length, width_text, device=device),
+            "condition": conditioning.condition_latents(vae, image, frames, frozen.expand_timesteps),
+        }
+    if clip is not None:  # Wan2.1: CLIP's penultimate states, one per patch and the class token
+        tokens = (clip.config.image_size // clip.config.patch_size) ** 2 + 1
+        fields["image_embeds"] = torch.empty(batch, tokens, clip.config.hidden_size, device=device)
+    return fields
 
 
 def step_flops(
@@ -61,12 +89,10 @@ def step_flops(
     transformer, pipe = models.denoiser, models.frozen.pipe
     vae, text_encoder, clip = pipe.vae, pipe.text_encoder, pipe.image_encoder
     config = transformer.config
-    z = config.out_channels
     expand = bool(pipe.config.expand_timesteps)
-    spatial = vae.config.scale_factor_spatial
-    latent_shape = (batch, z, wan_pipeline.num_latent_frames(frames), height // spatial, width // spatial)
 
     video = torch.empty(batch, frames, 3, height, width, device="meta")
+    fields = cache_fields(models, frames, height, width, batch, "meta")
     with torch.no_grad():
         parts = {
             "vae_video": _count(lambda: conditioning.encode_video(vae, video))[0],
@@ -82,14 +108,13 @@ def step_flops(
         if clip is not None:
             pixels = torch.empty(batch, 3, 224, 224, device="meta")
             parts["clip"] = _count(lambda: clip(pixel_values=pixels, output_hidden_states=True))[0]
-        condition = conditioning.condition_latents(vae, video[:, 0], frames, expand)
 
     cond = conditioning.WanConditioning(
-        prompt_embeds=torch.empty(batch, wan_pipeline.MAX_SEQUENCE_LENGTH, config.text_dim, device="meta"),
-        image_embeds=torch.empty(batch, 257, config.image_dim, device="meta") if config.image_dim else None,
-        condition=condition,
+        prompt_embeds=fields["prompt_embeds"],
+        image_embeds=fields.get("image_embeds"),
+        condition=fields["condition"],
     )
-    x0 = torch.empty(latent_shape, device="meta")
+    x0 = fields["latent_mean"]
     sigmas = torch.full((batch,), 0.5, device="meta")
 
     def transformer_step():
@@ -97,7 +122,7 @@ def step_flops(
 
     parts["transformer_fwd_bwd"], by_op = _count(transformer_step)
     p_t, p_h, p_w = config.patch_size
-    tokens = latent_shape[2] // p_t * latent_shape[3] // p_h * latent_shape[4] // p_w
+    tokens = x0.shape[2] // p_t * x0.shape[3] // p_h * x0.shape[4] // p_w
     encoders = sum(v for k, v in parts.items() if k != "transformer_fwd_bwd")
     return {
         "model": model,

@@ -1,0 +1,126 @@
+"""benchmarks/gpu.py, the GPU run prepared ahead of a lent GPU, cannot rot: the same script end to
+end on the tiny pipelines on CPU, as the GPU machine's Python runs it (no Ray, MLflow or decord),
+one case of each kind; and its plan and time budget."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+import torch
+
+from svdray.config import SpeedConfig
+from tests.support.gpu_machine import MISSING, gpu_machine_env
+from tests.support.paths import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu  # noqa: E402
+import memory  # noqa: E402
+
+sys.path.remove(str(REPO / "benchmarks"))
+
+# One case of each kind, in the plan's order: a Wan model (cached step), its fp8 base (skipped
+# without configs/wan_i2v_14b_fp8.yaml), the SVD step with the latent cache (memory row, counted by
+# memory.py), with decoded clips (a speed row) and with torch.compile (not on a CPU).
+CASES = [
+    "wan2.1-i2v-14b",
+    "wan2.1-i2v-14b fp8",
+    "svd-xt cached_latents",
+    "svd-xt speed.channels_last=true",
+    "svd-xt speed.compile_denoiser=true",
+]
+GIB = 2**30
+
+
+def test_tiny_run_reports_every_field_of_each_kind_of_case(tmp_path):
+    out = tmp_path / "gpu.json"
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "gpu.py"),
+        "--tiny",
+        "--out",
+        str(out),
+        "--only",
+        *CASES,
+    ]
+    env = gpu_machine_env(tmp_path / "gpu-machine")
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    print(f"tiny CPU run: {report['elapsed_s']:.1f} s")
+
+    env = report["environment"]
+    assert env["imported"] == dict.fromkeys(MISSING, False)
+    assert env["device_type"] == "cpu" and report["matmul"]["flops_per_s"] > 0
+    cases = {c["name"]: c for c in report["cases"]}
+    assert list(cases) == CASES
+
+    for name in ("wan2.1-i2v-14b", "svd-xt cached_latents", "svd-xt speed.channels_last=true"):
+        c = cases[name]
+        assert c["status"] == "ok", c
+        assert c["overrides"][0] == "train.grad_accum=1"
+        assert (c["warmup"], c["steps"]) == (gpu.TINY_WARMUP, gpu.TINY_STEPS) == (1, 2)
+        assert len(c["step_s_all"]) == c["timed_steps"] == 2
+        assert c["step_s_median"] == pytest.approx(statistics.median(c["step_s_all"]))
+        assert c["step_s_median"] > 0
+        assert c["case_s"] >= c["build_s"] > 0 and c["peak_memory_bytes"] > 0
+        assert c["flops_per_step"] > 0 and c["expected_s"] > 0
+        assert c["mfu"] == pytest.approx(
+            c["flops_per_step"] / c["step_s_median"] / report["matmul"]["flops_per_s"]
+        )
+
+    wan, cached, decoded = (
+        cases["wan2.1-i2v-14b"],
+        cases["svd-xt cached_latents"],
+        cases["svd-xt speed.channels_last=true"],
+    )
+    assert wan["settings"]["data.cache"] and wan["settings"]["lora.rank"] == 32  # the shipped config's
+    assert "memory_count" not in wan and "memory_count_error" not in wan  # memory.py counts SVD's step
+    assert cached["group"] == "memory" and cached["settings"]["data.cache"]
+    estimate = cached["memory_count"]["estimated_peak_gib"]
+    assert estimate > 0 and cached["measured_over_count"] == pytest.approx(
+        cached["peak_memory_bytes"] / (estimate * GIB)
+    )
+    assert decoded["group"] == "speed" and decoded["settings"]["speed.channels_last"] is True
+    assert not decoded["settings"]["data.cache"] and "memory_count" not in decoded
+    # Decoded clips add the VAE over every frame and CLIP to the step: more model FLOPs.
+    assert decoded["flops_per_step"] > cached["flops_per_step"]
+
+    fp8_config = gpu.MODELS["wan2.1-i2v-14b-fp8"].config
+    skipped = f"skipped: no {fp8_config} in this checkout"
+    assert cases["wan2.1-i2v-14b fp8"]["status"] == ("ok" if (REPO / fp8_config).exists() else skipped)
+    assert cases["svd-xt speed.compile_denoiser=true"]["status"].startswith("skipped: --tiny")
+
+
+def test_plan_runs_the_shipped_configs_first_then_each_option_flipped():
+    cases = gpu.plan_cases(torch.device("cuda"))
+    assert [c.name for c in cases[:4]] == ["svd-xt", "wan2.2-ti2v-5b", "wan2.1-i2v-14b", "wan2.1-i2v-14b fp8"]
+    assert all(c.group == "model" and not c.overrides for c in cases[:4])
+
+    baseline, _ = gpu.case_config(cases[0], None)
+    rows = [c for c in cases if c.group == "memory"]
+    assert [c.name for c in rows] == [f"svd-xt {label}" for label, _ in memory.option_variants(baseline)[1:]]
+    speed = [c for c in cases if c.group == "speed"]
+    assert {c.overrides[0].split("=")[0] for c in speed} == {f"speed.{f.name}" for f in fields(SpeedConfig)}
+    assert speed[-1].name == cases[-1].name == "svd-xt speed.compile_denoiser=true"  # the slowest last
+
+    base = gpu.settings(baseline)
+    for case in cases[1:]:
+        if not (REPO / gpu.MODELS[case.model].config).exists():
+            continue
+        cfg, architecture = gpu.case_config(case, None)
+        assert architecture == gpu.MODELS[case.model].architecture
+        changed = {k for k, v in gpu.settings(cfg).items() if v != base[k]}
+        if case.group == "speed":  # exactly the one option it flips
+            assert changed == {case.overrides[0].split("=")[0]}, case
+
+
+def test_no_case_starts_that_would_end_past_the_budget():
+    assert gpu.over_budget(100.0, None) is None  # not counted yet: it starts
+    assert gpu.over_budget(100.0, 60.0) is None
+    assert "60 s left" in gpu.over_budget(60.0, 100.0)
+    assert gpu.over_budget(0.0, None) == gpu.over_budget(-5.0, 1.0) == "skipped: time budget (used up)"
