@@ -9,7 +9,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.svdray-installed
 DEMO ?= demo
 
-.PHONY: setup demo test test-unit test-integration lint format mlflow-ui clean
+# The GPU benchmark (benchmarks/gpu.sh): `make wheelhouse` here, then carry .whl/ and run
+# `bash benchmarks/gpu.sh` (or `make bench-gpu`) on the GPU machine. The wheels are those
+# benchmarks/wheelhouse.py lists, at this venv's versions, for the machine's CPython 3.12
+# (WHEEL_PYTHON), and the project's own.
+WHEELHOUSE ?= .whl
+WHEEL_PYTHON ?= 3.12
+WHEEL_TARGET = --only-binary=:all: --python-version $(WHEEL_PYTHON) --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+WHEELHOUSE_MAX_MIB := 48
+
+.PHONY: setup demo test test-unit test-integration lint format mlflow-ui clean wheelhouse bench-gpu
 
 setup: $(STAMP)
 
@@ -42,6 +52,21 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format svdray jobs tests benchmarks
 	$(VENV)/bin/ruff check --fix svdray jobs tests benchmarks
+
+wheelhouse: setup
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PY) -m pip download -q --no-deps $(WHEEL_TARGET) -d $(WHEELHOUSE) $$($(PY) benchmarks/wheelhouse.py)
+	@# The project's wheel from a copy of its sources: no build/ left in the tree, nothing stale in it.
+	tmp=$$(mktemp -d) && cp -r pyproject.toml README.md svdray $$tmp/ && \
+		$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEELHOUSE) $$tmp; status=$$?; \
+		rm -rf $$tmp; exit $$status
+	@ls -1 $(WHEELHOUSE)
+	@size=$$(du -sk $(WHEELHOUSE) | cut -f1); \
+		echo "wheelhouse $(WHEELHOUSE): $$(ls $(WHEELHOUSE) | wc -l) wheels, $$((size / 1024)) MiB ($$size KiB)"; \
+		test $$size -le $$(($(WHEELHOUSE_MAX_MIB) * 1024)) || { echo "over $(WHEELHOUSE_MAX_MIB) MiB" >&2; exit 1; }
+
+bench-gpu:
+	bash benchmarks/gpu.sh $(ARGS)
 
 mlflow-ui: setup
 	$(VENV)/bin/svdray ui --config configs/demo.yaml --port 5000
