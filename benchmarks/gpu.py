@@ -280,11 +280,12 @@ class Counts:
             return job
         return job.get() if job.ready() else None
 
-    def wait(self, seconds: float) -> None:
-        deadline = time.perf_counter() + seconds
+    def wait(self, seconds: float | None = None) -> None:
+        """Until every job is done, or at most `seconds`."""
+        deadline = None if seconds is None else time.perf_counter() + seconds
         for job in self.jobs.values():
             if not isinstance(job, dict):
-                job.wait(max(0.0, deadline - time.perf_counter()))
+                job.wait(None if deadline is None else max(0.0, deadline - time.perf_counter()))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -463,7 +464,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             report["cases"] = records
             print_plan(records, run)
             if args.plan:
-                run.counts.wait(float("inf"))
+                run.counts.wait()
             else:
                 run_cases(cases, records, run, report)
                 run.counts.wait(max(0.0, args.budget_s - run.elapsed()))
