@@ -2,10 +2,11 @@
 that the machine's image lacks (`make wheelhouse` downloads them, pinned to this venv's versions).
 
 The image (issue 24) has Python 3.12 with torch, transformers, peft, accelerate, safetensors and
-pyarrow, and installs nothing. Of that, the step takes torch, accelerate, safetensors and pyarrow
-with what they need (`IMAGE`). transformers and peft travel at the versions tested here (a
-different transformers changes the models' code), and with them huggingface_hub and tokenizers,
-which that transformers pins. Never Ray, MLflow or decord: the step imports none of them.
+pyarrow, and installs nothing; what those need (numpy, pyyaml, psutil, ...) is there too (`IMAGE`).
+The step takes torch from it. transformers, peft and accelerate travel at the versions tested here
+(a different transformers changes the models' code), and with them what that transformers checks
+when it is imported (safetensors >= 0.8, huggingface_hub, tokenizers). Never Ray, MLflow or decord:
+the step imports none of them.
 
     python benchmarks/wheelhouse.py      # name==version of each wheel, as `make wheelhouse` asks pip
 """
@@ -15,14 +16,17 @@ from __future__ import annotations
 import sys
 from importlib import metadata
 
-# On the image, with their own requirements (except huggingface_hub: the carried one is used).
+# On the image with their own requirements (huggingface_hub aside: the wheelhouse's is used).
 IMAGE = ("torch", "accelerate", "safetensors", "pyarrow")
 
-# What the step imports beyond IMAGE (tests/unit/test_gpu_bench.py runs it with nothing else).
+# What the step imports beyond IMAGE, and IMAGE's packages at the versions it needs
+# (tests/unit/test_gpu_bench.py runs it with nothing else).
 WHEELS = (
     "diffusers",
     "transformers",
     "peft",
+    "accelerate",
+    "safetensors",
     "huggingface_hub",
     "tokenizers",  # transformers' pinned fast tokenizers
     "httpx2",  # huggingface_hub's HTTP client, and what it needs:

@@ -62,7 +62,7 @@ def test_wheelhouse_installs_and_runs_the_benchmark_on_the_image_packages(tmp_pa
     report = json.loads((out / "gpu_bench.json").read_text())
     assert [c["status"] for c in report["cases"]] == ["ok"]
     modules = report["environment"]["modules"]
-    for package in ("svdray", "diffusers", "transformers", "peft"):
+    for package in ("svdray", "diffusers", "transformers", "peft", "accelerate"):
         assert Path(modules[package]).is_relative_to(site), (package, modules[package])
     assert not Path(modules["torch"]).is_relative_to(site)  # the machine's own torch
     assert report["environment"]["imported"] == dict.fromkeys(MISSING, False)
