@@ -114,6 +114,12 @@ class TrainConfig:
     # fills a node before the next (collectives stay on one machine), "spread" puts each worker on
     # its own node where it can (one preempted node costs one worker's slot, not all of them).
     placement: Literal["pack", "spread"] = "pack"
+    # How the denoiser is spread over the workers (svdray/train/parallel.py): "ddp" replicates it
+    # (each worker holds all of it); "fsdp" shards it over all workers (FSDP2: weights, LoRA
+    # gradients and AdamW state split N ways, each block gathered only while it runs); "hsdp"
+    # shards it within each node and replicates it across nodes (needs placement: pack and the
+    # same worker count on every node).
+    parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
     # Custom Ray resources each worker also needs, e.g. {"trainer": 1} where only the GPU nodes
     # offer "trainer" (CPU and GPU come from cpus_per_worker and use_gpu).
     resources_per_worker: dict[str, float] = field(default_factory=dict)
@@ -608,6 +614,11 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
             )
         if not amount > 0:
             raise ConfigError(f"train.resources_per_worker.{name}: must be positive, got {amount}")
+    if cfg.train.parallel == "hsdp" and cfg.train.placement != "pack":
+        raise ConfigError(
+            "train.parallel: hsdp shards the model within each node's workers and needs "
+            "train.placement: pack (spread puts one worker on each node: nothing to shard)"
+        )
     if cfg.train.max_failures < -1:
         raise ConfigError(f"train.max_failures: must be -1 (no limit) or >= 0, got {cfg.train.max_failures}")
     if cfg.validate.num_videos < 0 or (cfg.validate.max_clips is not None and cfg.validate.max_clips <= 0):

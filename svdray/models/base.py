@@ -87,6 +87,12 @@ class ModelFamily(ABC):
         """Load `model.*`, freeze the encoders, put LoRA on the denoiser (float32 LoRA weights,
         frozen weights in the configured dtype), gradient checkpointing and `speed.*` applied."""
 
+    @abstractmethod
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The denoiser's repeated blocks, in forward order: FSDP2 shards each and gathers one at
+        a time (`train.parallel`). What lies outside them (embedders, the head) stays with the
+        denoiser itself."""
+
     # ---------------------------------------------------------------- data
     @abstractmethod
     def cache_encoder(self) -> CacheEncoderSpec:
@@ -159,8 +165,16 @@ class ModelFamily(ABC):
 
     # ---------------------------------------------------------------- LoRA and exports
     @abstractmethod
-    def save_lora(self, denoiser: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
-        """The LoRA as a folder this family's diffusers pipeline loads."""
+    def save_lora(
+        self,
+        denoiser: torch.nn.Module,
+        cfg: Config,
+        out_dir: str | Path,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """The LoRA as a folder this family's diffusers pipeline loads. `state_dict`: the
+        denoiser's trained parameters by name when it does not hold them whole (a sharded
+        model's, gathered by `svdray.train.parallel`); None reads them from `denoiser`."""
 
     @abstractmethod
     def load_lora(self, denoiser: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:

@@ -2,7 +2,8 @@
 each its own raylet, object store and processes; see tests/support/multinode.py), tiny SVD pipeline on
 CPU, MLflow on sqlite: two workers spread over two nodes stay identical replicas; a whole worker
 node killed mid-run (and replaced) costs only the steps since the latest checkpoint, and the run
-ends with the LoRA and loss curve of the uninterrupted run.
+ends with the LoRA and loss curve of the uninterrupted run; HSDP shards within each node and
+replicates across them.
 
 Each run is its own driver process (`python -m tests.support.multinode`), started by the test: a process
 connects to one Ray cluster, and the test session's local one (the `ray_cluster` fixture, which
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -256,3 +258,41 @@ def test_elastic_run_keeps_its_global_batch(root: Path, tiny_pipeline_dir: Path)
         step = state["step"]
         assert state["world_size"] == workers[step] and state["samples_seen"] == 2 * step, checkpoint.name
     assert Path(report["checkpoint_dir"]).name == f"step_{ELASTIC_STEPS:08d}"
+
+
+def test_hsdp_shards_within_nodes_and_replicates_across(root: Path, tiny_pipeline_dir: Path) -> None:
+    """train.parallel: hsdp on two worker nodes that hold two workers each (placement pack): the
+    smallest mesh with both axes, 2 nodes x 2 workers. Each node's workers shard the model
+    between them and the two nodes are replicas: the mesh's rows are the nodes, every worker's
+    LoRA (gathered from its own node's shards) is the same, and the checkpoint holds the shards."""
+    config = write_config(
+        root,
+        tiny_pipeline_dir,
+        "hsdp",
+        max_steps=2,
+        checkpoint_every=2,
+        num_workers=4,
+        placement="pack",
+        parallel="hsdp",
+    )
+    report = run_driver(root, config)
+    output_dir = Path(report["output_dir"])
+    records = [json.loads(p.read_text()) for p in sorted(output_dir.glob(f"workers/rank*/{NODE_FILE}"))]
+    assert [r["rank"] for r in records] == [0, 1, 2, 3]
+    mesh = records[0]["mesh"]
+    assert all(r["mesh"] == mesh for r in records) and len(mesh) == len(mesh[0]) == 2
+    nodes = {r["rank"]: r["node_id"] for r in records}
+    rows = [{nodes[rank] for rank in row} for row in mesh]
+    assert all(len(row) == 1 for row in rows) and rows[0] != rows[1]  # a row is one node
+    assert set().union(*rows) <= set(report["worker_nodes"])
+
+    # Both replicas hold the same LoRA, and rank 0 saved it.
+    loras = [lora_weights(output_dir / "workers" / f"rank{r}") for r in range(4)]
+    for lora in loras[1:]:
+        assert_same_lora(lora, loras[0])
+    assert_same_lora(lora_weights(Path(report["lora_dir"])), loras[0])
+    checkpoint = Path(report["checkpoint_dir"])
+    assert read_checkpoint_payload(checkpoint)["train"]["world_size"] == 4
+    assert list((checkpoint / "sharded").glob("*.distcp"))
+    steps = sorted(losses(report))
+    assert steps == [1, 2] and all(math.isfinite(v[-1]) for v in losses(report).values())

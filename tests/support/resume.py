@@ -86,22 +86,23 @@ def run_id_of(root: Path, name: str) -> str:
     return runs[0].info.run_id
 
 
-def train_worker_pid() -> int | None:
+def train_worker_pid(workers: int = 1) -> int | None:
+    """The pid of a training worker while exactly `workers` are alive (one worker group), else None."""
     from ray.util.state import list_actors
 
     alive = list_actors(
         address=ray.get_runtime_context().gcs_address,
         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
     )
-    return alive[0].pid if len(alive) == 1 else None
+    return alive[0].pid if len(alive) == workers else None
 
 
-def run_and_kill_worker(cfg: Config, after_checkpoint: str) -> TrainingResult:
-    """run_training; its training worker process is SIGKILLed once `after_checkpoint` is
-    registered."""
+def run_and_kill_worker(cfg: Config, after_checkpoint: str, workers: int = 1) -> TrainingResult:
+    """run_training; one of its `workers` training worker processes is SIGKILLed once
+    `after_checkpoint` is registered."""
 
     def kill() -> bool:
-        pid = train_worker_pid()
+        pid = train_worker_pid(workers)
         if pid:
             os.kill(pid, signal.SIGKILL)
         return pid is not None

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from diffusers.models.resnet import SpatioTemporalResBlock
+from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
 
 from svdray.config import Config
 from svdray.models.base import ModelFamily, TrainingModels
@@ -28,6 +30,9 @@ from svdray.models.svd.pipeline import FrozenModels, load_pipeline, save_tiny_pi
 
 if TYPE_CHECKING:
     from svdray.data.cache import CacheEncoderSpec
+
+# The UNet's repeated blocks (see `SVDFamily.blocks`).
+UNET_BLOCKS = (SpatioTemporalResBlock, TransformerSpatioTemporalModel)
 
 
 def with_motion_buckets(batch: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -68,6 +73,11 @@ class SVDFamily(ModelFamily):
         enable_checkpointing(unet, cfg.train.gradient_checkpointing)
         apply_speed_options(unet, frozen.vae, cfg.speed)
         return TrainingModels(unet, frozen)
+
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """Every spatio-temporal res-block and transformer of the UNet's down, mid and up blocks
+        (the samplers, the time embedding and conv_in/conv_out stay with the UNet)."""
+        return [m for m in denoiser.modules() if isinstance(m, UNET_BLOCKS)]
 
     def cache_encoder(self) -> CacheEncoderSpec:
         from svdray.models.svd.cache import SVD_CACHE
@@ -134,8 +144,14 @@ class SVDFamily(ModelFamily):
             models.unet, models.frozen, models.scheduler_config, images, spec, generator, grad_steps
         )
 
-    def save_lora(self, denoiser: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
-        return save_lora(denoiser, out_dir, cfg.model.pretrained)
+    def save_lora(
+        self,
+        denoiser: torch.nn.Module,
+        cfg: Config,
+        out_dir: str | Path,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        return save_lora(denoiser, out_dir, cfg.model.pretrained, state_dict)
 
     def load_lora(self, denoiser: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
         return load_lora(denoiser, lora_dir)

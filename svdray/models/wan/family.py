@@ -92,6 +92,9 @@ class WanFamily(ModelFamily):
         apply_speed_options(denoiser, pipe.vae, cfg.speed)
         return TrainingModels(denoiser, frozen)
 
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        return list(denoiser.blocks)
+
     def cache_encoder(self) -> CacheEncoderSpec:
         from svdray.models.wan.cache import WAN_CACHE
 
@@ -164,12 +167,18 @@ class WanFamily(ModelFamily):
     ) -> torch.Tensor:
         return sampler.sample_frames(models, images, spec, generator, grad_steps)
 
-    def save_lora(self, denoiser: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
+    def save_lora(
+        self,
+        denoiser: torch.nn.Module,
+        cfg: Config,
+        out_dir: str | Path,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
         """peft's adapter folder (what checkpoints, `svdray sample` and `export` read) with diffusers'
         `pytorch_lora_weights.safetensors` beside it: `WanImageToVideoPipeline.load_lora_weights(out_dir)`
         loads the folder as it is (`load_into_transformer_2=True` for A14B's low-noise expert)."""
-        save_lora(denoiser, out_dir, cfg.model.pretrained)
-        return save_wan_lora(denoiser, out_dir)
+        save_lora(denoiser, out_dir, cfg.model.pretrained, state_dict)
+        return save_wan_lora(denoiser, out_dir, state_dict)
 
     def load_lora(self, denoiser: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
         return load_lora(denoiser, lora_dir)
