@@ -36,8 +36,11 @@ class ModelConfig:
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # dtype of the denoiser's frozen weights (SVD's UNet, Wan's transformer); its LoRA weights (and
     # their gradients and AdamW state) stay float32. bfloat16 halves SVD's 6.1 GB UNet and needs
-    # train.mixed_precision: bf16.
-    denoiser_dtype: Literal["float32", "bfloat16"] = "float32"
+    # train.mixed_precision: bf16. float8: the linear (and SVD's convolution) weights of every
+    # block stored as float8 e4m3 with a scale per output channel and computed in bf16, one layer
+    # at a time (svdray/models/float8.py): half of bf16's bytes; norms, biases, embeddings and the
+    # head stay bf16. Also needs bf16.
+    denoiser_dtype: Literal["float32", "bfloat16", "float8"] = "float32"
 
 
 @dataclass

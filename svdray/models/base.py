@@ -72,6 +72,9 @@ class ModelFamily(ABC):
     batch_columns: ClassVar[tuple[str, ...]]
     # `svdray export --format`: what this family's LoRA can be written as.
     export_formats: ClassVar[tuple[str, ...]] = ("peft", "merged")
+    # Layers inside `blocks` that keep their dtype under `model.denoiser_dtype: float8` (names
+    # containing one of these), besides norms, biases and everything outside the blocks.
+    float8_keep: ClassVar[tuple[str, ...]] = ()
 
     # ---------------------------------------------------------------- config and loading
     def check_config(self, cfg: Config) -> None:  # noqa: B027 - optional hook
@@ -90,8 +93,9 @@ class ModelFamily(ABC):
     @abstractmethod
     def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
         """The denoiser's repeated blocks, in forward order: FSDP2 shards each and gathers one at
-        a time (`train.parallel`). What lies outside them (embedders, the head) stays with the
-        denoiser itself."""
+        a time (`train.parallel`); an fp8 base stores the weights of their linear layers
+        (`model.denoiser_dtype: float8`). What lies outside them (embedders, the head) stays
+        with the denoiser itself."""
 
     # ---------------------------------------------------------------- data
     @abstractmethod

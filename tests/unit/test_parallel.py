@@ -86,11 +86,14 @@ def wan_runs(wan_dir, tmp_path_factory) -> Path:
     tree = run_config(wan_dir, "wan", denoiser_dtype="bfloat16")
     tree["train"]["mixed_precision"] = "bf16"
     checkpoint = out / "fsdp" / f"step_{CHECKPOINT_AT}"
+    float8 = {"model": {"denoiser_dtype": "float8"}}
     phases = [
         {"name": "ddp", "strategy": "ddp", "steps": STEPS},
         {"name": "fsdp", "strategy": "fsdp", "steps": STEPS, "checkpoint_at": CHECKPOINT_AT},
         {"name": "resumed", "strategy": "fsdp", "steps": STEPS, "resume": str(checkpoint)},
         {"name": "ddp-resumed", "strategy": "ddp", "steps": STEPS, "resume": str(checkpoint)},
+        {"name": "ddp-float8", "strategy": "ddp", "steps": STEPS, "config": float8},
+        {"name": "fsdp-float8", "strategy": "fsdp", "steps": STEPS, "config": float8},
     ]
     spawn({"config": tree, "phases": phases}, out, world_size=2)
     one = {"name": "one-worker", "strategy": "fsdp", "steps": CHECKPOINT_AT + 1, "resume": str(checkpoint)}
@@ -118,6 +121,18 @@ def test_fsdp_equals_ddp_on_wan(wan_runs: Path) -> None:
         if key.startswith("lora/"):
             peft_key = key.removeprefix("lora/").replace(".default.", ".")
             assert torch.equal(saved[peft_key], value), key
+
+
+def test_float8_base_under_ddp_and_fsdp(wan_runs: Path) -> None:
+    """The fp8 base (float8 weights with a float32 scale buffer) trains under both: FSDP2 shards
+    and gathers the float8 parameters, DDP leaves them out of its broadcast (gloo has no float8),
+    and the two compute the same run. (How close fp8 stays to bf16: tests/unit/test_float8.py.)"""
+    n = lora_size(wan_runs / "ddp" / "lora")
+    assert_same_run(log(wan_runs, "fsdp-float8"), log(wan_runs, "ddp-float8"), n)
+    assert_lora_close(
+        wan_runs / "fsdp-float8" / "lora", wan_runs / "ddp-float8" / "lora", atol=drift(n, STEPS, LR)
+    )
+    assert log(wan_runs, "ddp-float8")["loss"] != log(wan_runs, "ddp")["loss"]  # the base did change
 
 
 def test_sharded_checkpoint_resumes_exactly(wan_runs: Path) -> None:

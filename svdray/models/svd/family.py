@@ -19,6 +19,7 @@ from diffusers.models.transformers.transformer_temporal import TransformerSpatio
 
 from svdray.config import Config
 from svdray.models.base import ModelFamily, TrainingModels
+from svdray.models.float8 import quantize_blocks, storage_dtype
 from svdray.models.lora import cast_frozen_weights, load_lora, save_lora
 from svdray.models.precision import mixed_precision_dtype
 from svdray.models.speed import apply_speed_options
@@ -56,6 +57,9 @@ class SVDFamily(ModelFamily):
         "image_embedding",
     )
     export_formats = ("peft", "merged", "comfy")
+    # The res-blocks' projections of the time embedding (their modulation) and the transformers'
+    # time-position embedding stay bf16 under an fp8 base.
+    float8_keep = ("time_emb_proj", "time_pos_embed")
 
     def save_tiny_pipeline(self, out_dir: str | Path, seed: int = 0, **options: Any) -> Path:
         if options:
@@ -69,7 +73,10 @@ class SVDFamily(ModelFamily):
         frozen = FrozenModels.from_pipeline(pipe, device, cfg.model.frozen_dtype)
         frozen.vae_chunk = cfg.speed.vae_chunk
         unet = add_lora(pipe.unet, cfg.lora)
-        cast_frozen_weights(unet, getattr(torch, cfg.model.denoiser_dtype)).to(device)
+        cast_frozen_weights(unet, getattr(torch, storage_dtype(cfg.model.denoiser_dtype)))
+        if cfg.model.denoiser_dtype == "float8":
+            quantize_blocks(self.blocks(unet), self.float8_keep)
+        unet.to(device)
         enable_checkpointing(unet, cfg.train.gradient_checkpointing)
         apply_speed_options(unet, frozen.vae, cfg.speed)
         return TrainingModels(unet, frozen)

@@ -18,6 +18,7 @@ import torch
 
 from svdray.config import Config
 from svdray.models.base import ModelFamily, TrainingModels
+from svdray.models.float8 import quantize_blocks
 from svdray.models.lora import load_lora, save_lora
 from svdray.models.precision import mixed_precision_dtype
 from svdray.models.speed import apply_speed_options
@@ -86,6 +87,8 @@ class WanFamily(ModelFamily):
                 setattr(pipe, name, None)
         denoiser = getattr(pipe, frozen.expert)
         add_wan_lora(denoiser, cfg.lora.rank, cfg.lora.alpha, cfg.lora.feed_forward, cfg.lora.dropout)
+        if m.denoiser_dtype == "float8":
+            quantize_blocks(self.blocks(denoiser), self.float8_keep)
         denoiser.to(device)
         if cfg.train.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()

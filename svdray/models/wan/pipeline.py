@@ -37,6 +37,7 @@ from transformers import (
 
 from svdray import console
 from svdray.config import check_wan_num_frames as check_num_frames
+from svdray.models.float8 import storage_dtype
 
 Layout = Literal["i2v", "ti2v", "a14b"]
 LAYOUTS: tuple[str, ...] = ("i2v", "ti2v", "a14b")
@@ -276,8 +277,10 @@ def load_wan_pipeline(
     The transformer(s) load in `dtype` (not at all with `transformers=False`: the latent cache
     needs only the encoders). The VAE, the text and the image encoder load in
     `encoder_dtype` (training's `model.frozen_dtype`); None keeps the text encoder in `dtype`
-    and the VAE and CLIP in float32, as Wan's own code runs them.
+    and the VAE and CLIP in float32, as Wan's own code runs them. "float8" loads bf16 (training
+    quantises the trained expert's blocks after the LoRA is in: `svdray.models.float8`).
     """
+    dtype = storage_dtype(dtype)
     for key, value in (("model.denoiser_dtype", dtype), ("model.frozen_dtype", encoder_dtype or dtype)):
         if value not in DTYPES:
             raise ValueError(f"{key}: {value!r} is not one of {sorted(DTYPES)}")
@@ -300,7 +303,7 @@ def load_expert(
     return WanTransformer3DModel.from_pretrained(
         str(pretrained),
         subfolder=name,
-        dtype=DTYPES[dtype],
+        dtype=DTYPES[storage_dtype(dtype)],
         variant=variant,
         revision=revision,
         use_safetensors=True,
