@@ -131,6 +131,10 @@ class TrainConfig:
     # every temporal attention block and the rest of each spatio-temporal transformer
     # (svdray/models/svd/checkpointing.py), about 4x less activation memory than true at 576x1024.
     gradient_checkpointing: bool | Literal["full"] = False
+    # Keep what the forward saves for backward in host memory until backward needs it (torch's
+    # save_on_cpu): with checkpointing, every block's input (Wan 14B at 81x480x832: 13 GiB) leaves
+    # the GPU, at the cost of copying it out and back once per step (svdray/train/step.py).
+    offload_activations: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 1  # MLflow step metrics and the progress line

@@ -90,6 +90,12 @@ class ModelFamily(ABC):
         """Load `model.*`, freeze the encoders, put LoRA on the denoiser (float32 LoRA weights,
         frozen weights in the configured dtype), gradient checkpointing and `speed.*` applied."""
 
+    def release_encoders(self, models: TrainingModels) -> None:  # noqa: B027 - optional hook
+        """Move the frozen encoders off the training device. The loop calls it when every step
+        reads their outputs from the latent cache (`data.cache`) and no validation runs in the
+        loop, the one other use they have there. Default: keep them (SVD's step encodes the
+        noise-augmented conditioning image with the VAE even from the cache)."""
+
     @abstractmethod
     def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
         """The denoiser's repeated blocks, in forward order: FSDP2 shards each and gathers one at

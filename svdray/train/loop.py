@@ -61,6 +61,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     # Build: the family's models, the denoiser spread over the workers (train.parallel), then the
     # optimizer over its LoRA weights as this worker holds them (whole, or its shards).
     models = family.build_models(cfg, device)
+    inline = bool(cfg.validate.manifest) and cfg.validate.mode == "inline"
+    if cfg.data.cache and not inline:
+        family.release_encoders(models)  # the cache holds what they compute
     parallel = parallelize(
         models.denoiser, family.blocks(models.denoiser), cfg.train.parallel, device, this_worker()
     )
@@ -74,7 +77,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     state.world_size = world_size  # what this attempt's checkpoints record
     log = StepLog(cfg, loop_config, rank, state, restored_from)
     data = batches(ray.train.get_dataset_shard("train"), cfg, family, device, loop_config["data_skip"], state)
-    inline = bool(cfg.validate.manifest) and cfg.validate.mode == "inline"
     validation = Validation(cfg, family, loop_config) if inline else None
     global_batch = cfg.train.global_batch()
     last_checkpoint = state.step if restored_from else None

@@ -4,6 +4,7 @@ finite on some worker. Imports neither Ray nor MLflow."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,10 +60,21 @@ def accumulate_gradients(
             raise RuntimeError(f"the data ran out at step {step}: too many clips failed to decode") from None
         # Gradients are reduced across workers on the last micro-batch of an update only.
         with autocast, parallel.gradient_sync(micro == cfg.train.grad_accum - 1):
-            loss = family.training_loss(parallel.module, models.frozen, batch, cfg, generator)
+            with saved_activations(cfg.train.offload_activations, device):
+                loss = family.training_loss(parallel.module, models.frozen, batch, cfg, generator)
             loss = loss / cfg.train.grad_accum
             if step in cfg.train.debug_nan_at_steps:  # fault injection
                 loss = loss * float("nan")
             loss.backward()
         loss_sum += loss.detach()
     return loss_sum
+
+
+def saved_activations(offload: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """Around the forward: where the tensors it saves for backward wait. `train.offload_activations`:
+    in (pinned) host memory, each copied back when backward reaches it (torch's `save_on_cpu`).
+    With every block checkpointed those are the blocks' inputs (Wan 14B at 81x480x832: 13 GiB),
+    and one block's recomputation, which backward runs on the device, stays on it."""
+    if not offload:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")

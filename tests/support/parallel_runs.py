@@ -39,13 +39,19 @@ ADAM_STEP = 2 * (1 - 0.9) / (1 - 0.999) ** 0.5  # twice AdamW's bound per elemen
 
 def spawn(job: dict[str, Any], out: Path, world_size: int, nodes: list[str] | None = None) -> None:
     """Run `job` on `world_size` spawned gloo ranks (`nodes`: the node each rank says it runs on,
-    for HSDP's mesh); fails naming the rank that exited badly."""
+    for HSDP's mesh)."""
     out.mkdir(parents=True, exist_ok=True)
+    on_ranks(run_job, world_size, (job, str(out)), nodes)
+
+
+def on_ranks(target: Any, world_size: int, args: tuple, nodes: list[str] | None = None) -> None:
+    """`target(rank, world_size, node, *args)` on `world_size` spawned processes, each a gloo rank
+    of one process group; fails naming the exit codes if any rank fails."""
     context = multiprocessing.get_context("spawn")
     port = free_port()
     nodes = nodes or [""] * world_size
     ranks = [
-        context.Process(target=run_ranks, args=(rank, world_size, port, nodes[rank], job, str(out)))
+        context.Process(target=_rank_main, args=(rank, world_size, port, nodes[rank], target, args))
         for rank in range(world_size)
     ]
     for process in ranks:
@@ -56,15 +62,19 @@ def spawn(job: dict[str, Any], out: Path, world_size: int, nodes: list[str] | No
     assert codes == [0] * world_size, f"ranks exited with {codes}; see the output above"
 
 
-def run_ranks(rank: int, world_size: int, port: int, node: str, job: dict[str, Any], out: str) -> None:
+def _rank_main(rank: int, world_size: int, port: int, node: str, target: Any, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        for phase in job["phases"]:
-            run_phase(job["config"], phase, rank, world_size, node, Path(out))
+        target(rank, world_size, node, *args)
     finally:
         dist.destroy_process_group()
+
+
+def run_job(rank: int, world_size: int, node: str, job: dict[str, Any], out: str) -> None:
+    for phase in job["phases"]:
+        run_phase(job["config"], phase, rank, world_size, node, Path(out))
 
 
 def batch(step: int, rank: int, micro: int) -> dict[str, Any]:
@@ -195,3 +205,24 @@ def assert_lora_close(actual: Path, expected: Path, atol: float) -> None:
         for key in e[name]:
             torch.testing.assert_close(a[name][key], e[name][key], rtol=0, atol=atol, msg=f"{name}: {key}")
     assert (actual / "adapter_config.json").read_text() == (expected / "adapter_config.json").read_text()
+
+
+def count_fsdp_step(rank: int, world_size: int, node: str, tree: dict, out: str) -> None:
+    """benchmarks/memory.py's count of one Wan step on this rank of a real FSDP2 run (the tiny
+    model of `tree`, built and sharded as the loop does): <out>/rank<N>.json."""
+    from benchmarks.memory import rank_count, run_wan_step, wan_cached_batch
+    from svdray.config import config_from_dict
+    from svdray.models import family_of
+    from svdray.train.parallel import Workers, parallelize
+
+    cfg = config_from_dict(tree, check_files=False)
+    family = family_of(cfg)
+    device = torch.device("cpu")
+    torch.manual_seed(rank)
+    models = family.build_models(cfg, device)
+    parallelize(
+        models.denoiser, family.blocks(models.denoiser), "fsdp", device, Workers(rank, world_size, node)
+    )
+    batch = wan_cached_batch(models.denoiser, cfg.data.num_frames, cfg.data.height, cfg.data.width, device)
+    step = run_wan_step(models.denoiser, family.blocks(models.denoiser), models.frozen, cfg, batch, device)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(rank_count(step, world_size)))

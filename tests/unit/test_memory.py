@@ -1,8 +1,11 @@
 """Memory options: "full" gradient checkpointing and bf16 frozen UNet weights change how much the
 step holds, not what it computes; benchmarks/memory.py's count on fake tensors equals the same
-count on a real CPU step."""
+count on a real CPU step, and its count of one rank of a sharded Wan run the same count on each
+rank of a real FSDP2 step."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -134,3 +137,50 @@ def test_fake_count_equals_the_real_cpu_count(tiny_pipeline_dir, torch_single_th
         assert real[key] > 0 and real[key] == pytest.approx(fake[key], rel=0.1), key
     for key in ("encode_peak_gib", "activations_gib", "estimated_peak_gib"):
         assert real[key] > 0 and real[key] == pytest.approx(fake[key], rel=0.1), key
+
+
+def test_wan_rank_count_equals_a_real_fsdp_step(tmp_path):
+    """benchmarks/memory.py's count of one rank of a 2-worker FSDP2 run, on fake tensors (the tiny
+    Wan transformer built on the meta device, whole: the sharding is arithmetic), against the same
+    counting code on each rank of a real 2-process gloo FSDP2 step of the same model: the same
+    bytes, item by item, on both ranks (its weights, LoRA, gradient and AdamW shards, the saved
+    tensors and the recomputation, the gathered root and block)."""
+    from diffusers import WanTransformer3DModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from benchmarks.memory import rank_count, run_wan_step, wan_cached_batch, wan_frozen
+    from svdray.models.wan.family import WanFamily
+    from svdray.models.wan.pipeline import save_tiny_wan_pipeline, transformer_on_meta
+    from tests.support.parallel_runs import count_fsdp_step, on_ranks
+
+    pipeline = save_tiny_wan_pipeline(tmp_path / "tiny-wan", "i2v", seed=0)
+    tree = {
+        "model": {"family": "wan", "pretrained": str(pipeline), "denoiser_dtype": "bfloat16"},
+        "data": {"num_frames": 9, "height": 32, "width": 32, "cache": True},
+        "lora": {"rank": 4, "alpha": 4, "feed_forward": True},
+        "train": {
+            "mixed_precision": "bf16",
+            "gradient_checkpointing": True,
+            "num_workers": 2,
+            "parallel": "fsdp",
+        },
+    }
+    on_ranks(count_fsdp_step, 2, (tree, str(tmp_path)))
+    real = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+    cfg = config_from_dict(tree, check_files=False)
+    family = WanFamily()
+    config = WanTransformer3DModel.load_config(str(pipeline), subfolder="transformer")
+    transformer = family.prepare_transformer(transformer_on_meta(config, "bfloat16"), cfg)
+    frozen = wan_frozen(transformer, cfg, None, CPU)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        transformer.to_empty(device=CPU)
+        batch = wan_cached_batch(transformer, 9, 32, 32, CPU)
+        fake = rank_count(run_wan_step(transformer, family.blocks(transformer), frozen, cfg, batch, CPU), 2)
+
+    assert fake["checkpointed_regions"] == 2 and fake["terms"]["gathered"] > 0
+    for rank in real:
+        assert rank["terms"] == fake["terms"]
+        for key in ("weights_by_dtype", "root_bytes", "block_bytes", "saved_bytes", "recompute_peak_bytes"):
+            assert rank[key] == fake[key], key
+    assert fake["terms"]["weights"] < sum(fake["weights_by_dtype"].values()) * 2  # half, padded

@@ -189,3 +189,38 @@ def test_parallel_is_checked_before_anything_starts(tiny_pipeline_dir) -> None:
         config_from_dict(
             {**tree, "train": {**tree["train"], "parallel": "hsdp", "placement": "spread"}}, check_files=False
         )
+
+
+def test_offloaded_activations_compute_the_same_step(wan_dir) -> None:
+    """train.offload_activations keeps the forward's saved tensors in host memory until backward
+    (on a GPU; on this CPU the copies are the same bytes): the loss and every LoRA gradient are
+    those of the step without it, bit for bit."""
+    from svdray.models import family_of
+    from svdray.train.parallel import Workers, parallelize
+    from svdray.train.step import accumulate_gradients
+    from tests.support.parallel_runs import batches
+
+    results = []
+    for offload in (False, True):
+        tree = run_config(wan_dir, "wan", denoiser_dtype="bfloat16")
+        tree["train"] |= {
+            "num_workers": 1,
+            "grad_accum": 1,
+            "mixed_precision": "bf16",
+            "offload_activations": offload,
+        }
+        cfg = config_from_dict(tree, check_files=False)
+        family = family_of(cfg)
+        torch.manual_seed(0)
+        models = family.build_models(cfg, torch.device("cpu"))
+        parallel = parallelize(
+            models.denoiser, family.blocks(models.denoiser), "ddp", torch.device("cpu"), Workers()
+        )
+        loss = accumulate_gradients(
+            parallel, models, family, batches(1, 1, 0, 1), cfg, torch.Generator().manual_seed(0), 1
+        )
+        grads = {n: p.grad for n, p in models.denoiser.named_parameters() if p.grad is not None}
+        results.append((loss, grads))
+    (loss, grads), (offloaded_loss, offloaded_grads) = results
+    assert torch.equal(offloaded_loss, loss) and grads.keys() == offloaded_grads.keys() and grads
+    assert all(torch.equal(offloaded_grads[n], g) for n, g in grads.items())

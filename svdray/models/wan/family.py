@@ -85,18 +85,32 @@ class WanFamily(ModelFamily):
         for name in EXPERTS:  # A14B's other expert (14B weights) is loaded only if a sample needs it
             if name != frozen.expert:
                 setattr(pipe, name, None)
-        denoiser = getattr(pipe, frozen.expert)
-        add_wan_lora(denoiser, cfg.lora.rank, cfg.lora.alpha, cfg.lora.feed_forward, cfg.lora.dropout)
-        if m.denoiser_dtype == "float8":
-            quantize_blocks(self.blocks(denoiser), self.float8_keep)
-        denoiser.to(device)
-        if cfg.train.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
+        denoiser = self.prepare_transformer(getattr(pipe, frozen.expert), cfg).to(device)
         apply_speed_options(denoiser, pipe.vae, cfg.speed)
         return TrainingModels(denoiser, frozen)
 
+    def prepare_transformer(self, transformer: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+        """A loaded transformer as training runs it: frozen, the LoRA in, an fp8 base quantised
+        (`model.denoiser_dtype: float8`), every block checkpointed if asked (also what
+        benchmarks/memory.py counts, on the meta device)."""
+        add_wan_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.feed_forward, cfg.lora.dropout)
+        if cfg.model.denoiser_dtype == "float8":
+            quantize_blocks(self.blocks(transformer), self.float8_keep)
+        if cfg.train.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        return transformer
+
     def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
         return list(denoiser.blocks)
+
+    def release_encoders(self, models: TrainingModels) -> None:
+        """The VAE, UMT5 (11 GB in bf16 for the 14B models) and CLIP go to the CPU: from the
+        cache, a step needs only the empty prompt's embedding, encoded once at build time."""
+        frozen: loss.FrozenWan = models.frozen
+        for name in ("vae", "text_encoder", "image_encoder"):
+            module = getattr(frozen.pipe, name)
+            if module is not None:
+                module.to("cpu")
 
     def cache_encoder(self) -> CacheEncoderSpec:
         from svdray.models.wan.cache import WAN_CACHE

@@ -105,12 +105,26 @@ FULL_SIZE_TRANSFORMERS: dict[str, dict] = {
 }
 
 
-def meta_transformer(name: str) -> WanTransformer3DModel:
-    """A full-size transformer with no storage (meta device): names, shapes and FLOPs only."""
+def meta_transformer(name: str, dtype: str = "float32") -> WanTransformer3DModel:
+    """A full-size transformer with no storage (meta device): names, shapes, FLOPs and bytes."""
     if name not in FULL_SIZE_TRANSFORMERS:
         raise ValueError(f"{name!r} is not one of {sorted(FULL_SIZE_TRANSFORMERS)}")
+    return transformer_on_meta(FULL_SIZE_TRANSFORMERS[name], dtype)
+
+
+def transformer_on_meta(config: dict, dtype: str = "float32") -> WanTransformer3DModel:
+    """The transformer of `config` on the meta device, its parameters in `dtype` as
+    `from_pretrained(dtype=...)` loads them for `model.denoiser_dtype` (float8: bf16): in float32
+    where a name part is one of the class's `_keep_in_fp32_modules` (norms, the time embedder,
+    the modulation tables), as diffusers decides; buffers as built."""
     with torch.device("meta"):
-        return WanTransformer3DModel(**FULL_SIZE_TRANSFORMERS[name])
+        transformer = WanTransformer3DModel.from_config(config)
+    keep = set(transformer._keep_in_fp32_modules or [])
+    for name, param in transformer.named_parameters():
+        param.data = param.data.to(
+            torch.float32 if keep & set(name.split(".")) else DTYPES[storage_dtype(dtype)]
+        )
+    return transformer
 
 
 _TOKENIZER_CORPUS = [
