@@ -45,6 +45,13 @@ class TrainingModels:
     frozen: Any
 
 
+def denoiser_device(cfg: Config, device: torch.device) -> torch.device:
+    """Where `build_models` leaves the denoiser: on the training device, or on the CPU when
+    `train.parallel` shards it. FSDP2 moves it to the device one block at a time as it shards it,
+    so a denoiser larger than one GPU is never whole on one."""
+    return device if cfg.train.parallel == "ddp" else torch.device("cpu")
+
+
 @dataclass
 class LatentDistribution:
     """Mean and std of the VAE posterior per frame: what the latent cache stores.

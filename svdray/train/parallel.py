@@ -202,7 +202,7 @@ def parallelize(
     if strategy == "ddp":
         return Parallel(strategy, denoiser, _ddp(denoiser, device, workers), workers)
     mesh = device_mesh(strategy, device, workers)
-    _fully_shard(denoiser, blocks, mesh, workers)
+    _fully_shard(denoiser, blocks, mesh, workers, device)
     return Parallel(strategy, denoiser, denoiser, workers, mesh)
 
 
@@ -251,16 +251,25 @@ def _ddp(denoiser: torch.nn.Module, device: torch.device, workers: Workers) -> t
 
 
 def _fully_shard(
-    denoiser: torch.nn.Module, blocks: list[torch.nn.Module], mesh: Any, workers: Workers
+    denoiser: torch.nn.Module,
+    blocks: list[torch.nn.Module],
+    mesh: Any,
+    workers: Workers,
+    device: torch.device,
 ) -> None:
+    """Shard `denoiser` (built on the CPU, `svdray.models.base.denoiser_device`): each block, then
+    the root, moves to the mesh's device as `fully_shard` splits it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not blocks:
         raise ValueError(f"train.parallel: {type(denoiser).__name__} declares no blocks to shard")
-    # Every worker starts from rank 0's LoRA, as DDP makes them (each worker seeds its own).
+    # Every worker starts from rank 0's LoRA, as DDP makes them (each worker seeds its own); sent
+    # from the training device (NCCL sends no CPU tensors).
     if workers.world_size > 1:
         for param in lora_parameters(denoiser):
-            dist.broadcast(param.data, src=0)
+            sent = param.data.to(device)
+            dist.broadcast(sent, src=0)
+            param.data.copy_(sent)
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for index, block in enumerate(blocks):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)

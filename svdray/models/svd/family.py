@@ -18,7 +18,7 @@ from diffusers.models.resnet import SpatioTemporalResBlock
 from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
 
 from svdray.config import Config
-from svdray.models.base import ModelFamily, TrainingModels
+from svdray.models.base import ModelFamily, TrainingModels, denoiser_device
 from svdray.models.float8 import quantize_blocks, storage_dtype
 from svdray.models.lora import cast_frozen_weights, load_lora, save_lora
 from svdray.models.precision import mixed_precision_dtype
@@ -76,7 +76,7 @@ class SVDFamily(ModelFamily):
         cast_frozen_weights(unet, getattr(torch, storage_dtype(cfg.model.denoiser_dtype)))
         if cfg.model.denoiser_dtype == "float8":
             quantize_blocks(self.blocks(unet), self.float8_keep)
-        unet.to(device)
+        unet.to(denoiser_device(cfg, device))
         enable_checkpointing(unet, cfg.train.gradient_checkpointing)
         apply_speed_options(unet, frozen.vae, cfg.speed)
         return TrainingModels(unet, frozen)

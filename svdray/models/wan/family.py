@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from svdray.config import Config
-from svdray.models.base import ModelFamily, TrainingModels
+from svdray.models.base import ModelFamily, TrainingModels, denoiser_device
 from svdray.models.float8 import quantize_blocks
 from svdray.models.lora import load_lora, save_lora
 from svdray.models.precision import mixed_precision_dtype
@@ -85,7 +85,8 @@ class WanFamily(ModelFamily):
         for name in EXPERTS:  # A14B's other expert (14B weights) is loaded only if a sample needs it
             if name != frozen.expert:
                 setattr(pipe, name, None)
-        denoiser = self.prepare_transformer(getattr(pipe, frozen.expert), cfg).to(device)
+        denoiser = self.prepare_transformer(getattr(pipe, frozen.expert), cfg)
+        denoiser.to(denoiser_device(cfg, device))
         apply_speed_options(denoiser, pipe.vae, cfg.speed)
         return TrainingModels(denoiser, frozen)
 
