@@ -1,8 +1,9 @@
 """GPU memory of one SVD-XT LoRA training step, counted without a GPU.
 
-Builds the model on the meta device (no weights, no download: the SVD-XT architecture, or the
-components' configs of a local `model.pretrained` folder), moves it to fake CPU tensors
-(`FakeTensorMode`: shapes, dtypes and storages, no data) and runs one training step there,
+Builds the model on the meta device with the family's `meta_models` (no weights, no download:
+the SVD-XT architecture, or the components' configs of a local `model.pretrained` folder), moves
+it to fake CPU tensors (`FakeTensorMode`: shapes, dtypes and storages, no data) and runs one
+training step there,
 `training_loss` + backward + AdamW step, exactly as the loop builds and runs it. It counts:
 
   - weights: every parameter and buffer of the UNet, VAE and image encoder, by dtype;
@@ -40,7 +41,6 @@ import dataclasses
 import json
 import math
 import sys
-import tempfile
 import time
 import weakref
 from collections import defaultdict
@@ -57,13 +57,12 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step, when imported as a module
 
-from train_step import example_batch, meta_models, save_random_pipeline  # noqa: E402
+from train_step import ARCHITECTURE, example_batch  # noqa: E402
 
 from svdray.config import Config, apply_overrides, config_from_dict, load_config  # noqa: E402
-from svdray.models.lora import cast_frozen_weights, lora_parameters  # noqa: E402
+from svdray.models import family_of  # noqa: E402
+from svdray.models.lora import lora_parameters  # noqa: E402
 from svdray.models.precision import mixed_precision  # noqa: E402
-from svdray.models.speed import apply_speed_options  # noqa: E402
-from svdray.models.svd.checkpointing import enable_checkpointing  # noqa: E402
 from svdray.models.svd.loss import encode_batch, training_loss  # noqa: E402
 from svdray.models.svd.pipeline import FrozenModels  # noqa: E402
 from svdray.models.wan.pipeline import MAX_SEQUENCE_LENGTH, num_latent_frames  # noqa: E402
@@ -291,21 +290,12 @@ def count_regions(region: Region) -> int:
     return sum(1 + count_regions(child) for child in region.children)
 
 
-def prepare_meta_models(pipeline_dir: Path, cfg: Config) -> tuple[FrozenModels, torch.nn.Module]:
-    """The config's models on the meta device, dtypes and checkpointing as `build_models` sets them."""
-    frozen, unet = meta_models(pipeline_dir, cfg)
-    for module in (frozen.vae, frozen.image_encoder):
-        module.eval().to(getattr(torch, cfg.model.frozen_dtype))
-    cast_frozen_weights(unet, getattr(torch, cfg.model.denoiser_dtype))
-    enable_checkpointing(unet, cfg.train.gradient_checkpointing)
-    speed = dataclasses.replace(cfg.speed, compile_denoiser=False)  # nothing to compile on fake tensors
-    apply_speed_options(unet, frozen.vae, speed)
-    return dataclasses.replace(frozen, vae_chunk=speed.vae_chunk), unet
-
-
-def count_config(pipeline_dir: Path, cfg: Config, cached: bool = False) -> dict[str, Any]:
-    """Count one step of `cfg` on fake CPU tensors: no memory, no data, exact shapes and dtypes."""
-    frozen, unet = prepare_meta_models(pipeline_dir, cfg)
+def count_config(cfg: Config, cached: bool = False, architecture: str | None = None) -> dict[str, Any]:
+    """Count one step of `cfg` on fake CPU tensors: no memory, no data, exact shapes and dtypes.
+    The models are the family's `meta_models` (of `model.pretrained`'s configs, or the named
+    full-size `architecture`): built as `build_models` builds them."""
+    models = family_of(cfg).meta_models(cfg, architecture)
+    frozen, unet = models.frozen, models.denoiser
     cpu = torch.device("cpu")
     with FakeTensorMode(allow_non_fake_inputs=True):
         for module in (unet, frozen.vae, frozen.image_encoder):
@@ -383,13 +373,13 @@ def settings(cfg: Config, cached: bool) -> dict[str, Any]:
     }
 
 
-def architecture_dir(cfg: Config, workdir: Path) -> tuple[Path, str]:
+def architecture(cfg: Config) -> tuple[str | None, str]:
     """A local pipeline folder gives its components' configs; anything else (a hub id) counts the
-    SVD-XT architecture, written as configs alone (no weights, nothing downloaded)."""
+    SVD-XT architecture the family builds (no weights, nothing downloaded). (name, label)."""
     local = Path(cfg.model.pretrained).expanduser()
     if (local / "unet" / "config.json").is_file():
-        return local, str(local)
-    return save_random_pipeline(False, workdir / "svd-xt", configs_only=True), "SVD-XT (built-in configs)"
+        return None, str(local)
+    return ARCHITECTURE, f"{ARCHITECTURE} (built-in configs)"
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -407,17 +397,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for label, overrides in option_variants(configs[0])[1:]:
             cases.append((with_overrides(configs[0], overrides), label, label == CACHED))
     rows = []
-    with tempfile.TemporaryDirectory(prefix="svdray-memory-") as tmp:
-        pipeline_dir, architecture = architecture_dir(template, Path(tmp))
-        for cfg, label, cached in cases:
-            started = time.perf_counter()
-            row = {"variant": label, "settings": settings(cfg, cached), "architecture": architecture}
-            row.update(count_config(pipeline_dir, cfg, cached))
-            row["count_s"] = time.perf_counter() - started
-            rows.append(row)
-            print_row(row, header=len(rows) == 1)
-            if args.out:
-                Path(args.out).write_text(json.dumps(rows, indent=1))
+    name, label = architecture(template)
+    for cfg, variant, cached in cases:
+        started = time.perf_counter()
+        row = {"variant": variant, "settings": settings(cfg, cached), "architecture": label}
+        row.update(count_config(cfg, cached, name))
+        row["count_s"] = time.perf_counter() - started
+        rows.append(row)
+        print_row(row, header=len(rows) == 1)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
     return rows
 
 
@@ -598,32 +587,6 @@ def wan_cached_batch(
     return batch
 
 
-def wan_frozen(transformer: torch.nn.Module, cfg: Config, boundary_ratio: float | None, device: torch.device):
-    """What the Wan loss needs of the pipeline around the transformer, for a count: its scheduler
-    and layout, the expert's sigma range, the encoded empty prompt's shape (no encoder is built)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
-
-    from svdray.models.wan import objective
-    from svdray.models.wan.loss import FrozenWan
-
-    config = transformer.config
-    pipe = WanImageToVideoPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=None,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-        image_processor=None,
-        image_encoder=None,
-        transformer=None,
-        transformer_2=None,
-        boundary_ratio=boundary_ratio,
-        expand_timesteps=config.in_channels == config.out_channels,
-    )
-    sigma_range = objective.expert_sigma_range(boundary_ratio, cfg.wan.expert)
-    empty = torch.zeros(1, MAX_SEQUENCE_LENGTH, config.text_dim, device=device)
-    return FrozenWan(pipe, cfg.wan.expert or "transformer", sigma_range, 5.0, empty)
-
-
 @dataclasses.dataclass
 class WanStep:
     """One counted step of a Wan transformer, everything a rank's count reads: the model (its
@@ -716,27 +679,17 @@ def rank_count(step: WanStep, shard: int, offload: bool = False) -> dict[str, An
 
 
 def count_wan_cases(cases: list[WanCase]) -> Iterator[dict[str, Any]]:
-    """Count `cases` on fake tensors, the full-size transformers built on the meta device; one
-    counted step serves every case of the same model, shape, base dtype and rank (how the model
-    is spread and offloading change only the per-rank arithmetic)."""
-    from svdray.models.wan.family import WanFamily
-    from svdray.models.wan.pipeline import meta_transformer
-
+    """Count `cases` on fake tensors, the full-size models built on the meta device by the family
+    (`meta_models`: as `build_models` builds them); one counted step serves every case of the same
+    model, shape, base dtype and rank (how the model is spread and offloading change only the
+    per-rank arithmetic)."""
     steps: dict[tuple, WanStep] = {}
-    family = WanFamily()
-    cpu = torch.device("cpu")
     for case in cases:
         started = time.perf_counter()
         key = (case.model, case.frames, case.height, case.width, case.denoiser_dtype, case.rank)
         if key not in steps:
             cfg = wan_case_config(case)
-            transformer = family.prepare_transformer(meta_transformer(case.model, case.denoiser_dtype), cfg)
-            boundary = 0.9 if case.model == "Wan2.2-I2V-A14B" else None
-            frozen = wan_frozen(transformer, cfg, boundary, cpu)  # its scheduler needs real tensors
-            with FakeTensorMode(allow_non_fake_inputs=True):
-                transformer.to_empty(device=cpu)
-                batch = wan_cached_batch(transformer, case.frames, case.height, case.width, cpu)
-                steps[key] = run_wan_step(transformer, family.blocks(transformer), frozen, cfg, batch, cpu)
+            steps[key] = fake_wan_step(cfg, case.model)
         step = steps[key]
         counted = rank_count(step, case.spread.shard, case.offload)
         p_t, p_h, p_w = step.transformer.config.patch_size
@@ -754,6 +707,24 @@ def count_wan_cases(cases: list[WanCase]) -> Iterator[dict[str, Any]]:
             "verdict": verdict(counted, case.target_gib),
             "count_s": time.perf_counter() - started,
         }
+
+
+def fake_wan_step(cfg: Config, architecture: str | None = None) -> WanStep:
+    """One cached step of `cfg`'s Wan model (the named full-size `architecture`, or the configs of
+    `model.pretrained`), whole, on fake CPU tensors."""
+    family = family_of(cfg)
+    models = family.meta_models(cfg, architecture)
+    cpu = torch.device("cpu")
+    transformer = models.denoiser
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        transformer.to_empty(device=cpu)
+        # The encoders stay on the meta device (the cache holds what they compute); the empty
+        # prompt they encoded is what prompt dropout puts in.
+        frozen = dataclasses.replace(
+            models.frozen, empty_prompt=torch.empty_like(models.frozen.empty_prompt, device=cpu)
+        )
+        batch = wan_cached_batch(transformer, cfg.data.num_frames, cfg.data.height, cfg.data.width, cpu)
+        return run_wan_step(transformer, family.blocks(transformer), frozen, cfg, batch, cpu)
 
 
 def verdict(counted: dict[str, Any], target_gib: float | None) -> str:

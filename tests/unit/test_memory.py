@@ -80,7 +80,7 @@ def test_full_checkpointing_saves_less_than_diffusers_own(tiny_pipeline_dir, tor
     saved = {}
     for mode in (False, True, "full"):
         cfg = tiny_config(tiny_pipeline_dir, gradient_checkpointing=mode)
-        saved[mode] = count_config(tiny_pipeline_dir, cfg)
+        saved[mode] = count_config(cfg)
     assert saved[False]["checkpointed_regions"] == 0
     assert saved["full"]["checkpointed_regions"] > saved[True]["checkpointed_regions"] > 0
     assert saved["full"]["saved_bytes"] < saved[True]["saved_bytes"] < saved[False]["saved_bytes"]
@@ -127,7 +127,7 @@ def test_fake_count_equals_the_real_cpu_count(tiny_pipeline_dir, torch_single_th
         mixed_precision="bf16",
         gradient_checkpointing="full",
     )
-    fake = count_config(tiny_pipeline_dir, cfg, cached)
+    fake = count_config(cfg, cached)
     models = SVDFamily().build_models(cfg, CPU)
     frozen, unet = models.frozen, models.denoiser
     real = count_step(frozen, unet, cfg, cached, CPU)
@@ -145,12 +145,8 @@ def test_wan_rank_count_equals_a_real_fsdp_step(tmp_path):
     counting code on each rank of a real 2-process gloo FSDP2 step of the same model: the same
     bytes, item by item, on both ranks (its weights, LoRA, gradient and AdamW shards, the saved
     tensors and the recomputation, the gathered root and block)."""
-    from diffusers import WanTransformer3DModel
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from benchmarks.memory import rank_count, run_wan_step, wan_cached_batch, wan_frozen
-    from svdray.models.wan.family import WanFamily
-    from svdray.models.wan.pipeline import save_tiny_wan_pipeline, transformer_on_meta
+    from benchmarks.memory import fake_wan_step, rank_count
+    from svdray.models.wan.pipeline import save_tiny_wan_pipeline
     from tests.support.parallel_runs import count_fsdp_step, on_ranks
 
     pipeline = save_tiny_wan_pipeline(tmp_path / "tiny-wan", "i2v", seed=0)
@@ -168,15 +164,7 @@ def test_wan_rank_count_equals_a_real_fsdp_step(tmp_path):
     on_ranks(count_fsdp_step, 2, (tree, str(tmp_path)))
     real = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
-    cfg = config_from_dict(tree, check_files=False)
-    family = WanFamily()
-    config = WanTransformer3DModel.load_config(str(pipeline), subfolder="transformer")
-    transformer = family.prepare_transformer(transformer_on_meta(config, "bfloat16"), cfg)
-    frozen = wan_frozen(transformer, cfg, None, CPU)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        transformer.to_empty(device=CPU)
-        batch = wan_cached_batch(transformer, 9, 32, 32, CPU)
-        fake = rank_count(run_wan_step(transformer, family.blocks(transformer), frozen, cfg, batch, CPU), 2)
+    fake = rank_count(fake_wan_step(config_from_dict(tree, check_files=False)), 2)
 
     assert fake["checkpointed_regions"] == 2 and fake["terms"]["gathered"] > 0
     for rank in real:
