@@ -295,7 +295,7 @@ class TuneConfig:
     search_space: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     num_samples: int = 8
     name: str | None = None  # stable sweep name (re-running resumes); default "<train.name>-sweep"
-    # The loop metric to optimise (`loss`; `val_loss` once validation runs). Tune sees
+    # The loop metric to optimise: `loss`, or `val_loss` (needs validate.manifest). Tune sees
     # `objective`: the mean of its last `metric_window` reported values (1: the value itself).
     metric: str = "loss"
     metric_window: int = 10
@@ -616,6 +616,10 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         raise ConfigError(
             f"validate.every: {cfg.validate.every} with validate.mode: checkpoint must be a multiple of "
             f"train.checkpoint_every ({cfg.train.checkpoint_every}): it validates checkpoints"
+        )
+    if cfg.tune.search_space and cfg.tune.metric == "val_loss" and not cfg.validate.manifest:
+        raise ConfigError(
+            "tune.metric: val_loss needs validate.manifest (the held-out clips it is the loss of)"
         )
     if cfg.validate.mode == "checkpoint" and cfg.tune.metric == "val_loss":
         raise ConfigError(

@@ -332,6 +332,7 @@ def summarize(results: tune.ResultGrid, cfg: Config, uri: str, parent_run_id: st
                 objective=metrics.get(OBJECTIVE),
                 run_id=run.info.run_id if run else None,
                 metrics=metrics,
+                val_loss=run.data.metrics.get(tracking.METRIC_GROUPS["val_loss"]) if run else None,
             )
         )
         if run is not None:  # what the TrialTracker did not get to (or could not reach MLflow for)
@@ -414,7 +415,7 @@ def run_sweep(cfg: Config) -> SweepResult:
         trials = summarize(results, cfg, uri, parent_run_id)
         best = pick_best(trials, cfg.tune.mode)
         keys = list(cfg.tune.search_space)
-        rows = summary_rows(trials, keys, best)
+        rows = summary_rows(trials, keys, best, cfg.tune.mode)
         summary_csv = write_csv(rows, out / "summary.csv")
         client = MlflowClient(tracking_uri=uri)
         client.log_artifact(parent_run_id, str(summary_csv))
