@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.validation_config import ValidationConfig
 
 from svdray import console, tracking
-from svdray.config import Config
+from svdray.config import Config, ConfigError
 from svdray.data.manifest import DataError, ManifestError
 from svdray.data.prepare import Prepared, training_rows
 from svdray.data.run import DataRecord, build_run_data, fill_cache, finish_run_data, training_stream
@@ -54,6 +54,16 @@ class TrainingResult:
     metrics: dict
 
 
+# The raylet warns ("N PYTHON worker processes have been started ... 4x the maximum expected
+# startup concurrency") once a node runs 4x its startup concurrency of Python workers beyond its
+# I/O workers, and that concurrency defaults to the node's cores. Ray Train and Ray Data run 9
+# actors of their own beside a run's workers, decoders, ledger and progress board, so on a 2-core
+# machine every run trips it. A floor of 8 keeps the warning for what it is meant to catch
+# (runaway actor creation: 40 workers) and lets the raylet start 8 processes at once.
+STARTUP_CONCURRENCY_ENV = "RAY_worker_maximum_startup_concurrency"
+MIN_STARTUP_CONCURRENCY = 8
+
+
 def init_ray(cfg: Config) -> None:
     """Connect to a cluster (ray.address or RAY_ADDRESS) or start a local one bound to 127.0.0.1.
 
@@ -66,13 +76,36 @@ def init_ray(cfg: Config) -> None:
         if address:
             ray.init(address=address, **options)
         else:
+            # Read by the raylet this starts (a cluster of `ray start` reads its own environment).
+            floor = max(MIN_STARTUP_CONCURRENCY, os.cpu_count() or 1)
+            os.environ.setdefault(STARTUP_CONCURRENCY_ENV, str(floor))
+            # "local": a new instance of our own, never a cluster another `ray start` left on
+            # this machine (ray.init() alone joins the one in /tmp/ray/ray_current_cluster).
             ray.init(
+                address="local",
                 num_cpus=cfg.ray.num_cpus,
                 include_dashboard=True,
                 dashboard_host=cfg.ray.dashboard_host,
                 **options,
             )
     console.quiet_ray_data()
+
+
+def check_local_cluster_fits(cfg: Config) -> None:
+    """A local Ray instance this run starts must hold its workers and one decoder at once, or the
+    run would wait for CPUs forever: fail before anything starts, naming the keys."""
+    if ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster's size is its own (an autoscaler may grow it)
+    cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+    _, workers = cfg.train.worker_range()
+    needed = workers * cfg.train.cpus_per_worker + cfg.data.decode_cpus
+    if needed > cpus:
+        raise ConfigError(
+            f"ray.num_cpus: the local Ray instance has {cpus} CPUs, but {workers} workers x "
+            f"train.cpus_per_worker {cfg.train.cpus_per_worker:g} + one decoder of data.decode_cpus "
+            f"{cfg.data.decode_cpus:g} need {needed:g}: raise ray.num_cpus (logical CPUs may exceed "
+            "the cores) or lower those"
+        )
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -220,6 +253,7 @@ def run_training(
     cfg = resolve_paths(cfg)
     if cfg.train.resume_from:
         check_checkpoint(cfg.train.resume_from)  # before anything starts: never a pickle
+    check_local_cluster_fits(cfg)
     write_run_config(cfg)
     init_ray(cfg)
     # Started now, not with the trainer's dozen actors: fewer processes starting at once.

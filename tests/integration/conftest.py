@@ -18,6 +18,7 @@ def ray_cluster():
     # The dashboard stays on (an early-stopped Tune trial's resources are only freed with it on)
     # and binds to 127.0.0.1 on a free port, so parallel test sessions never collide.
     ray.init(
+        address="local",  # our own, never a cluster another test or agent started on this machine
         num_cpus=4,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
