@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.support.mlflow_store import seed_store
 from tests.support.servers import free_port
 
 
@@ -42,6 +43,20 @@ def ray_head():
 
 
 @pytest.fixture
+def write_config(write_config):
+    """The tiers' `write_config`, its sqlite MLflow store put in place already migrated
+    (tests/support/mlflow_store.py): a run's results are the same, minus seconds of migrations."""
+    import yaml
+
+    def _write(manifest, **sections):
+        path = write_config(manifest, **sections)
+        seed_store(yaml.safe_load(path.read_text())["mlflow"]["tracking_uri"])
+        return path
+
+    return _write
+
+
+@pytest.fixture
 def mlflow_ui(tmp_path):
     """`svdray ui` for a sqlite store in tmp: the MLflow server (UI + REST API) on 127.0.0.1.
 
@@ -52,6 +67,7 @@ def mlflow_ui(tmp_path):
     directory = tmp_path / "mlflow-ui"
     directory.mkdir()
     db = directory / "mlflow.db"
+    seed_store(db)
     port = free_port()
     marker = f"ui-{port}-{tmp_path.name}"
     log = directory / "ui.log"

