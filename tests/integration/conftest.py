@@ -12,6 +12,17 @@ from tests.support.mlflow_store import seed_store
 from tests.support.servers import free_port
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Two lanes for pytest-xdist (`-n 2 --dist loadgroup`): the tests on the session's local
+    cluster (`ray_cluster`) run one after another in one process, as they share it; the tests
+    whose Ray runs in processes of their own (`ray job submit` to the `ray_head`, the multi-node
+    driver, a `svdray` subprocess) run beside them in another. Ray runs wait much of the time (on
+    polls, process starts, collectives), so the lanes overlap on two cores."""
+    for item in items:
+        lane = "session-cluster" if "ray_cluster" in item.fixturenames else "own-processes"
+        item.add_marker(pytest.mark.xdist_group(lane))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
@@ -40,6 +51,23 @@ def ray_head():
     head = start_ray_head(num_cpus=2)
     yield head
     stop_ray_head(head)
+
+
+@pytest.fixture(scope="module")
+def multinode(tmp_path_factory):
+    """A simulated multi-node Ray cluster (a head and worker nodes, tests/support/multinode.py)
+    with its driver process, started once for a test module; each run asks for the worker nodes
+    it needs. A restart that waits for room (a lost node) gives up after 20 s, not Ray Train's 60,
+    and tries again: the elastic test then goes on with the workers that fit."""
+    import os
+
+    from tests.support.multinode import MultinodeDriver
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+    driver = MultinodeDriver(tmp_path_factory.mktemp("multinode-driver"), env)
+    yield driver
+    driver.close()
 
 
 @pytest.fixture

@@ -4,18 +4,16 @@ CPU, MLflow on sqlite: two workers spread over two nodes stay identical replicas
 node killed mid-run (and replaced) costs only the steps since the latest checkpoint, and the run
 ends with the LoRA and loss curve of the uninterrupted run.
 
-Each run is its own driver process (`python -m tests.support.multinode`), started by the test: a process
-connects to one Ray cluster, and the test session's local one (the `ray_cluster` fixture, which
-these tests do not use) may already be running in this process when the whole suite runs.
+The runs share one cluster and its driver process (the `multinode` fixture: `python -m
+tests.support.multinode serve`), each run on the worker nodes it asks for: a process connects to
+one Ray cluster, and the test session's local one (the `ray_cluster` fixture, which these tests do
+not use) may already be running in this process when the whole suite runs.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,6 @@ from svdray.train.checkpoint import read_checkpoint_payload
 from svdray.train.optim import build_lr_scheduler
 from svdray.train.workers import NODE_FILE
 from tests.support.mlflow_store import seed_store
-from tests.support.paths import REPO
 from tests.support.resume import all_values, assert_same_lora, config_tree, lora_weights, run_id_of
 
 MAX_STEPS = 6
@@ -67,27 +64,6 @@ def write_config(root: Path, pipeline_dir: Path, name: str, **train) -> Path:
     return path
 
 
-def run_driver(root: Path, config: Path, *options: str, env: dict[str, str] | None = None) -> dict:
-    """`python -m tests.support.multinode` on `config` (with `env` added to its environment); its
-    JSON report."""
-    out = config.with_suffix(".json")
-    command = [
-        sys.executable,
-        "-m",
-        "tests.support.multinode",
-        "--config",
-        str(config),
-        "--out",
-        str(out),
-        *options,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", **(env or {})}
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return json.loads(out.read_text())
-
-
 def worker_nodes_of_run(output_dir: Path) -> dict[int, str]:
     """rank -> the node it ran on (written by each worker at the end: train.save_worker_loras)."""
     records = [json.loads(p.read_text()) for p in sorted(output_dir.glob(f"workers/rank*/{NODE_FILE}"))]
@@ -99,8 +75,8 @@ def losses(report: dict) -> dict[int, list[float]]:
 
 
 @pytest.fixture(scope="module")
-def spread_run(root, tiny_pipeline_dir) -> dict:
-    return run_driver(root, write_config(root, tiny_pipeline_dir, "spread"))
+def spread_run(multinode, root, tiny_pipeline_dir) -> dict:
+    return multinode.run(write_config(root, tiny_pipeline_dir, "spread"))
 
 
 def test_two_workers_spread_over_two_nodes(spread_run: dict, root: Path) -> None:
@@ -138,13 +114,15 @@ def test_two_workers_spread_over_two_nodes(spread_run: dict, root: Path) -> None
     }
 
 
-def test_node_lost_mid_run_resumes_exactly(spread_run: dict, root: Path, tiny_pipeline_dir: Path) -> None:
+def test_node_lost_mid_run_resumes_exactly(
+    multinode, spread_run: dict, root: Path, tiny_pipeline_dir: Path
+) -> None:
     """The same run, checkpoints uploaded asynchronously; once step 2's checkpoint is in storage
     a worker node is killed whole and a fresh node joins. Ray Train restarts the worker group
     (train.max_failures=1) from the latest checkpoint on the nodes left and the new one; the run
     ends as the uninterrupted (synchronously checkpointed) one did."""
     config = write_config(root, tiny_pipeline_dir, "lose-node", max_failures=1, checkpoint_upload="async")
-    report = run_driver(root, config, "--lose-node-after", "step_00000002")
+    report = multinode.run(config, lose_node_after="step_00000002")
 
     (lost,) = report["lost_nodes"]
     assert lost in report["worker_nodes"] and lost not in report["nodes_at_end"]
@@ -179,7 +157,7 @@ def test_node_lost_mid_run_resumes_exactly(spread_run: dict, root: Path, tiny_pi
 ELASTIC_STEPS = 40
 
 
-def test_elastic_run_keeps_its_global_batch(root: Path, tiny_pipeline_dir: Path) -> None:
+def test_elastic_run_keeps_its_global_batch(multinode, root: Path, tiny_pipeline_dir: Path) -> None:
     """train.num_workers: [1, 2] on worker nodes that hold one worker each. Two workers until
     step 2's checkpoint is in storage; then one node is lost (not replaced) and Ray Train restarts
     the group with the one worker that fits; once step 4's checkpoint is in, a node joins and Ray
@@ -198,17 +176,7 @@ def test_elastic_run_keeps_its_global_batch(root: Path, tiny_pipeline_dir: Path)
         keep_checkpoints=ELASTIC_STEPS,
         save_worker_loras=False,
     )
-    report = run_driver(
-        root,
-        config,
-        "--trainer-slots",
-        "1",
-        "--lose-node-after",
-        "step_00000002",
-        "--add-node-at-workers",
-        "1",
-        env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"},
-    )
+    report = multinode.run(config, trainer_slots=1, lose_node_after="step_00000002", add_node_at_workers=1)
     uri, run_id = report["tracking_uri"], report["mlflow_run_id"]
     assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FINISHED"
 
