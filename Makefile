@@ -37,8 +37,10 @@ test-unit: setup
 test-precision: setup
 	ATEN_CPU_CAPABILITY=default RAY_AUTH_MODE=disabled $(PY) -m pytest -q -n auto -m precision tests/unit
 
+# Two lanes (tests/integration/conftest.py): the tests on the session's Ray cluster, and beside
+# them those whose Ray runs in processes of their own; the total and the 12 slowest at the end.
 test-integration: setup
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q --durations=12 tests/integration
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -n 2 --dist loadgroup --durations=12 tests/integration
 
 lint: setup
 	$(VENV)/bin/ruff check svdray jobs tests benchmarks
