@@ -25,8 +25,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    import os
+
     import ray
 
+    from svdray.train.trainer import MIN_STARTUP_CONCURRENCY, STARTUP_CONCURRENCY_ENV
+
+    os.environ.setdefault(STARTUP_CONCURRENCY_ENV, str(MIN_STARTUP_CONCURRENCY))  # as svdray's own
     # The dashboard stays on (an early-stopped Tune trial's resources are only freed with it on)
     # and binds to 127.0.0.1 on a free port, so parallel test sessions never collide.
     ray.init(
