@@ -141,3 +141,22 @@ def test_a_local_cluster_too_small_for_the_run_fails_before_it_starts(
     check_local_cluster_fits(cfg)  # fits
     cfg.ray.num_cpus, cfg.ray.address = 2, "127.0.0.1:6379"
     check_local_cluster_fits(cfg)  # a cluster's size is its own
+
+
+def test_loading_configs_imports_no_model_library():
+    """Config validation stays instant: importing svdray.config and loading every shipped config
+    (each family's section and rules included) imports neither torch nor diffusers."""
+    from tests.support.paths import REPO
+
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from svdray.config import load_config\n"
+        "for path in sorted(Path('configs').glob('*.yaml')):\n"
+        "    load_config(path, check_files=False)\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert proc.stdout.strip() == "[]"
