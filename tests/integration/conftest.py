@@ -12,6 +12,7 @@ from tests.support.mlflow_store import seed_store
 from tests.support.servers import free_port
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Two lanes for pytest-xdist (`-n 2 --dist loadgroup`): the tests on the session's local
     cluster (`ray_cluster`) run one after another in one process, as they share it; the tests
