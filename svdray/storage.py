@@ -376,6 +376,7 @@ def download(source: str | Path, local_dir: str | Path) -> Path:
         local_dir.mkdir(parents=True, exist_ok=True)
         pafs.copy_files(inner, str(local_dir / basename(source)), fs, pafs.LocalFileSystem())
     else:
+        local_dir.mkdir(parents=True, exist_ok=True)  # pyarrow copies into it, it does not make it
         pafs.copy_files(inner, str(local_dir), fs, pafs.LocalFileSystem())
     return local_dir
 
@@ -468,9 +469,7 @@ def check(path: str | Path, key: str, need: str = "file", settings: StorageSetti
         root, kind = _within(settings.timeout_s, look)
     except TimeoutError:
         hint = (
-            " (no reachable Google credentials?)"
-            if scheme(uri) == "gs" and not settings.gcs_emulator
-            else ""
+            " (no reachable Google credentials?)" if scheme(uri) == "gs" and not settings.gcs_emulator else ""
         )
         raise StorageError(
             f"{key}: {uri}: no answer from {settings.endpoint(scheme(uri))} within "

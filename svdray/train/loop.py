@@ -34,7 +34,7 @@ from svdray.tracking import MetricWriter, mlflow_metrics
 from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from svdray.train.distributed import all_workers_finite, mean_across_workers, restore_rng, rng_snapshot
 from svdray.train.optim import build_lr_scheduler, build_optimizer
-from svdray.train.outputs import save_final_lora
+from svdray.train.outputs import run_output, save_final_lora
 from svdray.train.upload import report_checkpoint
 from svdray.train.validate import Validation
 from svdray.train.workers import save_worker_record
@@ -138,7 +138,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         save_final_lora(family, models.denoiser, cfg)  # output_dir/lora, or the run's bucket folder
     if cfg.train.save_worker_loras:
-        save_worker_record(models.denoiser, cfg.output_dir, rank)
+        with run_output(cfg, f"workers/rank{rank}") as folder:
+            save_worker_record(models.denoiser, folder, rank)
     return {"step": state.step, "bad_steps": state.bad_steps}
 
 

@@ -67,9 +67,12 @@ def start_s3() -> S3Server:
     """moto's S3 (and IAM) on a free port of 127.0.0.1, with one IAM user allowed everything;
     from then on every request must be signed with that user's key (moto checks signatures once
     INITIAL_NO_AUTH_ACTION_COUNT requests have passed: here the three that create the user)."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -81,7 +84,9 @@ def start_s3() -> S3Server:
     policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
     iam.put_user_policy(UserName="svdray", PolicyName="everything", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName="svdray")["AccessKey"]
-    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST")
+    request = urllib.request.Request(  # not a form: moto reads the raw body
+        f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
     return S3Server(server, endpoint, key["AccessKeyId"], key["SecretAccessKey"])
