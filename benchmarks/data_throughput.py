@@ -205,8 +205,9 @@ def step_cpu_seconds(work: Path, rows: list[dict], repeats: int = 5) -> dict[str
     """CPU seconds of one training step (loss + backward, batch 2, 8 frames at 64x96) on the tiny
     model, from decoded clips and from their cache entries, on one thread: CPU time, unlike wall
     time, hardly depends on what else the machine runs."""
-    from svdray.config import ModelConfig, SvdConfig
+    from svdray.config import ModelConfig
     from svdray.models.svd.cache import SVDCacheEncoder
+    from svdray.models.svd.config import SvdConfig
     from svdray.models.svd.loss import training_loss
     from svdray.models.svd.pipeline import FrozenModels, load_pipeline, save_tiny_pipeline
 

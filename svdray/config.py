@@ -18,6 +18,7 @@ import yaml
 
 from svdray import storage
 from svdray.data.buckets import parse_bucket
+from svdray.models import family_config, registered_families
 
 
 class ConfigError(ValueError):
@@ -27,8 +28,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     # The model family (svdray/models): "svd" for Stable Video Diffusion / SVD-XT, "wan" for Wan
-    # image-to-video. Its options live in the section of the same name (`svd:`, `wan:`).
-    family: Literal["svd", "wan"] = "svd"
+    # image-to-video. Its options live in the section of the same name (`svd:`, `wan:`). A family
+    # defined outside svdray: the import path "package.module:Class" of its FamilyConfig.
+    family: str = "svd"
     # A local pipeline directory (e.g. a downloaded SVD-XT) or a Hugging Face hub id.
     pretrained: str = "stabilityai/stable-video-diffusion-img2vid-xt"
     revision: str | None = None
@@ -320,94 +322,16 @@ class TuneConfig:
     registered_model: str = "svdray-lora"  # MLflow model registry name of the best LoRA; "" skips
 
 
-@dataclass
-class SvdSamplingConfig:
-    """SVD's conditioning of sampled videos (after training, validation, `svdray sample`)."""
-
-    # null: training's rule (`svd.motion_bucket_id`, or computed from the conditioning clip when
-    # that is null; 127 for a still image, which has no motion; the value used is logged)
-    motion_bucket_id: int | None = None
-    noise_aug_strength: float = 0.02
-    min_guidance: float = 1.0  # guidance ramps linearly from min (first frame) to max (last)
-    max_guidance: float = 3.0
-
-
-@dataclass
-class SvdRewardSamplingConfig:
-    """Overrides of `svd.sample` for the reward stage's videos; null: as `svd.sample`."""
-
-    motion_bucket_id: int | None = None
-    noise_aug_strength: float | None = None
-    min_guidance: float | None = None
-    max_guidance: float | None = None
-
-
-@dataclass
-class SvdConfig:
-    """Stable Video Diffusion's options (`model.family: svd`): its EDM objective, conditioning
-    augmentation and dropout, motion-bucket rule and guidance (svdray/models/svd/)."""
-
-    # Log-normal training sigma. 0.7/1.6 is the community SVD fine-tuning reference; sgm uses -1.2/1.2.
-    p_mean: float = 0.7
-    p_std: float = 1.6
-    # Conditioning noise augmentation strength ~ LogNormal(mean, std), drawn per sample.
-    noise_aug_mean: float = -3.0
-    noise_aug_std: float = 0.5
-    # Classifier-free guidance dropout (InstructPix2Pix scheme).
-    cfg_dropout: float = 0.1
-    # An int uses that bucket for every clip; null computes it from the clip's motion (a manifest's
-    # per-clip motion_bucket_id wins over both).
-    motion_bucket_id: int | None = 127
-    motion_bucket_scale: float = 4.0  # bucket = scale * temporal pixel std (0..255 units), clamped
-    sample: SvdSamplingConfig = field(default_factory=SvdSamplingConfig)
-    reward: SvdRewardSamplingConfig = field(default_factory=SvdRewardSamplingConfig)
-
-
-@dataclass
-class WanSamplingConfig:
-    """Wan's sampler settings (after training, validation, `svdray sample`): the real
-    image-to-video pipeline of diffusers, conditioned as training was (prompt encoding, image crop, size,
-    frame count and shift)."""
-
-    guidance_scale: float = 5.0  # the pipeline's default; 1.0 turns guidance off
-    # Two-expert pipelines (Wan2.2-I2V-A14B): the low-noise expert's scale; null: guidance_scale.
-    guidance_scale_2: float | None = None
-    # The unconditional branch's prompt. Training's prompt dropout trains the empty prompt, so ""
-    # (the pipeline's default) is the guidance the LoRA learned.
-    negative_prompt: str = ""
-
-
-@dataclass
-class WanConfig:
-    """Wan image-to-video's options (`model.family: wan`, svdray/models/wan/): its flow-matching
-    objective, prompt dropout, which expert of a two-expert pipeline trains, and sampling."""
-
-    # Two-expert pipelines (Wan2.2-I2V-A14B, which switches at boundary_ratio): the expert to
-    # train, "transformer" (high noise, sigma >= boundary) or "transformer_2" (low noise). Required
-    # there, and must stay null for one-transformer pipelines (Wan2.1-I2V, Wan2.2-TI2V-5B).
-    expert: Literal["transformer", "transformer_2"] | None = None
-    # Density of the training timestep before the shift: uniform, or logit-normal (SD3's) with
-    # this mean and std of the logit.
-    timestep_density: Literal["uniform", "logit_normal"] = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    # The shift k of sigma = k u / (1 + (k - 1) u); null: the pipeline scheduler's own (its
-    # `shift` / `flow_shift`). Sampling uses the same value.
-    shift: float | None = None
-    # Probability that a sample's prompt is replaced by the encoded empty prompt (what the
-    # sampler's unconditional branch sees), for classifier-free guidance.
-    prompt_dropout: float = 0.1
-    # Text tokens the prompt is padded to (the pipeline's default, which sampling uses too: the
-    # transformer attends to the padding as well).
-    max_sequence_length: int = 512
-    # dtype of the VAE (the text and image encoders use model.frozen_dtype). Wan's own code runs
-    # its VAE in float32: the conditioning latent is the one input the model cannot correct for.
-    vae_dtype: Literal["float32", "bfloat16"] = "float32"
-    sample: WanSamplingConfig = field(default_factory=WanSamplingConfig)
+def _registered_sections() -> dict[str, Any]:
+    return {spec.name: spec.section() for spec in registered_families()}
 
 
 @dataclass
 class Config:
+    """The whole run: the shared sections, and each model family's own (`cfg.svd`, `cfg.wan`;
+    only model.family's may differ from its defaults), whose schema and rules the family owns
+    (`svdray.models.FamilyConfig`)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -420,12 +344,37 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
-    svd: SvdConfig = field(default_factory=SvdConfig)
-    wan: WanConfig = field(default_factory=WanConfig)
+    # Family section name -> its dataclass: every built-in family's and model.family's own.
+    families: dict[str, Any] = field(default_factory=_registered_sections)
     output_dir: str = "outputs/svdray"
 
+    def __post_init__(self) -> None:
+        spec = family_config(self.model.family)
+        self.families.setdefault(spec.name, spec.section())
+
+    def __getattr__(self, name: str) -> Any:
+        """A family's section as an attribute (`cfg.svd`); read through __dict__, as a half-built
+        object (a copy or an unpickling) has no `families` yet."""
+        families = self.__dict__.get("families") or {}
+        if name in families:
+            return families[name]
+        raise AttributeError(f"{type(self).__name__} has no section {name!r}")
+
+    @property
+    def family_section(self) -> str:
+        """The key of model.family's own section (its name; `svd` for `model.family: svd`)."""
+        return family_config(self.model.family).name
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The YAML tree: the family sections sit at the top level, as in the YAML file."""
+        tree: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "families":
+                tree.update({name: dataclasses.asdict(section) for name, section in value.items()})
+            else:
+                tree[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return tree
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,7 +419,7 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return _build(hint, value, key)
+        return build_section(hint, value, key)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -496,7 +445,8 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """The dataclass `cls` from a mapping, every value checked; errors name `prefix`.key."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for name in values:
@@ -600,8 +550,6 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
     }.items():
         if value is not None and not value > 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
-    if not 0 <= cfg.svd.cfg_dropout < 1 / 3:
-        raise ConfigError("svd.cfg_dropout: must be in [0, 1/3) (drops use 3p of the unit interval)")
     if not cfg.lora.blocks:
         raise ConfigError("lora.blocks: choose at least one of spatial, temporal")
     _validate_workers(cfg.train)
@@ -628,8 +576,9 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas: expected two numbers")
-    if cfg.data.height % 8 or cfg.data.width % 8:
-        raise ConfigError("data.height/data.width: must be multiples of 8 (the VAE downsamples by up to 8)")
+    for key, side in (("data.height", cfg.data.height), ("data.width", cfg.data.width)):
+        if side % 8:
+            raise ConfigError(f"{key}: {side} is not a multiple of 8 (the VAE downsamples by up to 8)")
     for i, bucket in enumerate(cfg.data.buckets):
         try:
             height, width = parse_bucket(bucket)
@@ -674,8 +623,7 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         if looks_local and not Path(cfg.model.pretrained).expanduser().is_dir():
             raise ConfigError(f"model.pretrained: directory not found: {cfg.model.pretrained}")
     _validate_family_sections(cfg)
-    if cfg.model.family == "wan":
-        _validate_wan(cfg)
+    family_config(cfg.model.family).check(cfg)
     _validate_tune(cfg)
 
 
@@ -709,90 +657,14 @@ def _check_object_storage(cfg: Config) -> None:
             raise ConfigError(str(err)) from None
 
 
-# Config sections that belong to one model family: only the run's own family may set them.
-FAMILY_SECTIONS = ("svd", "wan")
-
-
 def _validate_family_sections(cfg: Config) -> None:
-    for section in FAMILY_SECTIONS:
-        if section != cfg.model.family and getattr(cfg, section) != type(getattr(cfg, section))():
+    """Only the run's own family section may be set (another family's would be silently ignored)."""
+    for section, values in cfg.families.items():
+        if section != cfg.family_section and values != type(values)():
             raise ConfigError(
                 f"{section}: options of model.family {section}, but this run's model.family is "
                 f"{cfg.model.family} (remove the section or set model.family: {section})"
             )
-
-
-# Wan's VAEs compress time 4x after the first frame (`scale_factor_temporal`).
-WAN_TEMPORAL_COMPRESSION = 4
-# Wan's transformers patchify 2x2 latent pixels and every Wan VAE downsamples at least 8x, so
-# sides are multiples of 16 (Wan2.2-TI2V-5B's 16x VAE needs 32, checked when it loads).
-WAN_SIDE_MULTIPLE = 16
-
-
-def check_wan_num_frames(
-    num_frames: int, key: str = "data.num_frames", temporal_compression: int = WAN_TEMPORAL_COMPRESSION
-) -> None:
-    """Wan's VAE compresses time 4x after the first frame: clips have 4k + 1 frames."""
-    if num_frames < 1 or (num_frames - 1) % temporal_compression != 0:
-        k = max((num_frames - 1) // temporal_compression, 0)
-        raise ConfigError(
-            f"{key}: {num_frames} frames; Wan clips have {temporal_compression}k + 1 frames "
-            f"(e.g. {temporal_compression * k + 1} or {temporal_compression * (k + 1) + 1})"
-        )
-
-
-def _validate_wan(cfg: Config) -> None:
-    """Rules of `model.family: wan` (no model is loaded: the layout-dependent ones are checked
-    when the pipeline loads, naming the same keys)."""
-    w = cfg.wan
-    frame_keys = {
-        "data.num_frames": cfg.data.num_frames,
-        "sample.num_frames": cfg.sample.num_frames,
-        "reward.num_frames": cfg.reward.num_frames,
-    }
-    for key, value in frame_keys.items():
-        if value is not None:
-            check_wan_num_frames(value, key)
-    sides = {"data.height": cfg.data.height, "data.width": cfg.data.width}
-    sides |= {f"data.buckets[{i}]": side for i, b in enumerate(cfg.data.buckets) for side in parse_bucket(b)}
-    for key, value in sides.items():
-        if value % WAN_SIDE_MULTIPLE:
-            raise ConfigError(f"{key}: {value} is not a multiple of {WAN_SIDE_MULTIPLE} (Wan's VAE x patch)")
-    if not 0.0 <= w.prompt_dropout <= 1.0:
-        raise ConfigError(f"wan.prompt_dropout: {w.prompt_dropout} is not a probability")
-    if not w.logit_std > 0:
-        raise ConfigError(f"wan.logit_std: must be positive, got {w.logit_std}")
-    if w.shift is not None and not w.shift > 0:
-        raise ConfigError(f"wan.shift: must be positive (or null: the scheduler's), got {w.shift}")
-    if w.max_sequence_length <= 0:
-        raise ConfigError(f"wan.max_sequence_length: must be positive, got {w.max_sequence_length}")
-    for key in ("guidance_scale", "guidance_scale_2"):
-        value = getattr(w.sample, key)
-        if value is not None and value < 1.0:
-            raise ConfigError(f"wan.sample.{key}: must be at least 1 (1: no guidance), got {value}")
-    # SVD's UNet options mean nothing to Wan's transformer: set, they would be silently ignored.
-    defaults = LoraConfig()
-    if cfg.lora.blocks != defaults.blocks:
-        raise ConfigError(
-            "lora.blocks: SVD's spatial/temporal blocks; Wan adapts every transformer block "
-            "(leave lora.blocks unset)"
-        )
-    if cfg.lora.target_modules != defaults.target_modules:
-        raise ConfigError(
-            "lora.target_modules: Wan adapts the attention projections of every block (to_q, to_k, "
-            "to_v, to_out.0 and, for Wan2.1, add_k_proj/add_v_proj); use lora.feed_forward to add "
-            "the FFN, and leave lora.target_modules unset"
-        )
-    if cfg.train.gradient_checkpointing == "full":
-        raise ConfigError(
-            "train.gradient_checkpointing: 'full' is SVD's; Wan's transformer checkpoints every "
-            "block with true"
-        )
-    if cfg.speed.attention != "default":
-        raise ConfigError(
-            "speed.attention: Wan's attention runs through diffusers' own processor, which picks "
-            "its kernel itself; leave speed.attention at default"
-        )
 
 
 SEARCH_DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -800,10 +672,18 @@ SEARCH_DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 _NOT_SEARCHABLE = ("tune.", "mlflow.", "ray.", "output_dir", "train.name", "train.storage_path")
 
 
-def config_key_hint(key: str) -> Any:
-    """The type of dotted config key `key`; ConfigError when the schema has no such key."""
-    hint: Any = Config
-    for part in key.split("."):
+def config_key_hint(key: str, cfg: Config | None = None) -> Any:
+    """The type of dotted config key `key` (in `cfg`'s family sections, or the built-in families');
+    ConfigError when the schema has no such key."""
+    first, *rest = key.split(".")
+    sections = cfg.families if cfg is not None else _registered_sections()
+    if first in sections:
+        hint: Any = type(sections[first])
+    elif first in _SHARED_KEYS:
+        hint = typing.get_type_hints(Config)[first]
+    else:
+        raise ConfigError(f"tune.search_space.{key}: not a config key")
+    for part in rest:
         if not dataclasses.is_dataclass(hint) or part not in {f.name for f in dataclasses.fields(hint)}:
             raise ConfigError(f"tune.search_space.{key}: not a config key")
         hint = typing.get_type_hints(hint)[part]
@@ -827,7 +707,7 @@ def _validate_tune(cfg: Config) -> None:
         where = f"tune.search_space.{key}"
         if key.startswith(_NOT_SEARCHABLE):
             raise ConfigError(f"{where}: not searchable (set per trial or by the sweep)")
-        hint = config_key_hint(key)
+        hint = config_key_hint(key, cfg)
         if len(spec) != 1 or next(iter(spec)) not in SEARCH_DISTRIBUTIONS:
             raise ConfigError(f"{where}: expected one of {{{', '.join(SEARCH_DISTRIBUTIONS)}}}: [...]")
         ((dist, args),) = spec.items()
@@ -863,8 +743,31 @@ def _validate_tune(cfg: Config) -> None:
         raise ConfigError(f"{key}: {steps} steps per trial is below tune.grace_period {t.grace_period}")
 
 
+# The top-level keys besides the family sections (`families` is not one: it holds them).
+_SHARED_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "families")
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """The Config of a YAML tree, every value checked: the shared sections, and the family
+    sections the registry knows (the built-in ones and model.family's own)."""
+    model = _check_value(tree.get("model", {}), ModelConfig, "model")
+    try:
+        run_family = family_config(model.family)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    sections = {spec.name: spec.section for spec in (*registered_families(), run_family)}
+    known = set(_SHARED_KEYS) | set(sections)
+    for name in tree:
+        if name not in known:
+            raise ConfigError(f"{name}: unknown key (known keys here: {', '.join(sorted(known))})")
+    hints = typing.get_type_hints(Config)
+    shared = {name: _check_value(tree[name], hints[name], name) for name in _SHARED_KEYS if name in tree}
+    families = {name: _check_value(tree.get(name, {}), section, name) for name, section in sections.items()}
+    return Config(**shared, families=families)
+
+
 def config_from_dict(tree: dict[str, Any], check_files: bool = True) -> Config:
-    cfg = _build(Config, tree, "")
+    cfg = build_config(tree)
     _validate_semantics(cfg, check_files)
     return cfg
 

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import ray
 import ray.data
 
-from svdray.data.ledger import fresh_named_actor
+from svdray.actors import fresh_named_actor
 
 
 def format_duration(seconds: float) -> str:

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from svdray.config import Config, ConfigError, config_from_dict, set_key
+from svdray.config import Config, ConfigError, ModelConfig, build_section, config_from_dict, set_key
+from svdray.models import registered_families
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> Path:
@@ -51,9 +52,10 @@ def write_preview(frames: np.ndarray, path: str | Path, columns: int = 8, scale:
     return path
 
 
-# `svdray sample` flag -> the config key it sets. Unset flags keep the value of the LoRA's own
-# training run (its config.yaml next to the LoRA), so a sample is conditioned as training was.
-SAMPLE_FLAGS = {
+# `svdray sample` flag -> the config key it sets: these, and each family's own
+# (`FamilyConfig.sample_flags`). Unset flags keep the value of the LoRA's own training run (its
+# config.yaml next to the LoRA), so a sample is conditioned as training was.
+SHARED_SAMPLE_FLAGS = {
     "family": "model.family",
     "pipeline": "model.pretrained",
     "variant": "model.variant",
@@ -65,34 +67,74 @@ SAMPLE_FLAGS = {
     "width": "data.width",
     "steps": "sample.steps",
     "fps": "sample.fps",
-    "motion_bucket_id": "svd.sample.motion_bucket_id",
-    "noise_aug_strength": "svd.sample.noise_aug_strength",
-    "min_guidance": "svd.sample.min_guidance",
-    "max_guidance": "svd.sample.max_guidance",
-    "guidance_scale": "wan.sample.guidance_scale",
-    "negative_prompt": "wan.sample.negative_prompt",
     "seed": "sample.seed",
+}
+SAMPLE_FLAGS = SHARED_SAMPLE_FLAGS | {
+    flag: option.key for spec in registered_families() for flag, option in spec.sample_flags.items()
 }
 
 
-def sampling_config(lora_dir: str | None, flags: dict[str, Any]) -> tuple[Config, bool]:
+def check_pipeline(pretrained: str) -> None:
+    """`--pipeline` (or the run's model.pretrained): a local folder must exist and hold no pickles."""
+    from svdray.safeload import check_pipeline_folder
+
+    if Path(pretrained).exists():
+        check_pipeline_folder(pretrained, "--pipeline")
+    elif pretrained.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--pipeline: {pretrained} does not exist")
+
+
+def check_sample_size(height: int, width: int, multiple: int, family: str) -> None:
+    """The size `svdray sample` samples at (its flags, the run's, or the image's rounded down)
+    against the family's rule (`ModelFamily.side_multiple`), naming the flag, before a model loads."""
+    for flag, side in (("--height", height), ("--width", width)):
+        if side <= 0 or side % multiple:
+            raise ConfigError(
+                f"{flag}: {side} is not a positive multiple of {multiple}, as model.family {family} "
+                "needs for this pipeline"
+            )
+
+
+def sampling_config(
+    lora_dir: str | None, flags: dict[str, Any], image_size: tuple[int, int]
+) -> tuple[Config, bool]:
     """The config `svdray sample` samples with, and whether it came from the LoRA's training run:
     that run's config where one lies next to the LoRA, with the given flags (None: unset) on top.
-    A bad value is a ConfigError naming the flag."""
+    Without a run, the pipeline's own frame count and the image's size (`image_size`, (H, W))
+    rounded down to the family's multiple, both read from the pipeline's configs (no weights load).
+    The size is checked against the family's rule; a bad value is a ConfigError naming the flag."""
     from svdray.export import run_config
+    from svdray.models import get_family
 
     tree = (run_config(lora_dir) if lora_dir else None) or {}
     from_run = bool(tree)
     tree.pop("tune", None)  # a run's sweep section is no concern of sampling
+    # Without a run, the frames sampled are the run-less config's data.num_frames.
+    keys = SAMPLE_FLAGS if from_run else {**SAMPLE_FLAGS, "num_frames": "data.num_frames"}
     for flag, value in flags.items():
         if value is not None:
-            set_key(tree, SAMPLE_FLAGS[flag], value)
+            set_key(tree, keys[flag], value)
     if not tree.get("model", {}).get("pretrained"):
         raise ConfigError("--pipeline: required when no training run config lies next to --lora")
+    check_pipeline(tree["model"]["pretrained"])
     try:
-        return config_from_dict(tree, check_files=False), from_run
+        model = build_section(ModelConfig, tree["model"], "model")
+        family = get_family(model.family)
+        multiple = family.side_multiple(model)
+        if not from_run:
+            defaults = {
+                "num_frames": ("data.num_frames", family.default_num_frames(model)),
+                "height": ("data.height", image_size[0] // multiple * multiple),
+                "width": ("data.width", image_size[1] // multiple * multiple),
+            }
+            for flag, (key, value) in defaults.items():
+                if flags.get(flag) is None:
+                    set_key(tree, key, value)
+        cfg = config_from_dict(tree, check_files=False)
     except ConfigError as err:
-        for flag, key in SAMPLE_FLAGS.items():
-            if str(err).startswith(key):
+        for flag, key in keys.items():
+            if str(err).startswith(f"{key}:"):
                 raise ConfigError(f"--{flag.replace('_', '-')}: {str(err)[len(key) + 2 :]}") from None
         raise
+    check_sample_size(cfg.data.height, cfg.data.width, multiple, family.name)
+    return cfg, from_run

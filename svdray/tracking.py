@@ -122,8 +122,7 @@ def run_params(cfg: Config, sections: Iterable[str], skip: Collection[str] = ())
     (`svd.*`, `wan.*`), without the plumbing (`NOT_PARAMS`)."""
     tree = cfg.to_dict()
     params = {}
-    family_section = [cfg.model.family] if cfg.model.family in tree else []
-    for section in (*sections, *family_section):
+    for section in (*sections, cfg.family_section):
         if section == "sample" and not cfg.sample.enabled:
             continue
         if section == "validate" and not cfg.validate.manifest:

@@ -9,12 +9,12 @@ than hoped for.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from typing import Any, NamedTuple
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from svdray.actors import fresh_named_actor
 
 
 class Fed(NamedTuple):
@@ -81,28 +81,6 @@ class DataLedger:
             "decode_failures": len(self.failures),
             "failures_by_reason": dict(Counter(f["reason"] for f in self.failures)),
         }
-
-
-def fresh_named_actor(actor_class: Any, name: str) -> Any:
-    """A new named actor of `actor_class` (a `ray.remote` class) on the driver's node, replacing one
-    of that name left over from an earlier run in this driver.
-
-    On the driver's node because the run's bookkeeping must outlive any worker node: an actor
-    without resources may otherwise land on a node that a preemption then takes with it."""
-    try:
-        ray.kill(ray.get_actor(name))
-    except ValueError:
-        pass
-    for _ in range(50):  # a killed actor's name is released asynchronously
-        try:
-            return actor_class.options(name=name, scheduling_strategy=on_this_node()).remote()
-        except ValueError:
-            time.sleep(0.1)
-    raise RuntimeError(f"the actor name {name!r} stays taken: is another run with this name active?")
-
-
-def on_this_node() -> NodeAffinitySchedulingStrategy:
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def create_ledger(experiment: str):

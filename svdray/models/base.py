@@ -6,8 +6,9 @@ MLflow, checkpoints, the reward stage, exports and the CLI) talks to a family on
 true of its models alone: how they load, which modules LoRA adapts, how a batch becomes model
 inputs and conditioning (and what of that the cache may store), its conditioning dropout, its
 objective with its own noise/timestep draws, the fixed-grid validation loss, its sampler and the
-export formats its users load. Adding a family is one file (plus its helpers) and a line in
-`svdray.models.FAMILIES`.
+export formats its users load. Its config section and rules are its `FamilyConfig`
+(`svdray.models`), in the same folder; adding a family is that folder and a line in
+`svdray.models.FAMILIES` (README.md, Layout, lists what the folder holds).
 
 A batch, as the data layer delivers it (`svdray.data.dataset` / `svdray.data.cache`), is a dict
 of tensors with a leading batch dimension:
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from svdray.config import Config
+    from svdray.config import Config, ModelConfig
     from svdray.data.cache import CacheEncoderSpec
 
 
@@ -73,10 +74,8 @@ class ModelFamily(ABC):
     # `svdray export --format`: what this family's LoRA can be written as.
     export_formats: ClassVar[tuple[str, ...]] = ("peft", "merged")
 
-    # ---------------------------------------------------------------- config and loading
-    def check_config(self, cfg: Config) -> None:  # noqa: B027 - optional hook
-        """Family rules on the whole config (raise `ConfigError` naming the key); run at load."""
-
+    # ---------------------------------------------------------------- loading
+    # (The family's config section and its rules are its `FamilyConfig`, in its config.py.)
     @abstractmethod
     def save_tiny_pipeline(self, out_dir: str | Path, seed: int = 0, **options: Any) -> Path:
         """A tiny, randomly initialised pipeline of the real classes, saved with `save_pretrained`
@@ -86,6 +85,24 @@ class ModelFamily(ABC):
     def build_models(self, cfg: Config, device: torch.device) -> TrainingModels:
         """Load `model.*`, freeze the encoders, put LoRA on the denoiser (float32 LoRA weights,
         frozen weights in the configured dtype), gradient checkpointing and `speed.*` applied."""
+
+    # ---------------------------------------------------------------- builders (benchmarks)
+    # Named full-size architectures (e.g. "SVD-XT", "Wan2.2-TI2V-5B") these build without a download.
+    architectures: ClassVar[tuple[str, ...]] = ()
+
+    def meta_models(self, cfg: Config, architecture: str | None = None) -> TrainingModels:
+        """What `build_models(cfg, device)` builds, on the meta device (shapes and dtypes, no storage,
+        no weights read): the architecture whose configs `model.pretrained` holds (a local folder),
+        or the named full-size `architecture`; LoRA, dtypes, gradient checkpointing and `speed.*`
+        applied as `build_models` applies them (no `torch.compile`: nothing runs on meta). Benchmarks
+        count FLOPs and memory on it (`FakeTensorMode` gives it fake storage)."""
+        raise NotImplementedError(f"model.family {self.name}: no meta-device builder")
+
+    def save_full_size_pipeline(self, out_dir: str | Path, architecture: str, weights: bool = True) -> Path:
+        """A full-size `architecture` saved as a downloaded pipeline is, with random weights (what
+        `build_models` then loads, to time a step without a download), or its configs alone
+        (`weights=False`: what `meta_models` reads)."""
+        raise NotImplementedError(f"model.family {self.name}: no full-size builder")
 
     # ---------------------------------------------------------------- data
     @abstractmethod
@@ -141,10 +158,14 @@ class ModelFamily(ABC):
         """(T, H, W, 3) uint8 frames conditioned on `image` (uint8, cropped like training);
         `clip` (T, 3, H, W) uint8 when the image is a clip's first frame."""
 
-    def default_num_frames(self, models: Any) -> int | None:
-        """The frame count a pipeline samples when neither a run nor the user says (None: the
-        config's `data.num_frames`)."""
-        return None
+    # What `svdray sample` needs of a pipeline before it loads (from its configs at most, no weights):
+    @abstractmethod
+    def default_num_frames(self, model: ModelConfig) -> int:
+        """The frame count the pipeline of `model` samples when neither a run nor the user says."""
+
+    def side_multiple(self, model: ModelConfig) -> int:
+        """What the sides of a video of the pipeline of `model` must be multiples of."""
+        return 8  # the VAE's downsampling, as the config requires of every family
 
     def describe_conditioning(self, spec: Any, clip: torch.Tensor | None) -> str:
         """One line saying how a sample was conditioned (logged and tagged in MLflow)."""
@@ -155,6 +176,11 @@ class ModelFamily(ABC):
     ) -> torch.Tensor:
         """Frames (B, T, 3, H, W) in about [-1, 1] from images in [-1, 1], keeping a graph
         through the last `grad_steps` steps (the reward stage)."""
+        raise NotImplementedError(f"model.family {self.name}: the reward stage is not supported")
+
+    def describe_reward_sampling(self, spec: Any) -> str:
+        """One line saying how `sample_frames` samples (the reward stage logs and tags it in
+        MLflow): what it conditions on and how it guides, as it really runs."""
         raise NotImplementedError(f"model.family {self.name}: the reward stage is not supported")
 
     # ---------------------------------------------------------------- LoRA and exports

@@ -224,6 +224,17 @@ def before_after_grid(before: torch.Tensor, after: torch.Tensor, path: Path, sca
     return write_preview(frames, path, columns=before.shape[1], scale=scale)
 
 
+def log_reward_sampling(cfg: Config, uri: str, run_id: str) -> str:
+    """Log and tag (`svdray.sample_conditioning`) how the reward stage samples, as its family's
+    `sample_frames` really does it (e.g. Wan: the empty prompt, no guidance)."""
+    family = family_of(cfg)
+    spec = family.sampling_spec(cfg, "reward")
+    description = f"{family.describe_reward_sampling(spec)}, {spec.steps} steps"
+    logger.info("reward samples: %s", description)
+    tracking.set_tags(uri, run_id, {"svdray.sample_conditioning": description})
+    return description
+
+
 def run_reward_training(cfg: Config) -> RewardResult:
     cfg = resolve_paths(cfg)
     if cfg.reward.init_lora:
@@ -235,12 +246,7 @@ def run_reward_training(cfg: Config) -> RewardResult:
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_or_resume_run(cfg, sections=("model", "data", "lora", "optim", "train", "reward"))
     tracking.log_dict_artifact(uri, run_id, cfg.to_dict(), "config.yaml")
-    # Conditioning images have no clip (e.g. to compute a motion bucket from): say what is used.
-    family = family_of(cfg)
-    spec = family.sampling_spec(cfg, "reward")
-    conditioning = family.describe_conditioning(spec, None)
-    logger.info("reward samples: %s, %d steps", conditioning, spec.steps)
-    tracking.set_tags(uri, run_id, {"svdray.sample_conditioning": conditioning})
+    log_reward_sampling(cfg, uri, run_id)
 
     images = conditioning_images(cfg, cfg.data.manifest)
     eval_images = conditioning_images(

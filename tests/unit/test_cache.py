@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from svdray.config import DataConfig, ModelConfig, SvdConfig
+from svdray.config import DataConfig, ModelConfig
 from svdray.data.cache import CacheWriter, read_cached_batch, read_entry
 from svdray.data.video import FrameSpec, decode_clip
 from svdray.models.svd.cache import SVD_CACHE
+from svdray.models.svd.config import SvdConfig
 from svdray.models.svd.loss import encode_batch, training_loss
 from svdray.models.svd.pipeline import FrozenModels, load_pipeline
 

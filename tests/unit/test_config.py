@@ -124,3 +124,22 @@ def test_cli_explains_itself(capsys):
     assert capsys.readouterr().out.startswith("svdray ")
     assert cli.build_parser().parse_args(["train", "--config", "x.yaml", "--verbose"]).verbose
     assert cli.build_parser().parse_args(["--verbose", "train", "--config", "x.yaml"]).verbose
+
+
+def test_loading_configs_imports_no_model_library():
+    """Config validation stays instant: importing svdray.config and loading every shipped config
+    (each family's section and rules included) imports neither torch nor diffusers."""
+    from tests.support.paths import REPO
+
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from svdray.config import load_config\n"
+        "for path in sorted(Path('configs').glob('*.yaml')):\n"
+        "    load_config(path, check_files=False)\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert proc.stdout.strip() == "[]"

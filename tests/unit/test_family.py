@@ -104,3 +104,38 @@ def test_family_loss_is_svd_loss_with_the_clips_buckets(tiny_pipeline_dir, squar
     assert family.validation_loss(pipe.unet, frozen, batch, cfg, 3) == loss.validation_loss(
         pipe.unet, frozen, expected, seed=3
     )
+
+
+TOY = "tests.support.toyfamily.config:ToyFamilyConfig"
+
+
+def test_a_family_named_by_import_path_brings_its_section_and_rules(tmp_path):
+    """A family defined outside svdray (tests/support/toyfamily) is found from the config alone:
+    its section and rules apply, errors name the key, and the other sections' rules still hold."""
+    from svdray.models import family_config
+    from tests.support.toyfamily.config import ToyConfig
+    from tests.support.toyfamily.family import ToyFamily
+
+    cfg = config_from_dict({"model": {"family": TOY}, "toy": {"max_sigma": 0.5}}, check_files=False)
+    assert cfg.family_section == "toy" and cfg.toy == ToyConfig(max_sigma=0.5)
+    assert isinstance(family_of(cfg), ToyFamily) and family_config(TOY).name == "toy"
+    # The tree round-trips with the toy section among the built-in families' (as a worker gets it).
+    assert list(cfg.to_dict())[-4:] == ["svd", "wan", "toy", "output_dir"]
+    assert config_from_dict(cfg.to_dict(), check_files=False) == cfg
+    for tree, message in [
+        ({"toy": {"max_sigma": 2.0}}, r"^toy.max_sigma: must be in \(0, 1\]"),
+        ({"toy": {"sigma": 0.5}}, r"^toy.sigma: unknown key \(known keys here: max_sigma\)"),
+        ({"data": {"height": 40}}, r"^data.height: 40 is not a multiple of 16 \(the toy denoiser's patch\)"),
+        ({"svd": {"p_mean": 1.0}}, r"^svd: options of model.family svd, but this run's model.family is"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"model": {"family": TOY}, **tree}, check_files=False)
+    # Another run knows no `toy` section: the family is the run's, not registered for all.
+    with pytest.raises(ConfigError, match=r"^toy: unknown key"):
+        config_from_dict({"toy": {"max_sigma": 0.5}}, check_files=False)
+    for family, message in [
+        ("tests.support.nowhere:Family", "model.family: cannot import"),
+        ("tests.support.toyfamily.family:ToyFamily", "not a FamilyConfig subclass"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"model": {"family": family}}, check_files=False)

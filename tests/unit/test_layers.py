@@ -15,7 +15,8 @@ import svdray
 
 PACKAGE = Path(svdray.__file__).parent
 HIGHER = ("svdray.model", "svdray.models", "svdray.train", "svdray.tune", "svdray.tracking", "svdray.reward")
-# package -> what it must not import (svdray.config, console, safeload, progress serve every layer)
+# package -> what it must not import (svdray.config, console, safeload, progress, actors serve
+# every layer)
 LAYERS = {
     "data": HIGHER,
     "models": (
@@ -63,8 +64,12 @@ def test_a_layer_imports_nothing_above_it(layer):
     assert {k: v for k, v in offending.items() if v} == {}
 
 
-def test_progress_reaches_only_down_into_the_data_layer():
-    assert [m for m in imported_modules(PACKAGE / "progress.py") if higher(m)] == []
+def test_progress_and_the_actor_helpers_stay_below_the_data_layer():
+    """progress.py (the progress board) and actors.py (the named-actor helper it shares with the
+    data ledger) import nothing of svdray/data or above; actors.py nothing of svdray at all."""
+    below_data = ("svdray.data", *HIGHER)
+    assert [m for m in imported_modules(PACKAGE / "progress.py") if higher(m, below_data)] == []
+    assert [m for m in imported_modules(PACKAGE / "actors.py") if m.startswith("svdray")] == []
 
 
 MODEL_CLASSES = re.compile(

@@ -77,7 +77,7 @@ def test_full_checkpointing_saves_less_than_diffusers_own(tiny_pipeline_dir, tor
     saved = {}
     for mode in (False, True, "full"):
         cfg = tiny_config(tiny_pipeline_dir, gradient_checkpointing=mode)
-        saved[mode] = count_config(tiny_pipeline_dir, cfg)
+        saved[mode] = count_config(cfg)
     assert saved[False]["checkpointed_regions"] == 0
     assert saved["full"]["checkpointed_regions"] > saved[True]["checkpointed_regions"] > 0
     assert saved["full"]["saved_bytes"] < saved[True]["saved_bytes"] < saved[False]["saved_bytes"]
@@ -124,7 +124,7 @@ def test_fake_count_equals_the_real_cpu_count(tiny_pipeline_dir, torch_single_th
         mixed_precision="bf16",
         gradient_checkpointing="full",
     )
-    fake = count_config(tiny_pipeline_dir, cfg, cached)
+    fake = count_config(cfg, cached)
     models = SVDFamily().build_models(cfg, CPU)
     frozen, unet = models.frozen, models.denoiser
     real = count_step(frozen, unet, cfg, cached, CPU)

@@ -159,3 +159,62 @@ def test_reward_check_cli_refuses_with_the_cause(tmp_path, write_config, one_cli
     assert "exactly 0.0 for every sample" in capsys.readouterr().err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["rewards"][0]["zero_fraction"] == 1.0 and report["problems"]
+
+
+def reward_config(tmp_path, family: str, **sections):
+    from svdray.config import config_from_dict
+
+    tree = {
+        "model": {"family": family, "pretrained": str(tmp_path / "pipeline")},
+        "data": {"num_frames": 9, "height": 32, "width": 32},
+        "reward": {"sample_steps": 3},
+        **sections,
+    }
+    return config_from_dict(tree, check_files=False)
+
+
+@pytest.mark.parametrize(
+    ("family", "sections", "described"),
+    [
+        # Wan's reward sampler has no prompts: the empty prompt and no guidance, whatever
+        # wan.sample.guidance_scale says (tests/unit/test_wan_family.py: the pipeline's loop).
+        ("wan", {"wan": {"sample": {"guidance_scale": 5.0}}}, "empty prompt, no guidance, shift=scheduler's"),
+        ("wan", {"wan": {"shift": 3.0}}, "empty prompt, no guidance, shift=3"),
+        # SVD's: still images (a computed bucket falls back to 127), guidance ramped over the
+        # frames, `svd.reward` over `svd.sample` (tests/unit/test_sampling.py: the pipeline's loop).
+        (
+            "svd",
+            {"svd": {"motion_bucket_id": None, "reward": {"noise_aug_strength": 0.05}}},
+            "fps=7 motion_bucket_id=127 noise_aug_strength=0.05, guidance 1->3 over the frames",
+        ),
+        (
+            "svd",
+            {"svd": {"reward": {"max_guidance": 1.0}}},
+            "fps=7 motion_bucket_id=127 noise_aug_strength=0.02, no guidance",
+        ),
+    ],
+)
+def test_reward_sampling_is_described_as_the_sampler_runs(tmp_path, family, sections, described):
+    from svdray.models import family_of
+
+    cfg = reward_config(tmp_path, family, **sections)
+    model_family = family_of(cfg)
+    assert model_family.describe_reward_sampling(model_family.sampling_spec(cfg, "reward")) == described
+
+
+def test_reward_stage_logs_and_tags_its_sampling(tmp_path, caplog):
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from svdray.reward.train import log_reward_sampling
+
+    cfg = reward_config(tmp_path, "wan", wan={"sample": {"guidance_scale": 5.0}})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("reward")).info.run_id
+    with caplog.at_level(logging.INFO, logger="svdray"):
+        log_reward_sampling(cfg, uri, run_id)
+    expected = "empty prompt, no guidance, shift=scheduler's, 3 steps"
+    assert client.get_run(run_id).data.tags["svdray.sample_conditioning"] == expected
+    assert f"reward samples: {expected}" in caplog.text

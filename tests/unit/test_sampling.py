@@ -18,6 +18,7 @@ from svdray.config import LoraConfig, ModelConfig, config_from_dict
 from svdray.data.video import FrameSpec, resize_and_crop
 from svdray.models.lora import save_lora
 from svdray.models.svd.export import export_merged
+from svdray.models.svd.family import SVDFamily
 from svdray.models.svd.lora import add_lora
 from svdray.models.svd.sampler import (
     SamplingSpec,
@@ -73,6 +74,10 @@ def test_sampler_gives_the_pipeline_output(tiny_pipeline_dir):
     ours = sample_video(models, image, spec)
     assert ours.shape == (8, 32, 32, 3) and ours.dtype == np.uint8
     np.testing.assert_allclose(ours / 255, expected, atol=1 / 255 + 1e-3)
+    # What the reward stage logs of this sampler (its `sample_frames` runs the same loop).
+    assert SVDFamily().describe_reward_sampling(spec) == (
+        "fps=9 motion_bucket_id=60 noise_aug_strength=0.1, guidance 1->3 over the frames"
+    )
 
 
 def test_lora_dropout_is_off_wherever_it_samples(tiny_pipeline_dir, lora_dir, tmp_path):
@@ -185,6 +190,7 @@ def test_sample_cli_takes_the_runs_variant_and_conditioning(fp16_run, tmp_path, 
         (["--out", "video.gif"], "--out"),
         (["--lora", "nowhere"], "--lora"),
         (["--steps", "0"], "--steps"),
+        (["--height", "36"], "--height: 36 is not a multiple of 8"),
     ],
 )
 def test_sample_cli_names_the_bad_flag_before_loading(fp16_run, tmp_path, capsys, args, message):

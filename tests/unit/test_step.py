@@ -17,10 +17,11 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
 from PIL import Image
 
-from svdray.config import ModelConfig, SvdConfig, config_from_dict
+from svdray.config import ModelConfig, config_from_dict
 from svdray.data.video import motion_score
 from svdray.models.precision import mixed_precision
 from svdray.models.svd.buckets import motion_bucket_ids
+from svdray.models.svd.config import SvdConfig
 from svdray.models.svd.family import with_motion_buckets
 from svdray.models.svd.loss import encode_batch, training_loss
 from svdray.models.svd.pipeline import FrozenModels

@@ -9,12 +9,16 @@ folder vanilla `load_lora_weights` reads.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from diffusers import WanImageToVideoPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
 from PIL import Image
 
+from svdray import cli
 from svdray.config import ConfigError, config_from_dict
 from svdray.models import get_family
 from svdray.models.wan import objective
@@ -192,6 +196,72 @@ def test_validation_loss_is_fixed_and_ignores_dropout(wan_dirs):
     assert first == family.validation_loss(models.denoiser, models.frozen, batch, dropped, seed=3)
 
 
+@pytest.mark.parametrize("expert", ["transformer", "transformer_2"])
+def test_validation_grid_stays_in_the_experts_range(wan_dirs, expert):
+    """A14B: each expert's validation loss is fed only timesteps the pipeline gives that expert
+    (its switch: `transformer` at t >= boundary_ratio * num_train_timesteps), and equals the loss
+    of the grid evenly spaced over that range, computed here through diffusers' scheduler (its
+    forward process and its Euler step to sigma 0) on the pipeline's own conditioning."""
+    family = get_family("wan")
+    cfg = wan_config(wan_dirs["a14b"], wan={"expert": expert})
+    models = family.build_models(cfg, torch.device("cpu"))
+    batch = data_batch()
+    calls = []
+    handle = record_calls(models.denoiser, calls)
+    try:
+        loss = family.validation_loss(models.denoiser, models.frozen, batch, cfg, seed=5)
+    finally:
+        handle.remove()
+
+    vanilla = WanImageToVideoPipeline.from_pretrained(wan_dirs["a14b"])
+    num_train_timesteps = vanilla.scheduler.config.num_train_timesteps
+    boundary = vanilla.config.boundary_ratio * num_train_timesteps
+    seen = torch.stack([call["timestep"] for call in calls])  # (grid points, batch)
+    if expert == "transformer":
+        assert torch.all((seen >= boundary) & (seen <= num_train_timesteps))
+        lo, hi = boundary, num_train_timesteps
+    else:
+        assert torch.all((seen > 0) & (seen < boundary))
+        lo, hi = 0.0, boundary
+    points = len(calls)
+    assert points > 1 and torch.all(seen == seen[:, :1])  # one timestep per point, the whole batch
+
+    # The pipeline's conditioning of each clip (its first transformer call is `transformer`'s,
+    # above the boundary: the condition is the same for both experts).
+    z = vanilla.vae.config.z_dim
+    latents = torch.zeros(1, z, NUM_FRAMES // 4 + 1, SIZE[0] // 8, SIZE[1] // 8)
+    conds = [pipeline_call(vanilla, batch["image"][i], PROMPTS[i], latents)["conditional"] for i in range(2)]
+    with torch.no_grad():
+        mean, std = normalised_posterior(vanilla.vae, batch["video"])
+    replay = torch.Generator().manual_seed(5)  # validation's draws: the latent, then each point's noise
+    x0 = mean + std * torch.randn(mean.shape, generator=replay)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(vanilla.scheduler.config, shift=1.0)
+    model = getattr(vanilla, expert)
+    expected, timesteps = [], []
+    for k in range(points):
+        sigma = (lo + (k + 0.5) * (hi - lo) / points) / num_train_timesteps  # midpoints of the range
+        noise = torch.randn(x0.shape, generator=replay)
+        scheduler.set_timesteps(sigmas=[sigma])  # [sigma, 0]
+        t = scheduler.timesteps[0]
+        timesteps.append(t)
+        noisy = scheduler.scale_noise(x0, t.expand(2), noise)
+        with torch.no_grad():
+            pred = model(
+                hidden_states=torch.cat([noisy, torch.stack([c["hidden_states"][0, z:] for c in conds])], 1),
+                timestep=t.expand(2),
+                encoder_hidden_states=torch.cat([c["encoder_hidden_states"] for c in conds]),
+                encoder_hidden_states_image=None,
+                return_dict=False,
+            )[0]
+        x0_estimate = scheduler.step(pred, t, noisy).prev_sample  # noisy + (0 - sigma) * velocity
+        # The velocity's squared error is the clean estimate's, over sigma^2.
+        expected.append(((x0_estimate - x0) ** 2).flatten(1).mean(1).mean() / scheduler.sigmas[0] ** 2)
+    torch.testing.assert_close(seen[:, 0], torch.stack(timesteps))
+    # float32: x0 + sigma * v rounds at ~1e-7 of |x0| (a few units), and dividing by the smallest
+    # sigma (0.9 / 16 for transformer_2) scales that to ~1e-5 of the loss.
+    assert loss == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
+
+
 def test_bf16_denoiser_keeps_float32_lora_weights(wan_dirs):
     family = get_family("wan")
     cfg = wan_config(
@@ -342,6 +412,8 @@ def test_reward_sampler_is_the_pipelines_loop(wan_dirs, layout):
     torch.testing.assert_close(
         (frames[0].permute(0, 2, 3, 1) + 1) / 2, torch.from_numpy(expected), atol=2e-4, rtol=0
     )
+    # What the reward stage logs of this sampler (svdray.reward.train.log_reward_sampling).
+    assert family.describe_reward_sampling(spec) == "empty prompt, no guidance, shift=4"
 
 
 def test_reward_sampler_keeps_a_graph_to_the_lora(wan_dirs):
@@ -358,8 +430,6 @@ def test_reward_sampler_keeps_a_graph_to_the_lora(wan_dirs):
 
 
 def test_tiny_model_cli_layouts(tmp_path):
-    from svdray import cli
-
     assert cli.main(["tiny-model", "--family", "wan", "--layout", "ti2v", "--out", str(tmp_path / "t")]) == 0
     config = WanImageToVideoPipeline.load_config(str(tmp_path / "t"))
     assert config["expand_timesteps"] is True and config["image_encoder"] == [None, None]
@@ -400,3 +470,55 @@ def test_cached_fields_give_the_decoded_batchs_loss(wan_dirs, layout):
     assert family.validation_loss(models.denoiser, models.frozen, batch, cfg, 2) == pytest.approx(
         family.validation_loss(models.denoiser, models.frozen, cached, cfg, 2), rel=1e-6
     )
+
+
+def configs_only(pipeline: Path, out: Path) -> Path:
+    """A copy of a pipeline folder without its weights: what loads nothing but configs."""
+    shutil.copytree(pipeline, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("layout", "flag", "value", "message"),
+    [
+        ("ti2v", "--height", 48, "--height: 48 is not a positive multiple of 32, as model.family wan"),
+        ("ti2v", "--width", 80, "--width: 80 is not a positive multiple of 32"),
+        ("i2v", "--height", 40, "--height: 40 is not a multiple of 16"),
+        ("i2v", "--width", 36, "--width: 36 is not a multiple of 8"),
+    ],
+)
+def test_sample_cli_checks_the_size_by_the_familys_rule_before_loading(
+    wan_dirs, tmp_path, capsys, layout, flag, value, message
+):
+    """Without a run, `svdray sample` checks a size against the pipeline's multiple (its VAE x its
+    patch: 32 for TI2V's 16x VAE) before any model loads: the pipeline here has no weights."""
+    pipeline = configs_only(wan_dirs[layout], tmp_path / "configs-only")
+    image = tmp_path / "still.png"
+    Image.fromarray(np.zeros((70, 100, 3), np.uint8)).save(image)
+    out = tmp_path / "v.mp4"
+    argv = [
+        "sample",
+        "--family",
+        "wan",
+        "--pipeline",
+        str(pipeline),
+        "--image",
+        str(image),
+        "--out",
+        str(out),
+    ]
+    assert cli.main([*argv, flag, str(value)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sample_cli_rounds_the_images_size_to_the_familys_multiple(wan_dirs, tmp_path):
+    from decord import VideoReader
+
+    image = tmp_path / "still.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 100, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "v.mp4"
+    argv = ["sample", "--family", "wan", "--pipeline", str(wan_dirs["ti2v"]), "--image", str(image)]
+    assert cli.main([*argv, "--out", str(out), "--num-frames", "5", "--steps", "1"]) == 0
+    frame = VideoReader(str(out))[0].asnumpy()
+    assert frame.shape == (64, 96, 3)  # 70x100 rounded down to TI2V's multiples of 32

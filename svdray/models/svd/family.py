@@ -9,13 +9,14 @@ encoder), `checkpointing` and `export`/`comfy`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from svdray.config import Config
+from svdray.config import Config, ModelConfig
 from svdray.models.base import ModelFamily, TrainingModels
 from svdray.models.lora import cast_frozen_weights, load_lora, save_lora
 from svdray.models.precision import mixed_precision_dtype
@@ -24,7 +25,17 @@ from svdray.models.svd import loss, sampler
 from svdray.models.svd.buckets import motion_bucket_ids
 from svdray.models.svd.checkpointing import enable_checkpointing
 from svdray.models.svd.lora import add_lora
-from svdray.models.svd.pipeline import FrozenModels, load_pipeline, save_tiny_pipeline, scheduler_config
+from svdray.models.svd.pipeline import (
+    ARCHITECTURES,
+    FrozenModels,
+    build_full_size_pipeline,
+    load_pipeline,
+    meta_pipeline,
+    save_full_size_pipeline,
+    save_tiny_pipeline,
+    scheduler_config,
+    unet_num_frames,
+)
 
 if TYPE_CHECKING:
     from svdray.data.cache import CacheEncoderSpec
@@ -40,6 +51,7 @@ def with_motion_buckets(batch: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 class SVDFamily(ModelFamily):
     name = "svd"
+    architectures = ARCHITECTURES
     batch_columns = (
         "video",
         "image",
@@ -61,6 +73,18 @@ class SVDFamily(ModelFamily):
         """Frozen VAE + image encoder in `model.frozen_dtype`, and the UNet with float32 LoRA
         weights, its frozen weights in `model.denoiser_dtype`."""
         pipe = load_pipeline(cfg.model.pretrained, "float32", cfg.model.variant, cfg.model.revision)
+        return self.training_models(pipe, cfg, device)
+
+    def meta_models(self, cfg: Config, architecture: str | None = None) -> TrainingModels:
+        pipe = build_full_size_pipeline(architecture) if architecture else meta_pipeline(cfg.model.pretrained)
+        speed = replace(cfg.speed, compile_denoiser=False)  # nothing to compile on meta
+        return self.training_models(pipe, replace(cfg, speed=speed), torch.device("meta"))
+
+    def save_full_size_pipeline(self, out_dir: str | Path, architecture: str, weights: bool = True) -> Path:
+        return save_full_size_pipeline(out_dir, architecture, weights)
+
+    def training_models(self, pipe: Any, cfg: Config, device: torch.device) -> TrainingModels:
+        """`build_models` of a pipeline at hand (loaded, or on the meta device)."""
         frozen = FrozenModels.from_pipeline(pipe, device, cfg.model.frozen_dtype)
         frozen.vae_chunk = cfg.speed.vae_chunk
         unet = add_lora(pipe.unet, cfg.lora)
@@ -116,11 +140,24 @@ class SVDFamily(ModelFamily):
     ) -> np.ndarray:
         return sampler.sample_video(models, image, spec, clip=clip, seed=seed)
 
-    def default_num_frames(self, models: sampler.SamplingModels) -> int | None:
-        return models.unet.config.num_frames
+    def default_num_frames(self, model: ModelConfig) -> int:
+        return unet_num_frames(model.pretrained, model.revision)
 
     def describe_conditioning(self, spec: sampler.SamplingSpec, clip: torch.Tensor | None) -> str:
         return f"fps={spec.fps:g} motion_bucket_id={spec.bucket_for(clip):g}"
+
+    def describe_reward_sampling(self, spec: sampler.SamplingSpec) -> str:
+        # sample_frames conditions on still images (no clip: a computed bucket falls back to
+        # 127) and guides only when max_guidance > 1, ramped over the frames.
+        guidance = (
+            f"guidance {spec.min_guidance:g}->{spec.max_guidance:g} over the frames"
+            if spec.max_guidance > 1.0
+            else "no guidance"
+        )
+        return (
+            f"fps={spec.fps:g} motion_bucket_id={spec.bucket_for(None):g} "
+            f"noise_aug_strength={spec.noise_aug_strength:g}, {guidance}"
+        )
 
     def sample_frames(
         self,

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from svdray.config import SvdConfig
 from svdray.data.video import to_model_range
 from svdray.models.base import LatentDistribution
 from svdray.models.svd import conditioning as cond
+from svdray.models.svd.config import SvdConfig
 from svdray.models.svd.objective import add_noise, predict_v, sample_sigmas, v_loss, v_target
 from svdray.models.svd.pipeline import FrozenModels
 

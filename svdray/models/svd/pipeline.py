@@ -89,6 +89,18 @@ def scheduler_config(pretrained: str | Path, revision: str | None = None) -> dic
     return dict(EulerDiscreteScheduler.load_config(str(pretrained), subfolder="scheduler", revision=revision))
 
 
+def unet_num_frames(pretrained: str | Path, revision: str | None = None) -> int:
+    """The frame count the UNet was trained at (SVD 14, SVD-XT 25), from its config alone (14 when
+    it cannot be read, e.g. a hub id offline: loading it fails then anyway)."""
+    try:
+        config = UNetSpatioTemporalConditionModel.load_config(
+            str(pretrained), subfolder="unet", revision=revision
+        )
+    except OSError:
+        return 14
+    return int(config["num_frames"])
+
+
 def build_tiny_pipeline(seed: int = 0, num_frames: int = 8) -> StableVideoDiffusionPipeline:
     """A randomly initialised SVD pipeline from the real classes, small enough for a CPU.
 
@@ -153,4 +165,103 @@ def save_tiny_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     console.quiet_diffusers()
     build_tiny_pipeline(seed).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+# --------------------------------------------------------------------------- full-size architectures
+# SVD-XT's own component configs where the classes' defaults differ, for building it without a
+# download (benchmarks). UNetSpatioTemporalConditionModel's defaults are SVD-XT's UNet (1.52 B
+# parameters); AutoencoderKLTemporalDecoder's defaults are a small test size, so the VAE takes
+# vae/config.json of stable-video-diffusion-img2vid-xt; the image encoder is OpenCLIP ViT-H/14's
+# vision tower.
+SVD_XT_VAE = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=768,
+    scaling_factor=0.18215,
+    force_upcast=True,
+)
+SVD_XT_IMAGE_ENCODER = dict(
+    hidden_size=1280,
+    projection_dim=1024,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    intermediate_size=5120,
+    image_size=224,
+    patch_size=14,
+    hidden_act="gelu",
+)
+ARCHITECTURES: tuple[str, ...] = ("SVD-XT",)
+
+
+def _pipeline(unet, vae, image_encoder, feature_extractor) -> StableVideoDiffusionPipeline:
+    # A few parameters are made with the legacy torch.Tensor(...) constructor, which ignores the
+    # device context: on meta, move everything.
+    if next(unet.parameters()).device.type == "meta":
+        unet, vae, image_encoder = unet.to("meta"), vae.to("meta"), image_encoder.to("meta")
+    return StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG),
+        feature_extractor=feature_extractor,
+    )
+
+
+def build_full_size_pipeline(
+    architecture: str, device: str | torch.device = "meta"
+) -> StableVideoDiffusionPipeline:
+    """A full-size pipeline (`ARCHITECTURES`: SVD-XT, about 2.25 B parameters) with random weights
+    on `device` ("meta": shapes and dtypes only, nothing allocated). Same weights every time."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"{architecture!r} is not one of {ARCHITECTURES}")
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        with torch.device(device):
+            unet = UNetSpatioTemporalConditionModel()
+            vae = AutoencoderKLTemporalDecoder(**SVD_XT_VAE)
+            image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**SVD_XT_IMAGE_ENCODER))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return _pipeline(
+        unet, vae, image_encoder, CLIPImageProcessorPil(crop_size=224, size={"shortest_edge": 224})
+    )
+
+
+def meta_pipeline(pretrained: str | Path) -> StableVideoDiffusionPipeline:
+    """The pipeline of a folder with the components' configs (a downloaded pipeline, or one saved
+    by `save_full_size_pipeline(weights=False)`) on the meta device: no weights are read."""
+    pretrained = str(pretrained)
+    with torch.device("meta"):
+        unet = UNetSpatioTemporalConditionModel.from_config(
+            UNetSpatioTemporalConditionModel.load_config(pretrained, subfolder="unet")
+        )
+        vae = AutoencoderKLTemporalDecoder.from_config(
+            AutoencoderKLTemporalDecoder.load_config(pretrained, subfolder="vae")
+        )
+        image_encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig.from_pretrained(pretrained, subfolder="image_encoder")
+        )
+    feature_extractor = CLIPImageProcessorPil.from_pretrained(pretrained, subfolder="feature_extractor")
+    return _pipeline(unet, vae, image_encoder, feature_extractor)
+
+
+def save_full_size_pipeline(out_dir: str | Path, architecture: str, weights: bool = True) -> Path:
+    """A full-size pipeline saved as a downloaded one is, with random weights (random init takes
+    seconds on a GPU, about a minute on a CPU), or with `weights=False` its components' configs
+    alone: enough for `meta_pipeline`."""
+    out_dir = Path(out_dir)
+    console.quiet_diffusers()
+    if not weights:
+        pipe = build_full_size_pipeline(architecture, "meta")
+        pipe.unet.save_config(out_dir / "unet")
+        pipe.vae.save_config(out_dir / "vae")
+        pipe.image_encoder.config.save_pretrained(out_dir / "image_encoder")
+        pipe.feature_extractor.save_pretrained(out_dir / "feature_extractor")
+        return out_dir
+    pipe = build_full_size_pipeline(architecture, "cuda" if torch.cuda.is_available() else "cpu")
+    pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

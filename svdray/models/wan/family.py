@@ -10,13 +10,14 @@ real pipeline with the LoRA), `comfy` and `export`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from svdray.config import Config
+from svdray.config import Config, ModelConfig
 from svdray.models.base import ModelFamily, TrainingModels
 from svdray.models.lora import load_lora, save_lora
 from svdray.models.precision import mixed_precision_dtype
@@ -25,11 +26,19 @@ from svdray.models.wan import loss, sampler
 from svdray.models.wan.lora import add_wan_lora, save_wan_lora
 from svdray.models.wan.pipeline import (
     EXPERTS,
+    FULL_SIZE_LAYOUTS,
     LAYOUTS,
+    build_full_size_pipeline,
+    cast_as_loaded,
     check_num_frames,
+    component_dtypes,
+    default_num_frames,
     load_expert,
     load_wan_pipeline,
+    meta_pipeline,
+    save_full_size_pipeline,
     save_tiny_wan_pipeline,
+    side_multiple,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +59,7 @@ def check_pipeline_shapes(pipe: Any, cfg: Config) -> None:
 
 class WanFamily(ModelFamily):
     name = "wan"
+    architectures = tuple(FULL_SIZE_LAYOUTS)
     batch_columns = (
         "video",
         "image",
@@ -75,6 +85,22 @@ class WanFamily(ModelFamily):
         `sampling_models` loads it the first time a sample needs it)."""
         m = cfg.model
         pipe = load_wan_pipeline(m.pretrained, m.denoiser_dtype, m.variant, m.revision, m.frozen_dtype)
+        return self.training_models(pipe, cfg, device)
+
+    def meta_models(self, cfg: Config, architecture: str | None = None) -> TrainingModels:
+        pipe = build_full_size_pipeline(architecture) if architecture else meta_pipeline(cfg.model.pretrained)
+        dtypes = component_dtypes(cfg.model.denoiser_dtype, cfg.model.frozen_dtype)
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                cast_as_loaded(module, dtypes.get(name, dtypes["default"]))
+        speed = replace(cfg.speed, compile_denoiser=False)  # nothing to compile on meta
+        return self.training_models(pipe, replace(cfg, speed=speed), torch.device("meta"))
+
+    def save_full_size_pipeline(self, out_dir: str | Path, architecture: str, weights: bool = True) -> Path:
+        return save_full_size_pipeline(out_dir, architecture, weights)
+
+    def training_models(self, pipe: Any, cfg: Config, device: torch.device) -> TrainingModels:
+        """`build_models` of a pipeline at hand (loaded, or on the meta device)."""
         check_pipeline_shapes(pipe, cfg)
         for name in ("vae", "text_encoder", "image_encoder"):
             module = getattr(pipe, name)
@@ -146,13 +172,20 @@ class WanFamily(ModelFamily):
     ) -> np.ndarray:
         return sampler.sample_video(models, image, spec, prompt=prompt, seed=seed)
 
-    def default_num_frames(self, models: sampler.WanSamplingModels) -> int | None:
-        # What the models were trained at: Wan2.2-TI2V-5B 121 frames, Wan2.1 and A14B 81.
-        return 121 if models.pipe.config.expand_timesteps else 81
+    def default_num_frames(self, model: ModelConfig) -> int:
+        return default_num_frames(model.pretrained, model.revision)
+
+    def side_multiple(self, model: ModelConfig) -> int:
+        return side_multiple(model.pretrained, model.revision)
 
     def describe_conditioning(self, spec: sampler.WanSamplingSpec, clip: torch.Tensor | None) -> str:
         shift = "scheduler's" if spec.shift is None else f"{spec.shift:g}"
         return f"guidance_scale={spec.guidance_scale:g} shift={shift}"
+
+    def describe_reward_sampling(self, spec: sampler.WanSamplingSpec) -> str:
+        # sample_frames has images and no prompts: the empty prompt, one transformer call per step.
+        shift = "scheduler's" if spec.shift is None else f"{spec.shift:g}"
+        return f"empty prompt, no guidance, shift={shift}"
 
     def sample_frames(
         self,

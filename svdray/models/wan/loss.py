@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from diffusers import WanImageToVideoPipeline
 
-from svdray.config import WanConfig
 from svdray.data.video import to_model_range
 from svdray.models.base import LatentDistribution
 from svdray.models.precision import encoder_precision
@@ -26,6 +25,7 @@ from svdray.models.wan.conditioning import (
     encode_prompts,
     encode_video,
 )
+from svdray.models.wan.config import WanConfig
 
 # Points of the validation loss's fixed sigma grid, evenly spaced over the trained expert's range
 # (independent of the training density and shift, so runs that sweep those compare).
@@ -57,8 +57,11 @@ class FrozenWan:
         sigma_range = objective.expert_sigma_range(pipe.config.boundary_ratio, cfg.expert)
         expert = cfg.expert or "transformer"
         shift = cfg.shift if cfg.shift is not None else objective.scheduler_shift(pipe.scheduler)
-        with encoder_precision(pipe.text_encoder.device):
-            empty = encode_prompts(pipe, [""]).float()
+        if pipe.text_encoder.device.type == "meta":  # shapes only (UMT5's padding mask reads values)
+            empty = torch.empty(1, cfg.max_sequence_length, pipe.text_encoder.config.d_model, device="meta")
+        else:
+            with encoder_precision(pipe.text_encoder.device):
+                empty = encode_prompts(pipe, [""]).float()
         return cls(pipe, expert, sigma_range, shift, empty)
 
 

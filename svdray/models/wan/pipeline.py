@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import diffusers
 import torch
 from diffusers import (
     AutoencoderKLWan,
@@ -28,6 +29,7 @@ from diffusers import (
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
     PreTrainedTokenizerFast,
@@ -36,7 +38,8 @@ from transformers import (
 )
 
 from svdray import console
-from svdray.config import check_wan_num_frames as check_num_frames
+from svdray.models.wan.config import WAN_SIDE_MULTIPLE
+from svdray.models.wan.config import check_wan_num_frames as check_num_frames
 
 Layout = Literal["i2v", "ti2v", "a14b"]
 LAYOUTS: tuple[str, ...] = ("i2v", "ti2v", "a14b")
@@ -55,7 +58,7 @@ _MASK_CHANNELS = 4
 
 # Scheduler shifts of the real checkpoints (sample_shift in Wan's configs, e.g.
 # Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py: 5.0; Wan2.1 I2V 480P ships flow_shift 3.0).
-_TINY_SHIFT = {"i2v": 3.0, "ti2v": 5.0, "a14b": 5.0}
+_SHIFT = {"i2v": 3.0, "ti2v": 5.0, "a14b": 5.0}
 # Wan2.2-I2V-A14B's switch between experts (wan/configs/wan_i2v_A14B.py: boundary = 0.900).
 _A14B_BOUNDARY_RATIO = 0.9
 
@@ -102,6 +105,49 @@ FULL_SIZE_TRANSFORMERS: dict[str, dict] = {
         out_channels=16,
     ),
 }
+
+
+# The layout of each full-size architecture, and its frozen encoders. VAEs: diffusers'
+# scripts/convert_wan_to_diffusers.py (Wan2.1: the AutoencoderKLWan defaults; Wan2.2: base_dim
+# 160, z_dim 48, residual, 2x2 patchify). UMT5-XXL encoder (google/umt5-xxl) and CLIP ViT-H/14
+# (open-clip xlm-roberta-large-vit-huge-14) as the Wan-AI *-Diffusers repos configure them.
+FULL_SIZE_LAYOUTS: dict[str, Layout] = {
+    "Wan2.1-I2V-14B": "i2v",
+    "Wan2.2-TI2V-5B": "ti2v",
+    "Wan2.2-I2V-A14B": "a14b",
+}
+_FULL_SIZE_VAE = {
+    16: dict(),
+    48: dict(
+        base_dim=160,
+        decoder_base_dim=256,
+        z_dim=48,
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        latents_mean=[0.0] * 48,
+        latents_std=[1.0] * 48,
+    ),
+}
+_UMT5_XXL = dict(
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+)
+_CLIP_VIT_H = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+)
 
 
 def meta_transformer(name: str) -> WanTransformer3DModel:
@@ -243,11 +289,27 @@ def build_tiny_wan_pipeline(layout: Layout = "i2v", seed: int = 0) -> WanImageTo
             transformer_2 = _tiny_transformer(2 * z + _MASK_CHANNELS, z, image_dim=None)
     finally:
         torch.random.set_rng_state(rng_state)
+    return _pipeline(
+        layout, vae, text_encoder, transformer, transformer_2, image_encoder, image_processor, tokenizer
+    )
+
+
+def _pipeline(
+    layout: Layout,
+    vae: AutoencoderKLWan,
+    text_encoder: UMT5EncoderModel,
+    transformer: WanTransformer3DModel,
+    transformer_2: WanTransformer3DModel | None = None,
+    image_encoder: CLIPVisionModel | None = None,
+    image_processor: CLIPImageProcessor | None = None,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+) -> WanImageToVideoPipeline:
     return WanImageToVideoPipeline(
-        tokenizer=tokenizer,
+        tokenizer=tokenizer or _tiny_tokenizer(),
         text_encoder=text_encoder,
         vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=_TINY_SHIFT[layout]),
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=_SHIFT[layout]),
         image_processor=image_processor,
         image_encoder=image_encoder,
         transformer=transformer,
@@ -257,10 +319,128 @@ def build_tiny_wan_pipeline(layout: Layout = "i2v", seed: int = 0) -> WanImageTo
     )
 
 
+def _on(device: str | torch.device, *modules: torch.nn.Module | None) -> list[torch.nn.Module | None]:
+    """Each module on `device`: tensors a constructor makes with the legacy torch.Tensor(...)
+    ignore the device context."""
+    return [module.to(device) if module is not None else None for module in modules]
+
+
+def build_full_size_pipeline(
+    architecture: str, device: str | torch.device = "meta"
+) -> WanImageToVideoPipeline:
+    """A full-size pipeline (a key of `FULL_SIZE_LAYOUTS`) with random weights on `device` ("meta":
+    shapes and dtypes only, nothing allocated), the checkpoint's shift and expert boundary. Its
+    tokenizer is the tiny pipelines' word-level one: a stand-in (UMT5's 256k vocabulary is not
+    here), whose ids the full-size text encoder takes all the same."""
+    if architecture not in FULL_SIZE_LAYOUTS:
+        raise ValueError(f"{architecture!r} is not one of {sorted(FULL_SIZE_LAYOUTS)}")
+    layout = FULL_SIZE_LAYOUTS[architecture]
+    transformer_config = FULL_SIZE_TRANSFORMERS[architecture]
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        with torch.device(device):
+            transformer = WanTransformer3DModel(**transformer_config)
+            transformer_2 = WanTransformer3DModel(**transformer_config) if layout == "a14b" else None
+            vae = AutoencoderKLWan(**_FULL_SIZE_VAE[transformer_config["out_channels"]])
+            text_encoder = UMT5EncoderModel(UMT5Config(**_UMT5_XXL))
+            image_encoder = CLIPVisionModel(CLIPVisionConfig(**_CLIP_VIT_H)) if layout == "i2v" else None
+    finally:
+        torch.random.set_rng_state(rng_state)
+    image_processor = (
+        CLIPImageProcessorPil(crop_size=224, size={"shortest_edge": 224}) if image_encoder else None
+    )
+    modules = _on(device, vae, text_encoder, transformer, transformer_2, image_encoder)
+    return _pipeline(layout, *modules, image_processor)
+
+
+def meta_pipeline(pretrained: str | Path) -> WanImageToVideoPipeline:
+    """The pipeline of a folder with the components' configs (a downloaded pipeline, or one saved
+    by `save_full_size_pipeline(weights=False)`) on the meta device: no weights are read."""
+    pretrained = str(pretrained)
+    index = WanImageToVideoPipeline.load_config(pretrained)
+
+    def has(name: str) -> bool:
+        return (index.get(name) or [None])[0] is not None
+
+    def transformer_at(name: str) -> WanTransformer3DModel:
+        return WanTransformer3DModel.from_config(
+            WanTransformer3DModel.load_config(pretrained, subfolder=name)
+        )
+
+    with torch.device("meta"):
+        transformer = transformer_at("transformer")
+        transformer_2 = transformer_at("transformer_2") if has("transformer_2") else None
+        vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(pretrained, subfolder="vae"))
+        text_encoder = UMT5EncoderModel(UMT5Config.from_pretrained(pretrained, subfolder="text_encoder"))
+        image_encoder = None
+        if has("image_encoder"):
+            image_encoder = CLIPVisionModel(
+                CLIPVisionConfig.from_pretrained(pretrained, subfolder="image_encoder")
+            )
+    image_processor = None
+    if has("image_processor"):
+        image_processor = CLIPImageProcessorPil.from_pretrained(pretrained, subfolder="image_processor")
+    tokenizer = None
+    if has("tokenizer"):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(pretrained, subfolder="tokenizer")
+    scheduler_class = getattr(diffusers, index["scheduler"][1])  # Wan2.1's checkpoints ship UniPC
+    scheduler = scheduler_class.from_pretrained(pretrained, subfolder="scheduler")
+    layout: Layout = (
+        "ti2v" if index.get("expand_timesteps") else "a14b" if index.get("boundary_ratio") else "i2v"
+    )
+    modules = _on("meta", vae, text_encoder, transformer, transformer_2, image_encoder)
+    return _pipeline(layout, *modules, image_processor, tokenizer, scheduler)
+
+
+def save_full_size_pipeline(out_dir: str | Path, architecture: str, weights: bool = True) -> Path:
+    """A full-size pipeline saved as a downloaded one is, with random weights (on a GPU if there
+    is one), or with `weights=False` its components' configs alone: enough for `meta_pipeline`."""
+    out_dir = Path(out_dir)
+    console.quiet_diffusers()
+    if weights:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        build_full_size_pipeline(architecture, device).save_pretrained(out_dir, safe_serialization=True)
+        return out_dir
+    pipe = build_full_size_pipeline(architecture, "meta")
+    pipe.save_config(out_dir)  # model_index.json
+    for name, component in pipe.components.items():
+        if component is None:
+            continue
+        if hasattr(component, "save_config"):  # diffusers models and the scheduler
+            component.save_config(out_dir / name)
+        elif isinstance(component, torch.nn.Module):  # transformers models
+            component.config.save_pretrained(out_dir / name)
+        else:  # tokenizer, image processor
+            component.save_pretrained(out_dir / name)
+    return out_dir
+
+
 def save_tiny_wan_pipeline(out_dir: str | Path, layout: Layout = "i2v", seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     build_tiny_wan_pipeline(layout, seed).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def component_dtypes(dtype: str = "float32", encoder_dtype: str | None = None) -> dict[str, torch.dtype]:
+    """Each component's dtype as `load_wan_pipeline` loads it ("default": the others')."""
+    for key, value in (("model.denoiser_dtype", dtype), ("model.frozen_dtype", encoder_dtype or dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"{key}: {value!r} is not one of {sorted(DTYPES)}")
+    if encoder_dtype is None:
+        return {"default": DTYPES[dtype], "vae": torch.float32, "image_encoder": torch.float32}
+    frozen = DTYPES[encoder_dtype]
+    return {"default": frozen, "transformer": DTYPES[dtype], "transformer_2": DTYPES[dtype]}
+
+
+def cast_as_loaded(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` in `dtype` as `from_pretrained(dtype=...)` loads it: diffusers keeps the parameters
+    of its `_keep_in_fp32_modules` (the transformer's norms, time embedding, ...) in float32."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not keep & set(name.split(".")):
+            tensor.data = tensor.data.to(dtype)
+    return module
 
 
 def load_wan_pipeline(
@@ -278,14 +458,7 @@ def load_wan_pipeline(
     `encoder_dtype` (training's `model.frozen_dtype`); None keeps the text encoder in `dtype`
     and the VAE and CLIP in float32, as Wan's own code runs them.
     """
-    for key, value in (("model.denoiser_dtype", dtype), ("model.frozen_dtype", encoder_dtype or dtype)):
-        if value not in DTYPES:
-            raise ValueError(f"{key}: {value!r} is not one of {sorted(DTYPES)}")
-    if encoder_dtype is None:
-        dtypes = {"default": DTYPES[dtype], "vae": torch.float32, "image_encoder": torch.float32}
-    else:
-        frozen = DTYPES[encoder_dtype]
-        dtypes = {"default": frozen, "transformer": DTYPES[dtype], "transformer_2": DTYPES[dtype]}
+    dtypes = component_dtypes(dtype, encoder_dtype)
     skipped = {} if transformers else {"transformer": None, "transformer_2": None}
     console.quiet_diffusers()
     return WanImageToVideoPipeline.from_pretrained(
@@ -305,6 +478,31 @@ def load_expert(
         revision=revision,
         use_safetensors=True,
     )
+
+
+def default_num_frames(pretrained: str | Path, revision: str | None = None) -> int:
+    """The frame count the checkpoints were trained at (Wan2.2-TI2V-5B 121, Wan2.1 and A14B 81),
+    from the pipeline's config alone (81 when it cannot be read, e.g. a hub id offline)."""
+    try:
+        config = WanImageToVideoPipeline.load_config(str(pretrained), revision=revision)
+    except OSError:
+        return 81
+    return 121 if config.get("expand_timesteps") else 81
+
+
+def side_multiple(pretrained: str | Path, revision: str | None = None) -> int:
+    """What a pipeline's sides must be multiples of, from its configs alone (no weights load):
+    the VAE's spatial compression times the transformer's patch, as the pipeline computes it
+    (`vae_scale_factor_spatial`): 16, or 32 for Wan2.2-TI2V-5B's 16x VAE. A pipeline whose configs
+    cannot be read (a hub id offline) gets Wan's general rule, checked again when it loads."""
+    try:
+        vae = AutoencoderKLWan.load_config(str(pretrained), subfolder="vae", revision=revision)
+        transformer = WanTransformer3DModel.load_config(
+            str(pretrained), subfolder="transformer", revision=revision
+        )
+    except OSError:
+        return WAN_SIDE_MULTIPLE
+    return int(vae.get("scale_factor_spatial", 8)) * int(transformer.get("patch_size", (1, 2, 2))[1])
 
 
 def wan_layout(pipe: WanImageToVideoPipeline) -> Layout:
