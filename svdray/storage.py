@@ -27,8 +27,8 @@ Ray workers see them through the run's runtime environment (`runtime_env_vars`, 
 `check` is the start-up check (config validation calls it for every URI key): an unreachable
 endpoint, wrong credentials, a missing bucket or object give an error naming the config key and
 the URI within the timeout, before anything starts. pyarrow alone would wait: a `gs://` path
-without reachable credentials retries for 15 minutes, an `s3://` path without an endpoint tries
-AWS's own for seconds.
+without reachable credentials keeps retrying (still waiting after 40 s on an offline machine),
+an `s3://` path without an endpoint tries AWS itself for seconds.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import contextlib
 import datetime
 import functools
 import io
+import json
 import os
 import posixpath
 import shutil
@@ -78,8 +79,8 @@ class StorageError(ValueError):
 
 
 def scheme(path: str | Path) -> str:
-    """ "s3" or "gs" for an object-storage URI, "" for a local path (or file://); StorageError for
-    any other scheme (http://, ...)."""
+    """The scheme of an object-storage URI ("s3", "gs"), "" for a local path (or file://);
+    StorageError for any other scheme (http://, ...)."""
     text = str(path)
     if "://" not in text:
         return ""
@@ -114,7 +115,7 @@ def normalize(path: str | Path) -> str:
 def absolute(path: str | Path) -> str:
     """What a config key holds once a run resolves it (workers run in other folders): an object
     URI normalized, a local path absolute with symbolic links resolved."""
-    return normalize(path) if is_remote(path) else str(Path(path).expanduser().resolve())
+    return normalize(path) if is_remote(path) else str(Path(normalize(path)).resolve())
 
 
 def join(base: str | Path, *parts: str) -> str:
@@ -222,7 +223,7 @@ def _gcs(settings: StorageSettings, check: bool) -> pafs.FileSystem:
         options["scheme"] = "https" if host.startswith("https://") else "http"
         options["endpoint_override"] = host.split("://", 1)[-1].rstrip("/")
         options["anonymous"] = True
-    if check:  # without it, missing credentials are retried for 15 minutes
+    if check:  # without it, missing credentials are retried far beyond the check's timeout
         options["retry_time_limit"] = datetime.timedelta(seconds=settings.timeout_s / 2)
     return pafs.GcsFileSystem(**options)
 
@@ -263,9 +264,13 @@ def with_scheme(inner: str, like: str | Path) -> str:
 
 
 def runtime_env_vars(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The storage settings set in `env` (default: this process's), for Ray's runtime environment."""
+    """The storage settings set in `env` (default: this process's), for Ray's runtime environment,
+    less those a submitted job's own runtime environment sets (they reach the workers already, and
+    Ray refuses to merge a variable that both set)."""
     env = os.environ if env is None else env
-    return {name: env[name] for name in SETTINGS_ENV if env.get(name)}
+    job = json.loads(env.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # set by `ray job submit`
+    given = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {name: env[name] for name in SETTINGS_ENV if env.get(name) and name not in given}
 
 
 # --------------------------------------------------------------------------------------------

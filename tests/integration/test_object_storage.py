@@ -152,8 +152,8 @@ def test_mlflow_client_writes_artifacts_to_the_bucket(s3_store, tmp_path) -> Non
 
 
 def test_gcs_manifest_clips_and_cache_shards(gcs_store, square_clip, monkeypatch, tmp_path) -> None:
-    """The same data path on Google Cloud Storage (STORAGE_EMULATOR_HOST): JSON Lines and Parquet
-    manifests with relative paths, clips decoded from the bucket, cache shards written and read
+    """The same data path on Google Cloud Storage (STORAGE_EMULATOR_HOST): JSON Lines, Parquet and
+    CSV manifests with relative paths, clips decoded from the bucket, cache shards written and read
     back; a missing bucket or an unreachable emulator named by key."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -166,7 +166,8 @@ def test_gcs_manifest_clips_and_cache_shards(gcs_store, square_clip, monkeypatch
     table = pa.table({"video": ["clips/square.mp4"], "fps": [7.0]})
     fs, inner = storage.filesystem(f"{bucket}/set/train.parquet")
     pq.write_table(table, inner, filesystem=fs)
-    for name in ("train.jsonl", "train.parquet"):
+    upload(b"video,prompt\nclips/square.mp4,a square\n", f"{bucket}/set/train.csv")
+    for name in ("train.jsonl", "train.parquet", "train.csv"):
         read = scan_manifest(f"{bucket}/set/{name}")
         assert [row["video"] for row in read.rows] == [f"{bucket}/set/clips/square.mp4"] and not read.rejects
     spec = FrameSpec(8, 7.0, 32, 32, "first", "center")

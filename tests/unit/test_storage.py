@@ -5,6 +5,7 @@ an s3:// or gs:// path with no endpoint and no credentials on this offline machi
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -94,6 +95,10 @@ def test_settings_make_the_filesystem() -> None:
     bare = reduced(storage.filesystem("s3://b/k", StorageSettings.from_env({}))[0])
     assert (bare["access_key"], bare["endpoint_override"], bare["region"]) == (None, "", "us-east-1")
     assert storage.runtime_env_vars(env) == {k: v for k, v in env.items() if v and k != "UNRELATED"}
+    # In a submitted job, what its runtime environment sets already reaches every worker.
+    job = {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL_S3": "http://minio:9000"}}}
+    forwarded = storage.runtime_env_vars({**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)})
+    assert "AWS_ENDPOINT_URL_S3" not in forwarded and forwarded["AWS_ACCESS_KEY_ID"] == "key"
     with pytest.raises(StorageError, match="SVDRAY_STORAGE_TIMEOUT_S"):
         StorageSettings.from_env({"SVDRAY_STORAGE_TIMEOUT_S": "soon"})
 
