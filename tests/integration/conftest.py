@@ -1,8 +1,9 @@
 """Fixtures of the integration tier: one real local Ray cluster per test session, a Ray head for
-`ray job submit`, and the MLflow server."""
+`ray job submit`, the MLflow server, and object stores (S3, GCS) on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -12,12 +13,46 @@ from tests.support.servers import free_port
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_store():
+    """An S3 server on 127.0.0.1 (tests/support/object_store.py), with its settings in this
+    process's environment for the whole session, as a user exports them: AWS_ENDPOINT_URL_S3,
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, MLFLOW_S3_ENDPOINT_URL."""
+    from tests.support.object_store import start_s3
+
+    server = start_s3()
+    saved = {name: os.environ.get(name) for name in server.env}
+    os.environ.update(server.env)
+    yield server
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_store(tmp_path_factory):
+    """gcp-storage-emulator on 127.0.0.1 (anonymous, in memory), in its own process."""
+    from tests.support.object_store import start_gcs
+
+    emulator = start_gcs(tmp_path_factory.mktemp("gcs") / "emulator.log")
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_store):
     import ray
 
+    from svdray import storage
+
     # The dashboard stays on (an early-stopped Tune trial's resources are only freed with it on)
-    # and binds to 127.0.0.1 on a free port, so parallel test sessions never collide.
+    # and binds to 127.0.0.1 on a free port, so parallel test sessions never collide. The object
+    # store's settings reach the workers as svdray's own `init_ray` passes them: in the runtime
+    # environment.
     ray.init(
+        runtime_env={"env_vars": storage.runtime_env_vars()},
         num_cpus=4,
         include_dashboard=True,
         dashboard_host="127.0.0.1",

@@ -9,12 +9,18 @@ It runs as a separate process because a Ray driver connects to one cluster: the 
 own local cluster (the `ray_cluster` fixture) cannot share a process with this one.
 
     python -m tests.support.multinode --config run.yaml --out result.json [--lose-node-after step_00000002]
+        [--own-folders DIR] [--wait-http URL]
 
 Layout: the head holds the driver, Ray Train's controller, the data decoders and the run's small
 actors (data ledger, progress board); only the worker nodes offer the custom resource
 `trainer`, which the run's workers ask for (`train.resources_per_worker`), so training runs on
 worker nodes only and losing one never takes the controller or the data with it. Each worker node
 has room for two workers (--trainer-slots), so where they go is up to `train.placement`.
+
+With --own-folders, each worker node gets a working folder of its own (its TMPDIR, HOME and
+XDG_CACHE_HOME, under DIR) and none of the object-storage settings in its environment: a run
+whose shared state is all in a bucket must then reach it through the settings its runtime
+environment carries (svdray's `init_ray`), as on a cluster whose nodes share nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +37,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from svdray.config import load_config
+from svdray.storage import SETTINGS_ENV
 from svdray.train.trainer import TrainingResult, run_training
 from tests.support.servers import free_port
 
@@ -38,9 +47,26 @@ TRAINER_SLOTS = 2  # workers a worker node has room for (its `trainer` resource)
 OBJECT_STORE_BYTES = 150 * 1024**2  # Ray's minimum is 75 MiB; the tiny clips need little
 
 
+OWN_FOLDERS: list[Path] = []  # --own-folders: the root of the worker nodes' own folders
+
+
+def node_env() -> dict[str, str] | None:
+    """A new worker node's environment overrides (--own-folders): its own folders, no storage
+    settings (empty is unset for svdray and the cloud SDKs alike)."""
+    if not OWN_FOLDERS:
+        return None
+    home = OWN_FOLDERS[0] / f"node-{len(list(OWN_FOLDERS[0].glob('node-*')))}"
+    (home / "tmp").mkdir(parents=True)
+    env = {name: "" for name in SETTINGS_ENV}
+    return {**env, "TMPDIR": str(home / "tmp"), "HOME": str(home), "XDG_CACHE_HOME": str(home / "cache")}
+
+
 def add_worker_node(cluster: Cluster, slots: int = TRAINER_SLOTS) -> bool:
     cluster.add_node(
-        num_cpus=NODE_CPUS, resources={"trainer": float(slots)}, object_store_memory=OBJECT_STORE_BYTES
+        num_cpus=NODE_CPUS,
+        resources={"trainer": float(slots)},
+        object_store_memory=OBJECT_STORE_BYTES,
+        env_vars=node_env(),
     )
     return True
 
@@ -96,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-nodes", type=int, default=2)
     parser.add_argument("--trainer-slots", type=int, default=TRAINER_SLOTS, help="workers a node holds")
     parser.add_argument("--lose-node-after", help="kill a training node once this checkpoint is registered")
+    parser.add_argument("--own-folders", help="give each worker node its own folders under this one")
+    parser.add_argument("--wait-http", help="once the cluster is up, wait for this URL (a tracking server)")
     parser.add_argument(
         "--add-node-at-workers",
         type=int,
@@ -105,9 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config)  # a bad config fails before the cluster starts
+    if args.own_folders:
+        OWN_FOLDERS.append(Path(args.own_folders))
     cluster = start_cluster(args.worker_nodes, args.trainer_slots)
     try:
-        ray.init(address=cluster.address, log_to_driver=False)
+        # Connected as `svdray train` connects (svdray.train.trainer.init_ray): the object-storage
+        # settings of this process go to every worker in the runtime environment.
+        cfg.ray.address = cluster.address
+        if args.wait_http:
+            wait_for(args.wait_http)
         worker_nodes = [node.node_id for node in cluster.worker_nodes]
         lost: list[str] = []
         if args.lose_node_after:
@@ -144,6 +178,19 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         cluster.shutdown()
     return 0
+
+
+def wait_for(url: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":
