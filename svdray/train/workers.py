@@ -15,9 +15,10 @@ from svdray.models.lora import save_lora
 NODE_FILE = "node.json"
 
 
-def save_worker_record(denoiser: torch.nn.Module, output_dir: str | Path, rank: int) -> Path:
-    """<output_dir>/workers/rank<N>: this rank's LoRA and node.json ({"rank", "node_id"})."""
-    folder = Path(output_dir) / "workers" / f"rank{rank}"
+def save_worker_record(denoiser: torch.nn.Module, folder: str | Path, rank: int) -> Path:
+    """This rank's LoRA and node.json ({"rank", "node_id"}) in `folder` (the run's
+    workers/rank<N>: svdray.train.outputs.run_output)."""
+    folder = Path(folder)
     save_lora(denoiser, folder)
     node = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id()}
     (folder / NODE_FILE).write_text(json.dumps(node))

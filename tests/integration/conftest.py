@@ -1,8 +1,9 @@
 """Fixtures of the integration tier: one real local Ray cluster per test session, a Ray head for
-`ray job submit`, and the MLflow server."""
+`ray job submit`, the MLflow server, and object stores (S3, GCS) on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -25,18 +26,50 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    import os
+def s3_store():
+    """An S3 server on 127.0.0.1 (tests/support/object_store.py), with its settings in this
+    process's environment for the whole session, as a user exports them: AWS_ENDPOINT_URL_S3,
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, MLFLOW_S3_ENDPOINT_URL."""
+    from tests.support.object_store import start_s3
 
+    server = start_s3()
+    saved = {name: os.environ.get(name) for name in server.env}
+    os.environ.update(server.env)
+    yield server
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_store(tmp_path_factory):
+    """gcp-storage-emulator on 127.0.0.1 (anonymous, in memory), in its own process."""
+    from tests.support.object_store import start_gcs
+
+    emulator = start_gcs(tmp_path_factory.mktemp("gcs") / "emulator.log")
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_store):
     import ray
 
+    from svdray import storage
     from svdray.train.trainer import MIN_STARTUP_CONCURRENCY, STARTUP_CONCURRENCY_ENV
 
     os.environ.setdefault(STARTUP_CONCURRENCY_ENV, str(MIN_STARTUP_CONCURRENCY))  # as svdray's own
+
     # The dashboard stays on (an early-stopped Tune trial's resources are only freed with it on)
-    # and binds to 127.0.0.1 on a free port, so parallel test sessions never collide.
+    # and binds to 127.0.0.1 on a free port, so parallel test sessions never collide. The object
+    # store's settings reach the workers as svdray's own `init_ray` passes them: in the runtime
+    # environment.
     ray.init(
         address="local",  # our own, never a cluster another test or agent started on this machine
+        runtime_env={"env_vars": storage.runtime_env_vars()},
         num_cpus=4,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
@@ -60,13 +93,12 @@ def ray_head():
 
 
 @pytest.fixture(scope="module")
-def multinode(tmp_path_factory):
+def multinode(tmp_path_factory, s3_store):
     """A simulated multi-node Ray cluster (a head and worker nodes, tests/support/multinode.py)
     with its driver process, started once for a test module; each run asks for the worker nodes
     it needs. A restart that waits for room (a lost node) gives up after 20 s, not Ray Train's 60,
-    and tries again: the elastic test then goes on with the workers that fit."""
-    import os
-
+    and tries again: the elastic test then goes on with the workers that fit. Its driver has the
+    S3 server's settings in its environment, as `svdray train` on a cluster's head would."""
     from tests.support.multinode import MultinodeDriver
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -15,8 +15,15 @@ before it starts.
     python -m tests.support.multinode --config run.yaml --out result.json [--lose-node-after step_00000002]
 
 A request: {"config": PATH, "out": PATH, "worker_nodes": 2, "trainer_slots": 2,
-"lose_node_after": "step_00000002" | null, "add_node_at_workers": 1 | null}; the answer, one line
-on stdout: "ok" once the run's report is written to `out`, else "error: <traceback>".
+"own_folders": DIR | null, "wait_http": URL | null, "lose_node_after": "step_00000002" | null,
+"add_node_at_workers": 1 | null}; the answer, one line on stdout: "ok" once the run's report is
+written to `out`, else "error: <traceback>".
+
+With `own_folders`, each worker node gets a working folder of its own (its TMPDIR, HOME and
+XDG_CACHE_HOME, under DIR) and none of the object-storage settings in its environment: a run
+whose shared state is all in a bucket must then reach it through the settings its runtime
+environment carries (svdray's `init_ray`), as on a cluster whose nodes share nothing. With
+`wait_http`, the run starts once that URL answers (a tracking server the nodes reach).
 
 Layout: the head holds the driver, Ray Train's controller, the data decoders and the run's small
 actors (data ledger, progress board); only the worker nodes offer the custom resource
@@ -31,7 +38,9 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
+import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,6 +49,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from svdray.config import load_config
+from svdray.storage import SETTINGS_ENV
 from svdray.train.trainer import TrainingResult, run_training
 from tests.support.servers import free_port
 
@@ -50,8 +60,18 @@ OBJECT_STORE_BYTES = 150 * 1024**2  # Ray's minimum is 75 MiB; the tiny clips ne
 READY = "ready"
 
 
+def own_folders_env(root: Path) -> dict[str, str]:
+    """A new worker node's environment overrides: folders of its own under `root`, and no
+    object-storage settings (empty is unset for svdray and the cloud SDKs alike)."""
+    home = root / f"node-{len(list(root.glob('node-*')))}"
+    (home / "tmp").mkdir(parents=True)
+    env = {name: "" for name in SETTINGS_ENV}
+    return {**env, "TMPDIR": str(home / "tmp"), "HOME": str(home), "XDG_CACHE_HOME": str(home / "cache")}
+
+
 class Nodes:
-    """The cluster and the room (`trainer` slots) each of its live worker nodes has."""
+    """The cluster and what each of its live worker nodes is: its room (`trainer` slots) and its
+    own folders' root (None: the machine's)."""
 
     def __init__(self) -> None:
         self.cluster = Cluster(
@@ -64,28 +84,34 @@ class Nodes:
                 "dashboard_port": free_port(),
             },
         )
-        self.slots: dict[str, int] = {}  # node id -> trainer slots
+        self.kind: dict[str, tuple[int, Path | None]] = {}  # node id -> (trainer slots, own folders)
+        self.slots, self.own_folders = TRAINER_SLOTS, None  # what nodes added next are
 
-    def add(self, slots: int) -> bool:
+    def add(self) -> bool:
         node = self.cluster.add_node(
-            num_cpus=NODE_CPUS, resources={"trainer": float(slots)}, object_store_memory=OBJECT_STORE_BYTES
+            num_cpus=NODE_CPUS,
+            resources={"trainer": float(self.slots)},
+            object_store_memory=OBJECT_STORE_BYTES,
+            env_vars=own_folders_env(self.own_folders) if self.own_folders else None,
         )
-        self.slots[node.node_id] = slots
+        self.kind[node.node_id] = (self.slots, self.own_folders)
         return True
 
     def remove(self, node: Any) -> str:
         """Kill a worker node whole: SIGKILL to its raylet and every process on it."""
         self.cluster.remove_node(node, allow_graceful=False)
-        self.slots.pop(node.node_id, None)
+        self.kind.pop(node.node_id, None)
         return node.node_id
 
-    def reshape(self, count: int, slots: int) -> None:
-        """Exactly `count` live worker nodes with room for `slots` workers each."""
+    def reshape(self, count: int, slots: int, own_folders: Path | None) -> None:
+        """Exactly `count` live worker nodes with room for `slots` workers each (and their own
+        folders under `own_folders`); nodes added during the run are of that kind too."""
+        self.slots, self.own_folders = slots, own_folders
         for node in list(self.cluster.worker_nodes):
-            if self.slots.get(node.node_id) != slots or len(self.cluster.worker_nodes) > count:
+            if self.kind.get(node.node_id) != (slots, own_folders) or len(self.cluster.worker_nodes) > count:
                 self.remove(node)
         while len(self.cluster.worker_nodes) < count:
-            self.add(slots)
+            self.add()
         self.cluster.wait_for_nodes()
 
     def worker_ids(self) -> list[str]:
@@ -102,7 +128,7 @@ def training_nodes() -> list[str]:
     return []
 
 
-def lose_node(nodes: Nodes, lost: list[str], replace: bool, slots: int) -> bool:
+def lose_node(nodes: Nodes, lost: list[str], replace: bool) -> bool:
     """Kill the worker node holding the first bundle of the worker group, then (if `replace`)
     add a fresh node; False while no worker group is placed."""
     placed = training_nodes()
@@ -111,34 +137,55 @@ def lose_node(nodes: Nodes, lost: list[str], replace: bool, slots: int) -> bool:
     victim = next(node for node in nodes.cluster.worker_nodes if node.node_id == placed[0])
     lost.append(nodes.remove(victim))
     if replace:
-        nodes.add(slots)
+        nodes.add()
     return True
 
 
+def wait_for(url: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
+
+
 def run(nodes: Nodes, request: dict[str, Any]) -> dict[str, Any]:
-    """One training run on worker nodes shaped as `request` asks, with its node events; its report."""
+    """One training run on worker nodes shaped as `request` asks, with its node events; its report.
+
+    The run connects as `svdray train` connects (svdray.train.trainer.init_ray, its object-storage
+    settings in the runtime environment) and disconnects at its end."""
     cfg = load_config(request["config"])
-    slots = request.get("trainer_slots", TRAINER_SLOTS)
-    nodes.reshape(request.get("worker_nodes", 2), slots)
+    cfg.ray.address = nodes.cluster.address
+    own_folders = Path(request["own_folders"]) if request.get("own_folders") else None
+    nodes.reshape(request.get("worker_nodes", 2), request.get("trainer_slots", TRAINER_SLOTS), own_folders)
+    if request.get("wait_http"):
+        wait_for(request["wait_http"])
     worker_nodes = nodes.worker_ids()
     lost: list[str] = []
-    if request.get("lose_node_after"):
-        from tests.support.resume import run_with_events
+    try:
+        if request.get("lose_node_after"):
+            from tests.support.resume import run_with_events
 
-        after, add_at = request["lose_node_after"], request.get("add_node_at_workers")
-        events = [
-            (lambda registered: after in registered, lambda: lose_node(nodes, lost, add_at is None, slots))
-        ]
-        if add_at is not None:
-            events.append(
-                (
-                    lambda registered: any(m.get("num_workers") == add_at for m in registered.values()),
-                    lambda: nodes.add(slots),
+            after, add_at = request["lose_node_after"], request.get("add_node_at_workers")
+            replace = add_at is None
+            events = [(lambda registered: after in registered, lambda: lose_node(nodes, lost, replace))]
+            if add_at is not None:
+                events.append(
+                    (
+                        lambda registered: any(m.get("num_workers") == add_at for m in registered.values()),
+                        nodes.add,
+                    )
                 )
-            )
-        result: TrainingResult = run_with_events(cfg, events)
-    else:
-        result = run_training(cfg)
+            result: TrainingResult = run_with_events(cfg, events)
+        else:
+            result = run_training(cfg)
+    finally:
+        ray.shutdown()
     return {
         **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()},
         "head_node": nodes.cluster.head_node.node_id,
@@ -174,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-nodes", type=int, default=2)
     parser.add_argument("--trainer-slots", type=int, default=TRAINER_SLOTS, help="workers a node holds")
     parser.add_argument("--lose-node-after", help="kill a training node once this checkpoint is registered")
+    parser.add_argument("--own-folders", help="give each worker node its own folders under this one")
+    parser.add_argument("--wait-http", help="once the cluster is up, wait for this URL (a tracking server)")
     parser.add_argument(
         "--add-node-at-workers",
         type=int,
@@ -187,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
         load_config(args.config)  # a bad config fails before the cluster starts
     nodes = Nodes()
     try:
-        ray.init(address=nodes.cluster.address, log_to_driver=False)
         if args.mode == "serve":
             # The answers keep stdout to themselves; whatever else prints (the runs' progress
             # lines, Ray) goes to stderr.
@@ -200,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 "out": args.out,
                 "worker_nodes": args.worker_nodes,
                 "trainer_slots": args.trainer_slots,
+                "own_folders": args.own_folders,
+                "wait_http": args.wait_http,
                 "lose_node_after": args.lose_node_after,
                 "add_node_at_workers": args.add_node_at_workers,
             }
@@ -261,6 +311,8 @@ class MultinodeDriver:
         config: Path,
         worker_nodes: int = 2,
         trainer_slots: int = TRAINER_SLOTS,
+        own_folders: Path | None = None,
+        wait_http: str | None = None,
         lose_node_after: str | None = None,
         add_node_at_workers: int | None = None,
     ) -> dict[str, Any]:
@@ -270,6 +322,8 @@ class MultinodeDriver:
             "out": str(out),
             "worker_nodes": worker_nodes,
             "trainer_slots": trainer_slots,
+            "own_folders": str(own_folders) if own_folders else None,
+            "wait_http": wait_http,
             "lose_node_after": lose_node_after,
             "add_node_at_workers": add_node_at_workers,
         }
