@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from svdray import storage
 from svdray.data.buckets import parse_bucket
 from svdray.models import family_config, registered_families
 
@@ -260,6 +261,9 @@ class MlflowConfig:
     run_name: str | None = None  # default: train.name
     # Added to the run's description in the MLflow UI (which also says command, model, data, outputs).
     description: str = ""
+    # Where a new experiment keeps its artifacts, e.g. s3://bucket/mlflow: MLflow's client (boto3)
+    # writes there itself. Empty: beside a sqlite store, or wherever the tracking server says.
+    artifact_location: str = ""
 
 
 @dataclass
@@ -310,7 +314,7 @@ class TuneConfig:
     search_space: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     num_samples: int = 8
     name: str | None = None  # stable sweep name (re-running resumes); default "<train.name>-sweep"
-    # The loop metric to optimise (`loss`; `val_loss` once validation runs). Tune sees
+    # The loop metric to optimise: `loss`, or `val_loss` (needs validate.manifest). Tune sees
     # `objective`: the mean of its last `metric_window` reported values (1: the value itself).
     metric: str = "loss"
     metric_window: int = 10
@@ -583,6 +587,10 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
             f"validate.every: {cfg.validate.every} with validate.mode: checkpoint must be a multiple of "
             f"train.checkpoint_every ({cfg.train.checkpoint_every}): it validates checkpoints"
         )
+    if cfg.tune.search_space and cfg.tune.metric == "val_loss" and not cfg.validate.manifest:
+        raise ConfigError(
+            "tune.metric: val_loss needs validate.manifest (the held-out clips it is the loss of)"
+        )
     if cfg.validate.mode == "checkpoint" and cfg.tune.metric == "val_loss":
         raise ConfigError(
             "tune.metric: val_loss needs validate.mode: inline (checkpoint validations finish "
@@ -612,18 +620,19 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
     if check_files:
         if not cfg.data.manifest:
             raise ConfigError("data.manifest: required")
-        if not Path(cfg.data.manifest).exists():
+        _check_object_storage(cfg)
+        if _missing_local(cfg.data.manifest):
             raise ConfigError(f"data.manifest: file not found: {cfg.data.manifest}")
-        if cfg.validate.manifest and not Path(cfg.validate.manifest).exists():
+        if _missing_local(cfg.validate.manifest):
             raise ConfigError(f"validate.manifest: file not found: {cfg.validate.manifest}")
-        if cfg.train.resume_from:
+        if cfg.train.resume_from and not storage.is_remote(cfg.train.resume_from):
             from svdray.safeload import check_folder
 
             try:
                 check_folder(cfg.train.resume_from, "train.resume_from")
             except (OSError, ValueError) as err:  # a pickle, a file, a missing folder
                 raise ConfigError(str(err)) from err
-        if cfg.sample.image and not Path(cfg.sample.image).exists():
+        if _missing_local(cfg.sample.image):
             raise ConfigError(f"sample.image: file not found: {cfg.sample.image}")
         looks_local = cfg.model.pretrained.startswith((".", "/", "~")) or cfg.model.pretrained.count("/") > 1
         if Path(cfg.model.pretrained).expanduser().exists():
@@ -638,6 +647,36 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
     _validate_family_sections(cfg)
     family_config(cfg.model.family).check(cfg)
     _validate_tune(cfg)
+
+
+def _missing_local(path: str | None) -> bool:
+    """A local path given but not there (object URIs are `_check_object_storage`'s)."""
+    return bool(path) and not storage.is_remote(path) and not Path(path).exists()
+
+
+def _check_object_storage(cfg: Config) -> None:
+    """Every object-storage URI the run will read or write answers, now, before anything starts:
+    reachable endpoint, valid credentials, existing bucket and (for inputs) object; a clear error
+    naming the key and the URI within SVDRAY_STORAGE_TIMEOUT_S otherwise (svdray.storage.check)."""
+    uris = {
+        "data.manifest": (cfg.data.manifest, "file"),
+        "validate.manifest": (cfg.validate.manifest, "file"),
+        "sample.image": (cfg.sample.image, "file"),
+        "train.resume_from": (cfg.train.resume_from, "folder"),
+        "train.storage_path": (cfg.train.storage_path, "bucket"),
+        "data.cache_dir": (cfg.data.cache_dir if cfg.data.cache else "", "bucket"),
+        "mlflow.artifact_location": (cfg.mlflow.artifact_location, "bucket"),
+    }
+    if cfg.mlflow.artifact_location.startswith("gs://"):
+        raise ConfigError(
+            "mlflow.artifact_location: MLflow's client writes s3:// artifacts (boto3); for gs:// run a "
+            "tracking server that proxies them (svdray ui --artifacts-destination)"
+        )
+    for key, (path, need) in uris.items():
+        try:
+            storage.check(path, key, need)
+        except storage.StorageError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _validate_family_sections(cfg: Config) -> None:

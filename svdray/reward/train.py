@@ -42,6 +42,7 @@ from svdray.train.distributed import mean_across_workers, restore_rng
 from svdray.train.failures import training_failure
 from svdray.train.loop import StepLog, checkpoint_and_report, restore_state, this_worker
 from svdray.train.optim import build_lr_scheduler, build_optimizer
+from svdray.train.outputs import fetch_final_lora, save_final_lora
 from svdray.train.parallel import parallelize
 from svdray.train.trainer import (
     init_ray,
@@ -146,7 +147,7 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        family.save_lora(models.denoiser, cfg, Path(cfg.output_dir) / "lora")
+        save_final_lora(family, models.denoiser, cfg)
 
 
 def image_batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -276,7 +277,7 @@ def run_reward_training(cfg: Config) -> RewardResult:
         tracking.end_run(uri, run_id, status="FAILED")
         raise
 
-    lora_dir = output_dir / "lora"
+    lora_dir = fetch_final_lora(cfg)
     before, before_frames = evaluate(cfg, cfg.reward.init_lora, eval_images)
     after, after_frames = evaluate(cfg, str(lora_dir), eval_images)
     writer = MetricWriter(uri, run_id)

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -22,6 +21,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from svdray import storage
 from svdray.config import Config, config_from_dict
 from svdray.data.dataset import same_shape_batches
 from svdray.data.ledger import find_ledger
@@ -33,6 +33,7 @@ from svdray.tracking import MetricWriter, mlflow_metrics
 from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from svdray.train.distributed import mean_across_workers, restore_rng, rng_snapshot
 from svdray.train.optim import build_lr_scheduler, build_optimizer
+from svdray.train.outputs import run_output, save_final_lora
 from svdray.train.parallel import Parallel, Workers, parallelize
 from svdray.train.step import update
 from svdray.train.upload import report_checkpoint
@@ -141,9 +142,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     # agree, each worker's own copy if asked).
     lora = parallel.lora_state_dict(everywhere=cfg.train.save_worker_loras)
     if rank == 0:
-        family.save_lora(models.denoiser, cfg, Path(cfg.output_dir) / "lora", lora)
+        save_final_lora(family, models.denoiser, cfg, lora)  # output_dir/lora, or the run's bucket folder
     if cfg.train.save_worker_loras:
-        save_worker_record(models.denoiser, cfg.output_dir, rank, lora, parallel.mesh_ranks())
+        with run_output(cfg, f"workers/rank{rank}") as folder:
+            save_worker_record(models.denoiser, folder, rank, lora, parallel.mesh_ranks())
     return {"step": state.step, "bad_steps": state.bad_steps}
 
 
@@ -208,7 +210,8 @@ def restore_state(
             state, rng_states = load_checkpoint(ckpt_dir, parallel, optimizer, lr_scheduler)
         return state, rng_states, checkpoint.path
     if loop_config.get("resume_from"):
-        state, rng_states = load_checkpoint(loop_config["resume_from"], parallel, optimizer, lr_scheduler)
+        with storage.local_copy(loop_config["resume_from"]) as local:  # a folder, or one in a bucket
+            state, rng_states = load_checkpoint(local, parallel, optimizer, lr_scheduler)
         return state, rng_states, loop_config["resume_from"]
     return TrainState(), None, None
 

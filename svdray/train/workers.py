@@ -18,14 +18,15 @@ NODE_FILE = "node.json"
 
 def save_worker_record(
     denoiser: torch.nn.Module,
-    output_dir: str | Path,
+    folder: str | Path,
     rank: int,
     state_dict: dict[str, torch.Tensor] | None = None,
     mesh: list | None = None,
 ) -> Path:
-    """<output_dir>/workers/rank<N>: this rank's LoRA (`state_dict`: as this rank gathered it from
-    a sharded model) and node.json ({"rank", "node_id", "mesh": ranks by mesh position or null})."""
-    folder = Path(output_dir) / "workers" / f"rank{rank}"
+    """This rank's LoRA (`state_dict`: as this rank gathered it from a sharded model) and
+    node.json ({"rank", "node_id", "mesh": ranks by mesh position or null}) in `folder` (the
+    run's workers/rank<N>: svdray.train.outputs.run_output)."""
+    folder = Path(folder)
     save_lora(denoiser, folder, state_dict=state_dict)
     node = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "mesh": mesh}
     (folder / NODE_FILE).write_text(json.dumps(node))

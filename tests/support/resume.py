@@ -19,6 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from svdray import storage
 from svdray.config import Config, config_from_dict
 from svdray.models.lora import ADAPTER_WEIGHTS
 from svdray.train.trainer import TrainingResult, run_training
@@ -121,10 +122,11 @@ Registered = dict[str, dict]  # checkpoint name -> the metrics reported with it
 
 
 def registered_checkpoints(cfg: Config) -> Registered:
-    """The checkpoints Ray Train's checkpoint manager snapshot holds (a restore can find them)."""
-    snapshot = Path(cfg.train.storage_path) / cfg.train.name / "checkpoint_manager_snapshot.json"
+    """The checkpoints Ray Train's checkpoint manager snapshot holds (a restore can find them),
+    in a local storage path or a bucket."""
+    snapshot = storage.join(cfg.train.storage_path, cfg.train.name, "checkpoint_manager_snapshot.json")
     try:
-        results = json.loads(snapshot.read_text())["checkpoint_results"]
+        results = json.loads(storage.read_text(snapshot))["checkpoint_results"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):  # not yet, or being written
         return {}
     return {r["checkpoint_dir_name"]: r["metrics"] for r in results}
@@ -148,11 +150,12 @@ def run_with_events(
     thread.start()
     deadline = time.monotonic() + 300
     pending = list(events)
+    poll = 0.25 if storage.is_remote(cfg.train.storage_path) else 0.02  # a bucket: a request per look
     while pending and thread.is_alive() and time.monotonic() < deadline:
         condition, act = pending[0]
         if condition(registered_checkpoints(cfg)) and act():
             pending.pop(0)
-        time.sleep(0.02)
+        time.sleep(poll)
     if pending:
         thread.join(timeout=300)
         pytest.fail(f"the run ended before all its events could happen ({len(pending)} left): {outcome}")
