@@ -278,7 +278,7 @@ def main() -> None:
     )
 
     decode_item(items[0], cfg, 0)  # imports and first-call costs out of every timing
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_data(items[:8], cfg)  # Ray's own start-up out of the timings (decoders start with each stream)
 

@@ -27,6 +27,10 @@ which saves what CUDA flash / memory-efficient attention save: q, k, v, output, 
     python benchmarks/memory.py --config configs/svd_xt_lora.yaml --out m.json
     python benchmarks/memory.py --config configs/svd_xt_lora.yaml --set train.gradient_checkpointing=true
     python benchmarks/memory.py --preset svd-xt --out memory_svd_xt.json
+    python benchmarks/memory.py --preset wan --out memory_wan.json   # one rank of the full-size Wan models
+
+`--preset wan` counts Wan's transformers one rank at a time, for a worker count and mesh
+(`train.parallel`): see the Wan section below.
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +65,7 @@ from svdray.models.lora import lora_parameters  # noqa: E402
 from svdray.models.precision import mixed_precision  # noqa: E402
 from svdray.models.svd.loss import encode_batch, training_loss  # noqa: E402
 from svdray.models.svd.pipeline import FrozenModels  # noqa: E402
+from svdray.models.wan.pipeline import MAX_SEQUENCE_LENGTH, num_latent_frames  # noqa: E402
 from svdray.train.optim import build_optimizer  # noqa: E402
 
 GIB = 2**30
@@ -139,14 +145,21 @@ class SavedTensorCounter:
         finally:
             self.current = region.parent
 
+    def weights_of(self, module: torch.nn.Module, *args) -> None:
+        """A module's parameters, as it runs, are weights: FSDP2 gathers them into storages of
+        their own before the forward (and `linear` saves a transposed view of one)."""
+        self.exclude.update(storage_key(p) for p in module.parameters(recurse=False))
+
     @contextlib.contextmanager
     def counting(self) -> Iterator[SavedTensorCounter]:
         original = torch.utils.checkpoint.checkpoint
         torch.utils.checkpoint.checkpoint = self.checkpoint
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(self.weights_of)
         try:
             with self.modules, torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor):
                 yield self
         finally:
+            hook.remove()
             torch.utils.checkpoint.checkpoint = original
 
 
@@ -419,6 +432,355 @@ def print_row(row: dict[str, Any], header: bool = False) -> None:
     print("  ".join(f"{show(row):<{width}}" for _, width, show in COLUMNS), flush=True)
 
 
+# --------------------------------------------------------------------------------------------
+# Wan: one rank of a run spread over workers (`train.parallel`)
+#
+# The transformer is built on the meta device (the full-size architectures, no weights) and
+# prepared as training prepares it (`WanFamily.prepare_transformer`: LoRA, an fp8 base, every
+# block checkpointed); one step from the latent cache runs on fake tensors, whole. One rank holds:
+#
+#   weights    its shard of every frozen parameter (FSDP2 splits dim 0 into equal chunks, padded),
+#              the whole of them under DDP; buffers whole
+#   gathered   FSDP2's unsharded parameters: the root's (embedders, head; kept gathered from the
+#              first forward to the end of backward) plus two blocks, the one running and the
+#              next one prefetched; and one block's LoRA gradients before their reduce-scatter,
+#              twice (the block's and the one in flight)
+#   LoRA       its shard of the LoRA, of their float32 gradients and of AdamW's two moments
+#   activations  the tensors saved for backward: each checkpointed block's inputs plus the
+#              largest recomputation (as for SVD above), the same on every rank
+#   dequant    an fp8 base's one layer dequantised to bf16 at a time
+#   batch      the cached batch on the device (latent mean and std, prompt and image embeddings,
+#              image condition; float32): the encoders stay off the GPU (`release_encoders`)
+#
+# estimated peak = the sum. Not counted: the CUDA context and allocator fragmentation (1-3 GB),
+# NCCL's buffers, attention's workspace, transient tensors inside one op.
+
+WAN_TARGETS_NOTE = "targets: issue 21 (a 24 GB card with its CUDA context: 22 GiB; a 40 GB card)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Spread:
+    """How the transformer is spread: `workers` in all, `shard` of them holding one copy between
+    them (ddp: 1; fsdp: all of them; hsdp: the workers of one node)."""
+
+    parallel: str
+    workers: int
+    shard: int
+
+    @property
+    def label(self) -> str:
+        if self.workers == 1:
+            return "1 GPU"
+        if self.parallel == "hsdp":
+            return f"hsdp {self.workers // self.shard}x{self.shard}"
+        return f"{self.parallel} {self.workers}"
+
+
+@dataclasses.dataclass(frozen=True)
+class WanCase:
+    model: str  # a key of svdray.models.wan.pipeline.FULL_SIZE_TRANSFORMERS
+    frames: int
+    height: int
+    width: int
+    spread: Spread
+    denoiser_dtype: str = "bfloat16"
+    offload: bool = False  # train.offload_activations
+    target_gib: float | None = None  # the issue's target for this case, if it sets one
+    rank: int = 32
+
+
+def _spread(parallel: str, workers: int, per_node: int | None = None) -> Spread:
+    shard = {"ddp": 1, "fsdp": workers, "hsdp": per_node or workers}[parallel]
+    return Spread(parallel, workers, shard if workers > 1 else 1)
+
+
+I2V_14B, A14B, TI2V_5B = "Wan2.1-I2V-14B", "Wan2.2-I2V-A14B", "Wan2.2-TI2V-5B"
+WAN_PRESET = [  # the issue's three targets, each also without the option that meets it
+    WanCase(I2V_14B, 81, 480, 832, _spread("fsdp", 4), target_gib=22),
+    WanCase(I2V_14B, 81, 480, 832, _spread("fsdp", 4), offload=True, target_gib=22),
+    WanCase(I2V_14B, 81, 480, 832, _spread("fsdp", 8), offload=True),
+    WanCase(I2V_14B, 81, 480, 832, _spread("hsdp", 16, per_node=8), offload=True),
+    WanCase(I2V_14B, 81, 480, 832, _spread("ddp", 1), "float8", target_gib=40),
+    WanCase(I2V_14B, 81, 480, 832, _spread("ddp", 1), "float8", offload=True, target_gib=40),
+    WanCase(I2V_14B, 81, 480, 832, _spread("fsdp", 4), "float8", offload=True),
+    WanCase(A14B, 81, 480, 832, _spread("fsdp", 4), offload=True),
+    WanCase(A14B, 81, 480, 832, _spread("ddp", 1), "float8", offload=True),
+    WanCase(TI2V_5B, 121, 704, 1280, _spread("ddp", 1), target_gib=40),
+    WanCase(TI2V_5B, 121, 704, 1280, _spread("fsdp", 4)),
+]
+
+
+def wan_case_config(case: WanCase) -> Config:
+    """The run config of a case: LoRA on attention and FFN, latent cache, bf16 autocast, every
+    block checkpointed (what `configs/wan_*_fsdp.yaml` set)."""
+    layout = {"Wan2.2-TI2V-5B": "ti2v", "Wan2.2-I2V-A14B": "a14b"}.get(case.model, "i2v")
+    tree = {
+        "model": {
+            "family": "wan",
+            "pretrained": case.model,
+            "denoiser_dtype": case.denoiser_dtype,
+            "frozen_dtype": "bfloat16",
+        },
+        "data": {"num_frames": case.frames, "height": case.height, "width": case.width, "cache": True},
+        "lora": {"rank": case.rank, "alpha": case.rank, "feed_forward": True},
+        "train": {
+            "mixed_precision": "bf16",
+            "gradient_checkpointing": True,
+            "num_workers": case.spread.workers,
+            "parallel": case.spread.parallel if case.spread.workers > 1 else "ddp",
+            "offload_activations": case.offload,
+        },
+        "wan": {"expert": "transformer" if layout == "a14b" else None},
+    }
+    return config_from_dict(tree, check_files=False)
+
+
+def full_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def per_rank_bytes(tensors: Iterable[torch.Tensor], shard: int) -> int:
+    """What one worker stores of tensors FSDP2 shards over `shard` workers: equal chunks of each
+    one's rows (torch.chunk's ceil(rows / shard)), padded. Of a real run's shards (DTensors):
+    the storages their local parts live in, each once (FSDP2 keeps a group's gradient shards in
+    one buffer)."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = list(tensors)
+    total = tensor_bytes(t.to_local() for t in tensors if isinstance(t, DTensor))
+    for t in tensors:
+        if isinstance(t, DTensor):
+            continue
+        rows = t.shape[0] if t.dim() else 0
+        whole = shard == 1 or rows == 0
+        total += full_bytes(t) if whole else math.ceil(rows / shard) * (full_bytes(t) // rows)
+    return total
+
+
+def wan_cached_batch(
+    transformer: torch.nn.Module,
+    frames: int,
+    height: int,
+    width: int,
+    device: torch.device,
+    image_tokens: int = 257,
+) -> dict[str, torch.Tensor]:
+    """A latent-cache batch of one clip (`svdray.models.wan.cache`: float32), shaped for the
+    transformer's layout: Wan's VAEs compress 4x in time and 8x in space (16x for the 48-channel
+    VAE of TI2V-5B); the image condition is 4 mask channels and the latent of (image, zeros...),
+    or the image's latent alone (TI2V); CLIP's 257 tokens for Wan2.1."""
+    config = transformer.config
+    z = config.out_channels
+    expand = config.in_channels == z  # TI2V: the latent alone goes in
+    spatial = 16 if z == 48 else 8
+    latent = (1, z, num_latent_frames(frames), height // spatial, width // spatial)
+    condition = (1, z, 1, *latent[-2:]) if expand else (1, 4 + z, *latent[2:])
+    batch = {
+        "latent_mean": torch.zeros(latent, device=device),
+        "latent_std": torch.ones(latent, device=device),
+        "prompt_embeds": torch.zeros(1, MAX_SEQUENCE_LENGTH, config.text_dim, device=device),
+        "condition": torch.zeros(condition, device=device),
+        "image": torch.zeros(1, 3, height, width, dtype=torch.uint8, device=device),
+    }
+    if config.image_dim:
+        batch["image_embeds"] = torch.zeros(1, image_tokens, config.image_dim, device=device)
+    return batch
+
+
+@dataclasses.dataclass
+class WanStep:
+    """One counted step of a Wan transformer, everything a rank's count reads: the model (its
+    parameters, gradients and buffers, whole or a real run's shards), the optimizer's state,
+    the blocks, the saved tensors and the batch."""
+
+    transformer: torch.nn.Module
+    blocks: list[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    counter: SavedTensorCounter
+    batch: dict[str, torch.Tensor]
+
+
+def run_wan_step(
+    transformer: torch.nn.Module,
+    blocks: list[torch.nn.Module],
+    frozen: Any,
+    cfg: Config,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+) -> WanStep:
+    """One training step of a transformer prepared as training prepares it (whole on fake
+    tensors, or sharded in a real FSDP2 run): `training_loss` on the cached batch, backward under
+    the run's autocast, one AdamW step; the tensors saved for backward counted."""
+    from svdray.models.wan.loss import training_loss as wan_training_loss
+
+    transformer.train()
+    optimizer = build_optimizer(
+        lora_parameters(transformer), cfg.optim, dataclasses.replace(cfg.speed, fused_adamw=False), device
+    )
+    counter = SavedTensorCounter(
+        {storage_key(t) for t in (*transformer.parameters(), *transformer.buffers())}
+    )
+    with mixed_precision(cfg.train.mixed_precision, device), counter.counting():
+        loss = wan_training_loss(transformer, frozen, batch, cfg.wan, None)
+    with mixed_precision(cfg.train.mixed_precision, device):
+        loss.backward()
+    optimizer.step()
+    return WanStep(transformer, blocks, optimizer, counter, batch)
+
+
+def rank_count(step: WanStep, shard: int, offload: bool = False) -> dict[str, Any]:
+    """One rank's bytes (see above) when `shard` workers hold one copy of the model between them
+    (a real FSDP2 run's tensors are its own shards already); `offload`: the forward's saved
+    tensors wait in host memory (`train.offload_activations`), so the device holds one block's
+    recomputation and the one saved tensor backward is copying back."""
+    from svdray.models.float8 import Float8Linear
+
+    transformer, blocks, counter = step.transformer, step.blocks, step.counter
+    lora = lora_parameters(transformer)
+    frozen = [p for p in transformer.parameters() if not p.requires_grad]
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    root = sum(full_bytes(p) for p in transformer.parameters() if id(p) not in in_blocks)
+    block = max(sum(full_bytes(p) for p in b.parameters()) for b in blocks)
+    block_lora = max(sum(full_bytes(p) for p in b.parameters() if p.requires_grad) for b in blocks)
+    state = [t for s in step.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    by_dtype = {
+        str(dtype).removeprefix("torch."): per_rank_bytes((p for p in frozen if p.dtype == dtype), shard)
+        for dtype in {p.dtype for p in frozen}
+    }
+    saved = counter.root.saved_bytes
+    recompute = counter.root.peak_bytes - saved
+    largest_saved = max(counter.root.saved.values(), default=0)
+    terms = {
+        "weights": sum(by_dtype.values()),
+        "buffers": tensor_bytes(transformer.buffers()),
+        "gathered": root + 2 * block + 2 * block_lora if shard > 1 else 0,
+        "lora": per_rank_bytes(lora, shard),
+        "lora_grads": per_rank_bytes((p.grad for p in lora if p.grad is not None), shard),
+        "adamw": per_rank_bytes(state, shard),
+        "activations": recompute + largest_saved if offload else saved + recompute,
+        "dequant": max(
+            (m.weight.numel() * 2 for m in transformer.modules() if isinstance(m, Float8Linear)), default=0
+        ),
+        "batch": tensor_bytes(step.batch.values()),
+    }
+    return {
+        "terms": terms,
+        "weights_by_dtype": dict(by_dtype),
+        "root_bytes": root,
+        "block_bytes": block,
+        "block_lora_bytes": block_lora,
+        "saved_bytes": saved,
+        "recompute_peak_bytes": recompute,
+        "host_bytes": saved if offload else 0,
+        "checkpointed_regions": count_regions(counter.root),
+        "lora_params": sum(p.numel() for p in lora),
+        "estimated_peak_gib": sum(terms.values()) / GIB,
+    }
+
+
+def count_wan_cases(cases: list[WanCase]) -> Iterator[dict[str, Any]]:
+    """Count `cases` on fake tensors, the full-size models built on the meta device by the family
+    (`meta_models`: as `build_models` builds them); one counted step serves every case of the same
+    model, shape, base dtype and rank (how the model is spread and offloading change only the
+    per-rank arithmetic)."""
+    steps: dict[tuple, WanStep] = {}
+    for case in cases:
+        started = time.perf_counter()
+        key = (case.model, case.frames, case.height, case.width, case.denoiser_dtype, case.rank)
+        if key not in steps:
+            cfg = wan_case_config(case)
+            steps[key] = fake_wan_step(cfg, case.model)
+        step = steps[key]
+        counted = rank_count(step, case.spread.shard, case.offload)
+        p_t, p_h, p_w = step.transformer.config.patch_size
+        latent = step.batch["latent_mean"].shape
+        yield {
+            "model": case.model,
+            "shape": f"{case.frames}x{case.height}x{case.width}",
+            "tokens": latent[2] // p_t * (latent[3] // p_h) * (latent[4] // p_w),
+            "spread": case.spread.label,
+            "denoiser_dtype": case.denoiser_dtype,
+            "offload_activations": case.offload,
+            "lora_rank": case.rank,
+            "target_gib": case.target_gib,
+            **counted,
+            "verdict": verdict(counted, case.target_gib),
+            "count_s": time.perf_counter() - started,
+        }
+
+
+def fake_wan_step(cfg: Config, architecture: str | None = None) -> WanStep:
+    """One cached step of `cfg`'s Wan model (the named full-size `architecture`, or the configs of
+    `model.pretrained`), whole, on fake CPU tensors."""
+    family = family_of(cfg)
+    models = family.meta_models(cfg, architecture)
+    cpu = torch.device("cpu")
+    transformer = models.denoiser
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        transformer.to_empty(device=cpu)
+        # The encoders stay on the meta device (the cache holds what they compute); the empty
+        # prompt they encoded is what prompt dropout puts in.
+        frozen = dataclasses.replace(
+            models.frozen, empty_prompt=torch.empty_like(models.frozen.empty_prompt, device=cpu)
+        )
+        batch = wan_cached_batch(transformer, cfg.data.num_frames, cfg.data.height, cfg.data.width, cpu)
+        return run_wan_step(transformer, family.blocks(transformer), frozen, cfg, batch, cpu)
+
+
+def verdict(counted: dict[str, Any], target_gib: float | None) -> str:
+    """Whether the count meets the target; if not, by how much and the term that stops it (the
+    largest, which alone exceeds what the others leave)."""
+    if target_gib is None:
+        return ""
+    peak = counted["estimated_peak_gib"]
+    if peak <= target_gib:
+        return f"meets {target_gib:g} GiB ({target_gib - peak:.1f} to spare)"
+    term, size = max(counted["terms"].items(), key=lambda kv: kv[1])
+    return f"over {target_gib:g} GiB by {peak - target_gib:.1f}: {term} ({size / GIB:.1f} GiB) stops it"
+
+
+WAN_COLUMNS = [  # title, width, how to show a row
+    ("model", 16, lambda r: r["model"]),
+    ("frames x H x W", 15, lambda r: r["shape"]),
+    ("spread", 11, lambda r: r["spread"]),
+    ("base", 9, lambda r: r["denoiser_dtype"]),
+    ("offload", 8, lambda r: "yes" if r["offload_activations"] else "no"),
+    *[
+        (title, width, lambda r, key=key: f"{r['terms'][key] / GIB:.2f}")
+        for title, width, key in (
+            ("weights", 8, "weights"),
+            ("gathered", 9, "gathered"),
+            ("LoRA", 5, "lora"),
+            ("grads", 6, "lora_grads"),
+            ("AdamW", 6, "adamw"),
+            ("activ.", 7, "activations"),
+            ("dequant", 8, "dequant"),
+            ("batch", 6, "batch"),
+        )
+    ],
+    ("peak GiB", 9, lambda r: f"{r['estimated_peak_gib']:.2f}"),
+    ("target", 40, lambda r: r["verdict"]),
+]
+
+
+def print_wan_row(row: dict[str, Any], header: bool = False) -> None:
+    if header:
+        print("  ".join(f"{title:<{width}}" for title, width, _ in WAN_COLUMNS))
+    print("  ".join(f"{show(row):<{width}}" for _, width, show in WAN_COLUMNS), flush=True)
+
+
+def run_wan(out: str | None) -> list[dict[str, Any]]:
+    """`--preset wan`: every case of WAN_PRESET, one row each: one rank's GiB."""
+    rows = []
+    for row in count_wan_cases(WAN_PRESET):
+        rows.append(row)
+        print_wan_row(row, header=len(rows) == 1)
+        if out:
+            Path(out).write_text(json.dumps(rows, indent=1))
+    print(f"GiB per rank; {WAN_TARGETS_NOTE}")
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -427,7 +789,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="a run config: its shape, LoRA and memory options, then each option flipped"
     )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --config")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="the full matrix (see PRESETS)")
+    parser.add_argument(
+        "--preset",
+        choices=[*sorted(PRESETS), "wan"],
+        help="the full matrix (see PRESETS); wan: one rank of the full-size Wan models (WAN_PRESET)",
+    )
     parser.add_argument("--out", help="write one JSON row per case here")
     return parser
 
@@ -435,7 +801,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.config and not args.preset:
-        raise SystemExit("give --config PATH and/or --preset svd-xt")
+        raise SystemExit("give --config PATH and/or --preset svd-xt | wan")
+    if args.preset == "wan":
+        if args.config:
+            raise SystemExit("--preset wan counts its own cases; --config is SVD's")
+        run_wan(args.out)
+        return 0
     run(args)
     return 0
 

@@ -18,6 +18,7 @@ from svdray.config import ConfigError, load_config
 from svdray.data.manifest import DataError, ManifestError
 from svdray.models import FAMILIES, registered_families
 from svdray.safeload import UnsafeFileError
+from svdray.storage import StorageError
 
 # ------------------------------------------------------------------ argument groups shared by commands
 
@@ -204,6 +205,12 @@ def ui_arguments(p: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the UI to the whole network"
     )
     p.add_argument("--port", type=int, default=5000, help="port to serve on")
+    p.add_argument(
+        "--artifacts-destination",
+        metavar="URI",
+        help="serve as the tracking server of a cluster, proxying run artifacts to this folder or bucket "
+        "(s3://bucket/mlflow; the server needs the bucket's AWS_* settings, the clients none)",
+    )
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -222,6 +229,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     command += ["--host", args.host, "--port", str(args.port), "--workers", "1"]
+    if args.artifacts_destination:
+        from svdray import storage
+
+        # The server writes the artifacts it proxies: its bucket must answer now, not at a run's end.
+        storage.check(args.artifacts_destination, "--artifacts-destination", "bucket")
+        command += ["--artifacts-destination", storage.absolute(args.artifacts_destination)]
     print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     # Browsing needs no server-side job runner (GenAI evaluation jobs): 8 fewer processes.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -229,7 +242,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def sample_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lora", help="LoRA folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument(
+        "--lora",
+        help="LoRA folder (adapter_config.json + adapter_model.safetensors), local or in a bucket "
+        "(s3://bucket/<storage>/<run>/lora)",
+    )
     p.add_argument("--image", required=True, help="conditioning image, cropped to the size like training")
     p.add_argument("--out", required=True, help="the .mp4 file to write")
     p.add_argument("--prompt", help="text prompt, for families conditioned on text (default: none)")
@@ -261,6 +278,14 @@ def sample_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     """Every input is checked, naming its flag, before any model loads."""
     from pathlib import Path
+
+    from svdray.storage import is_remote
+
+    if is_remote(args.lora):  # a LoRA in a bucket: sampled from a local copy
+        from svdray.export import local_run
+
+        with local_run(args.lora, "--lora") as lora:
+            return cmd_sample(argparse.Namespace(**{**vars(args), "lora": str(lora)}))
 
     from svdray.data.video import ClipError, load_image
     from svdray.sample import SAMPLE_FLAGS, sampling_config
@@ -349,7 +374,8 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--run",
         required=True,
-        help="training output_dir, checkpoint folder, LoRA folder, or an MLflow run id (from --tracking-uri)",
+        help="training output_dir, checkpoint folder, LoRA folder (local, or in a bucket: s3://, gs://), "
+        "or an MLflow run id (from --tracking-uri)",
     )
     p.add_argument("--format", required=True, choices=["peft", "merged", "comfy"], help="what to write")
     p.add_argument("--out", required=True, help="folder (peft, merged) or .safetensors file (comfy)")
@@ -519,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except UnsafeFileError as err:
         print(f"refused: {err}", file=sys.stderr)
+        return 2
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except (ManifestError, DataError) as err:
         print(f"data error: {err}", file=sys.stderr)

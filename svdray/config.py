@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from svdray import storage
 from svdray.data.buckets import parse_bucket
 from svdray.models import family_config, registered_families
 
@@ -38,8 +39,11 @@ class ModelConfig:
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # dtype of the denoiser's frozen weights (SVD's UNet, Wan's transformer); its LoRA weights (and
     # their gradients and AdamW state) stay float32. bfloat16 halves SVD's 6.1 GB UNet and needs
-    # train.mixed_precision: bf16.
-    denoiser_dtype: Literal["float32", "bfloat16"] = "float32"
+    # train.mixed_precision: bf16. float8: the linear (and SVD's convolution) weights of every
+    # block stored as float8 e4m3 with a scale per output channel and computed in bf16, one layer
+    # at a time (svdray/models/float8.py): half of bf16's bytes; norms, biases, embeddings and the
+    # head stay bf16. Also needs bf16.
+    denoiser_dtype: Literal["float32", "bfloat16", "float8"] = "float32"
 
 
 @dataclass
@@ -116,6 +120,12 @@ class TrainConfig:
     # fills a node before the next (collectives stay on one machine), "spread" puts each worker on
     # its own node where it can (one preempted node costs one worker's slot, not all of them).
     placement: Literal["pack", "spread"] = "pack"
+    # How the denoiser is spread over the workers (svdray/train/parallel.py): "ddp" replicates it
+    # (each worker holds all of it); "fsdp" shards it over all workers (FSDP2: weights, LoRA
+    # gradients and AdamW state split N ways, each block gathered only while it runs); "hsdp"
+    # shards it within each node and replicates it across nodes (needs placement: pack and the
+    # same worker count on every node).
+    parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
     # Custom Ray resources each worker also needs, e.g. {"trainer": 1} where only the GPU nodes
     # offer "trainer" (CPU and GPU come from cpus_per_worker and use_gpu).
     resources_per_worker: dict[str, float] = field(default_factory=dict)
@@ -124,6 +134,10 @@ class TrainConfig:
     # every temporal attention block and the rest of each spatio-temporal transformer
     # (svdray/models/svd/checkpointing.py), about 4x less activation memory than true at 576x1024.
     gradient_checkpointing: bool | Literal["full"] = False
+    # Keep what the forward saves for backward in host memory until backward needs it (torch's
+    # save_on_cpu): with checkpointing, every block's input (Wan 14B at 81x480x832: 13 GiB) leaves
+    # the GPU, at the cost of copying it out and back once per step (svdray/train/step.py).
+    offload_activations: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 1  # MLflow step metrics and the progress line
@@ -247,6 +261,9 @@ class MlflowConfig:
     run_name: str | None = None  # default: train.name
     # Added to the run's description in the MLflow UI (which also says command, model, data, outputs).
     description: str = ""
+    # Where a new experiment keeps its artifacts, e.g. s3://bucket/mlflow: MLflow's client (boto3)
+    # writes there itself. Empty: beside a sqlite store, or wherever the tracking server says.
+    artifact_location: str = ""
 
 
 @dataclass
@@ -297,7 +314,7 @@ class TuneConfig:
     search_space: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     num_samples: int = 8
     name: str | None = None  # stable sweep name (re-running resumes); default "<train.name>-sweep"
-    # The loop metric to optimise (`loss`; `val_loss` once validation runs). Tune sees
+    # The loop metric to optimise: `loss`, or `val_loss` (needs validate.manifest). Tune sees
     # `objective`: the mean of its last `metric_window` reported values (1: the value itself).
     metric: str = "loss"
     metric_window: int = 10
@@ -556,6 +573,11 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
             )
         if not amount > 0:
             raise ConfigError(f"train.resources_per_worker.{name}: must be positive, got {amount}")
+    if cfg.train.parallel == "hsdp" and cfg.train.placement != "pack":
+        raise ConfigError(
+            "train.parallel: hsdp shards the model within each node's workers and needs "
+            "train.placement: pack (spread puts one worker on each node: nothing to shard)"
+        )
     if cfg.train.max_failures < -1:
         raise ConfigError(f"train.max_failures: must be -1 (no limit) or >= 0, got {cfg.train.max_failures}")
     if cfg.validate.num_videos < 0 or (cfg.validate.max_clips is not None and cfg.validate.max_clips <= 0):
@@ -564,6 +586,10 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         raise ConfigError(
             f"validate.every: {cfg.validate.every} with validate.mode: checkpoint must be a multiple of "
             f"train.checkpoint_every ({cfg.train.checkpoint_every}): it validates checkpoints"
+        )
+    if cfg.tune.search_space and cfg.tune.metric == "val_loss" and not cfg.validate.manifest:
+        raise ConfigError(
+            "tune.metric: val_loss needs validate.manifest (the held-out clips it is the loss of)"
         )
     if cfg.validate.mode == "checkpoint" and cfg.tune.metric == "val_loss":
         raise ConfigError(
@@ -594,18 +620,19 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
     if check_files:
         if not cfg.data.manifest:
             raise ConfigError("data.manifest: required")
-        if not Path(cfg.data.manifest).exists():
+        _check_object_storage(cfg)
+        if _missing_local(cfg.data.manifest):
             raise ConfigError(f"data.manifest: file not found: {cfg.data.manifest}")
-        if cfg.validate.manifest and not Path(cfg.validate.manifest).exists():
+        if _missing_local(cfg.validate.manifest):
             raise ConfigError(f"validate.manifest: file not found: {cfg.validate.manifest}")
-        if cfg.train.resume_from:
+        if cfg.train.resume_from and not storage.is_remote(cfg.train.resume_from):
             from svdray.safeload import check_folder
 
             try:
                 check_folder(cfg.train.resume_from, "train.resume_from")
             except (OSError, ValueError) as err:  # a pickle, a file, a missing folder
                 raise ConfigError(str(err)) from err
-        if cfg.sample.image and not Path(cfg.sample.image).exists():
+        if _missing_local(cfg.sample.image):
             raise ConfigError(f"sample.image: file not found: {cfg.sample.image}")
         looks_local = cfg.model.pretrained.startswith((".", "/", "~")) or cfg.model.pretrained.count("/") > 1
         if Path(cfg.model.pretrained).expanduser().exists():
@@ -620,6 +647,36 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
     _validate_family_sections(cfg)
     family_config(cfg.model.family).check(cfg)
     _validate_tune(cfg)
+
+
+def _missing_local(path: str | None) -> bool:
+    """A local path given but not there (object URIs are `_check_object_storage`'s)."""
+    return bool(path) and not storage.is_remote(path) and not Path(path).exists()
+
+
+def _check_object_storage(cfg: Config) -> None:
+    """Every object-storage URI the run will read or write answers, now, before anything starts:
+    reachable endpoint, valid credentials, existing bucket and (for inputs) object; a clear error
+    naming the key and the URI within SVDRAY_STORAGE_TIMEOUT_S otherwise (svdray.storage.check)."""
+    uris = {
+        "data.manifest": (cfg.data.manifest, "file"),
+        "validate.manifest": (cfg.validate.manifest, "file"),
+        "sample.image": (cfg.sample.image, "file"),
+        "train.resume_from": (cfg.train.resume_from, "folder"),
+        "train.storage_path": (cfg.train.storage_path, "bucket"),
+        "data.cache_dir": (cfg.data.cache_dir if cfg.data.cache else "", "bucket"),
+        "mlflow.artifact_location": (cfg.mlflow.artifact_location, "bucket"),
+    }
+    if cfg.mlflow.artifact_location.startswith("gs://"):
+        raise ConfigError(
+            "mlflow.artifact_location: MLflow's client writes s3:// artifacts (boto3); for gs:// run a "
+            "tracking server that proxies them (svdray ui --artifacts-destination)"
+        )
+    for key, (path, need) in uris.items():
+        try:
+            storage.check(path, key, need)
+        except storage.StorageError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _validate_family_sections(cfg: Config) -> None:

@@ -11,20 +11,25 @@ The family is the run's `model.family` (svd when the run config does not say).
 
 `--run` is a training output_dir (its `lora/`), a checkpoint folder (`<storage>/<name>/step_N`,
 its `lora/`), a LoRA folder itself, or an MLflow run id (its `lora/` and `config.yaml`
-artifacts, from `--tracking-uri`). Every weight read is safetensors.
+artifacts, from `--tracking-uri`). Every weight read is safetensors. The folders may be in a
+bucket (`s3://`, `gs://`): a run whose `train.storage_path` is one keeps its final LoRA and
+config in `<storage_path>/<name>/` (svdray.train.outputs), which reads like an output_dir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from svdray import storage
 from svdray.models import get_family
 from svdray.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from svdray.safeload import check_folder, check_safetensors
@@ -102,6 +107,38 @@ def fetch_run(run_id: str, tracking_uri: str, dst: Path) -> Path:
     return dst
 
 
+@contextlib.contextmanager
+def local_run(run: str | Path, flag: str = "--run") -> Iterator[Path]:
+    """`run` as a local folder to read: a local path as it is; a folder in a bucket (a run's
+    folder, a checkpoint, a LoRA folder) copied into a temporary folder, only its LoRA and the
+    run's config (config.yaml or a checkpoint's state.json, beside the LoRA or one level up), so
+    that `find_lora` and `run_config` read the copy as they read a local run."""
+    if not storage.is_remote(run):
+        yield Path(run)
+        return
+    try:
+        storage.check(run, flag, "folder")
+    except storage.StorageError as err:
+        raise FileNotFoundError(str(err)) from None
+    uri = storage.normalize(run)
+    with tempfile.TemporaryDirectory(prefix="svdray-run-") as tmp:
+        local = Path(tmp) / "run"
+        local.mkdir()
+        if storage.is_file(storage.join(uri, ADAPTER_CONFIG)):  # a LoRA folder; its run is above it
+            config_from, lora_from, found = storage.parent(uri), uri, local / "lora"
+        else:
+            config_from, lora_from, found = uri, storage.join(uri, "lora"), local
+        for name in ("config.yaml", STATE_FILE):
+            if storage.is_file(storage.join(config_from, name)):
+                storage.download(storage.join(config_from, name), local)
+        if not storage.is_dir(lora_from):
+            raise FileNotFoundError(
+                f"{flag}: no LoRA in {uri} (expected a run folder or checkpoint with lora/, or a LoRA folder)"
+            )
+        storage.download(lora_from, local / "lora")
+        yield found
+
+
 def export(
     run: str | Path,
     fmt: Format,
@@ -113,6 +150,9 @@ def export(
     if is_run_id(run):
         with tempfile.TemporaryDirectory() as tmp:
             return export(fetch_run(str(run), tracking_uri, Path(tmp)), fmt, out, pipeline, dtype)
+    if storage.is_remote(run):
+        with local_run(run) as local:
+            return export(local, fmt, out, pipeline, dtype)
     lora_dir = find_lora(run)
     out = Path(out)
     if fmt == "peft":

@@ -46,7 +46,7 @@ class Progress:
         interval: float = 10.0,
     ):
         self.label, self.total, self.unit = label, total, unit
-        self.stream = stream or sys.stdout
+        self._stream = stream
         self.live = self.stream.isatty()
         self.interval = interval
         self.started = time.monotonic()
@@ -56,6 +56,12 @@ class Progress:
         self.last_line = -math.inf
         self.printed: int | None = None  # `done` of the last plain line
         self.closed = False
+
+    @property
+    def stream(self) -> TextIO:
+        # Looked up when written to, not held: a sweep's progress callback is pickled by Tune, and
+        # the console a driver runs in (pytest's capture, a notebook's) need not be picklable.
+        return self._stream or sys.stdout
 
     def update(self, done: int, **fields: str) -> None:
         now = time.monotonic()

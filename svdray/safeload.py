@@ -146,3 +146,72 @@ def check_pipeline_folder(path: str | Path, what: str) -> Path:
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
         check_folder(sub, what)
     return path
+
+
+# What torch.distributed.checkpoint's metadata file may name: its own metadata classes, tensor
+# sizes, dtypes and layouts, and the checkpoint's path. Nothing that runs code.
+_SHARDED_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+def check_sharded_state(folder: str | Path, what: str) -> Path:
+    """`folder` if it is a sharded state svdray wrote with `torch.distributed.checkpoint`:
+    its `.metadata` (a pickle of torch's) names only checkpoint metadata classes, sizes and dtypes
+    (read with an unpickler that refuses anything else), every entry is a tensor (DCP unpickles
+    non-tensor entries without restriction; svdray writes none) and the shard files it lists
+    are plain files of the folder. The shards' tensors are read with `weights_only=True`."""
+    import pickle
+
+    import torch
+
+    folder = Path(folder)
+    path = folder / ".metadata"
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} is missing (not a sharded checkpoint state)")
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+            if (module, name) not in _SHARDED_METADATA_CLASSES and not dtype:
+                raise UnsafeFileError(
+                    f"{what}: {path} names {module}.{name}, which is not checkpoint metadata; "
+                    "svdray refuses to unpickle it"
+                )
+            return super().find_class(module, name)
+
+    with path.open("rb") as f:
+        try:
+            metadata = Unpickler(f).load()
+        except UnsafeFileError:
+            raise
+        except Exception as err:
+            raise UnsafeFileError(f"{what}: {path} is not checkpoint metadata ({err})") from None
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    if not isinstance(metadata, Metadata):
+        raise UnsafeFileError(f"{what}: {path} is not checkpoint metadata")
+    for key, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            raise UnsafeFileError(f"{what}: {path}: {key!r} is not a tensor (it would be unpickled)")
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or Path(name).name != name or not (folder / name).is_file():
+            raise FileNotFoundError(f"{what}: {folder} lacks the shard file {name!r} its metadata lists")
+    return folder

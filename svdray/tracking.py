@@ -25,7 +25,7 @@ import mlflow
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from svdray import console
+from svdray import console, storage
 from svdray.config import Config, flatten
 
 RUN_KEY_TAG = "svdray.run_key"
@@ -86,26 +86,30 @@ def tracking_uri(cfg: Config) -> str:
 
 
 def run_key(cfg: Config) -> str:
-    return f"{Path(cfg.train.storage_path).resolve()}/{cfg.train.name}"
+    return f"{storage.absolute(cfg.train.storage_path)}/{cfg.train.name}"
 
 
-def artifact_location(uri: str) -> str | None:
-    """Where a new experiment in a sqlite store keeps artifacts: beside the database file.
+def artifact_location(uri: str, configured: str = "") -> str | None:
+    """Where a new experiment keeps artifacts: `mlflow.artifact_location` if set (e.g.
+    s3://bucket/mlflow, written by MLflow's client itself), else beside a sqlite database file.
 
     MLflow's default is ./mlruns under the working directory of whichever process creates the
     experiment; for a Ray job that is a temporary copy of the submitted folder, deleted later.
     """
+    if configured:
+        return storage.absolute(configured)
     if uri.startswith("sqlite:///"):
         return str(Path(uri[len("sqlite:///") :]).parent / "mlruns")
     return None  # a tracking server (or other store) decides
 
 
-def get_or_create_experiment(uri: str, name: str) -> str:
+def get_or_create_experiment(uri: str, name: str, location: str = "") -> str:
+    """The experiment's id; a new one keeps its artifacts where `artifact_location` says."""
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location(uri))
+            return client.create_experiment(name, artifact_location=artifact_location(uri, location))
         except mlflow.exceptions.MlflowException:  # created by another process meanwhile
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -181,7 +185,7 @@ def start_or_resume_run(
     # Only explicit clients: mlflow.set_tracking_uri() would also write MLFLOW_TRACKING_URI into
     # this process's environment, and every later run started here would land in this store.
     uri = tracking_uri(cfg)
-    experiment_id = get_or_create_experiment(uri, cfg.mlflow.experiment)
+    experiment_id = get_or_create_experiment(uri, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
     client = MlflowClient(tracking_uri=uri)
     key = run_key(cfg)
     existing = client.search_runs(

@@ -16,6 +16,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token written to ~/.ray
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own stores only
+# Ray Train's controller polls its workers every 2 s, and a worker's report (each checkpoint,
+# each validation) waits in a one-slot queue for that poll, as does the end of a run: the tiny
+# runs here step in a fraction of a second, so they would mostly wait. Every Ray instance the
+# tests start (in process, `ray start`, the multi-node drivers) inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

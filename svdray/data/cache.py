@@ -23,6 +23,10 @@ encodes the noisy image with the VAE, which no cached latent reproduces; so the 
 With data.start: random or data.crop: random, an entry holds one frame window and crop per clip,
 drawn once from a seed derived from its key (not the run seed, so trials share it): every epoch
 then trains on that window. Training without the cache draws a new window each epoch.
+
+`data.cache_dir` may be a bucket (s3://, gs://; svdray.storage): shards are written and read
+there by the same code (each shard whole or not at all; an entry read back with ranged reads of
+its own tensors only), so every node, every later run and every Tune trial reads the same cache.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +44,10 @@ from typing import Any
 import numpy as np
 import ray
 import ray.data
+import safetensors.torch
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from svdray import storage
 from svdray.config import DataConfig, ModelConfig
 from svdray.data.buckets import assign_buckets
 from svdray.data.dataset import (
@@ -84,11 +89,16 @@ class CacheEncoderSpec:
     uses_prompts: bool = False
 
 
-def cache_root(cfg: DataConfig) -> Path:
+def cache_root(cfg: DataConfig) -> str:
+    """The cache's folder: data.cache_dir (a local folder or a bucket URI), else the user's cache."""
     if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser().resolve()
+        return (
+            storage.normalize(cfg.cache_dir)
+            if storage.is_remote(cfg.cache_dir)
+            else str(Path(cfg.cache_dir).expanduser().resolve())
+        )
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "svdray" / "latents"
+    return str(Path(base) / "svdray" / "latents")
 
 
 def _digest(value: Any) -> str:
@@ -125,11 +135,17 @@ def model_key(model: ModelConfig, components: tuple[str, ...]) -> str:
 
 
 def file_identity(path: str, reason: str) -> list[Any]:
+    """[path, size, mtime_ns] of a file or an object (ClipError `reason` if it is gone)."""
     try:
-        stat = os.stat(path)
+        if not storage.is_remote(path):
+            stat = os.stat(path)
+            return [path, stat.st_size, stat.st_mtime_ns]
+        info = storage.info(path)
     except OSError as err:
-        raise ClipError(f"{path}: not found", reason) from err
-    return [path, stat.st_size, stat.st_mtime_ns]
+        raise ClipError(f"{path}: not found ({err})", reason) from err
+    if info.type != storage.pafs.FileType.File:
+        raise ClipError(f"{path}: not found", reason)
+    return [path, info.size, storage.mtime_ns(info)]
 
 
 def entry_key(item: dict[str, Any], cfg: DataConfig, model: str, encoder: CacheEncoderSpec) -> str:
@@ -158,19 +174,32 @@ def window_seed(key: str) -> int:
     return int(key[:8], 16)
 
 
-def read_index(folder: Path) -> dict[str, str]:
+def shard_header(f: Any) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file open for random access (a pyarrow file: local or an
+    object), and where its tensor data starts. The format: an 8-byte little-endian header length,
+    the header (each tensor's dtype, shape and byte range in the data), then the data; a shard
+    cut short (its data ends before the header's last range) is a ValueError."""
+    (length,) = struct.unpack("<Q", f.read_at(8, 0))
+    header = json.loads(f.read_at(length, 8))
+    end = max((t["data_offsets"][1] for n, t in header.items() if n != "__metadata__"), default=0)
+    if f.size() < 8 + length + end:
+        raise ValueError(f"cut short: {f.size()} bytes, its header describes {8 + length + end}")
+    return header, 8 + length
+
+
+def read_index(folder: str) -> dict[str, str]:
     """entry key -> shard file, from the shards' headers (the tensors are not read)."""
     index: dict[str, str] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
+    for shard in storage.list_files(folder, ".safetensors"):
         try:
-            with safe_open(str(shard), framework="pt") as f:
-                metadata = f.metadata() or {}
+            with storage.open_input(shard) as f:
+                metadata = shard_header(f)[0].get("__metadata__") or {}
         except Exception as err:  # a shard cut short by a crash: ignore it, its entries recompute
             logger.warning("ignoring unreadable cache shard %s: %s", shard, err)
             continue
         if metadata.get("format") == CACHE_FORMAT:
             for key in json.loads(metadata.get("entries", "[]")):
-                index[key] = str(shard)
+                index[key] = shard
     return index
 
 
@@ -210,7 +239,7 @@ class CacheWriter:
 
     def __init__(self, encoder: CacheEncoderSpec, model: ModelConfig, folder: str):
         self.encoder = encoder.cls(model)
-        self.folder = Path(folder)
+        self.folder = folder
 
     def encode(self, videos: list[np.ndarray], images: list[np.ndarray], prompts: list[str]):
         encoded = self.encoder.encode(
@@ -245,12 +274,11 @@ class CacheWriter:
         shard = ""
         if good:
             keys = [str(batch["key"][i]) for i in good]
-            self.folder.mkdir(parents=True, exist_ok=True)
-            path = self.folder / f"shard-{uuid.uuid4().hex}.safetensors"
-            tmp = path.with_suffix(".tmp")
-            save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT, "entries": json.dumps(keys)})
-            os.replace(tmp, path)
-            shard = str(path)
+            metadata = {"format": CACHE_FORMAT, "entries": json.dumps(keys)}
+            shard = storage.write_bytes(
+                storage.join(self.folder, f"shard-{uuid.uuid4().hex}.safetensors"),
+                safetensors.torch.save(tensors, metadata=metadata),
+            )
         return {
             "key": batch["key"],
             "clip_id": batch["clip_id"],
@@ -272,7 +300,7 @@ def encoder_pool_size(cfg: DataConfig) -> tuple[int, float]:
 class CacheLookup:
     """Every row's entry key, and which keys the cache already holds."""
 
-    folder: Path
+    folder: str
     keys: dict[str, tuple[str, dict[str, Any]]]  # clip_id -> (entry key, planned example)
     index: dict[str, str]  # entry key -> shard
     failures: list[Reject] = field(default_factory=list)  # files that are gone
@@ -283,7 +311,7 @@ class CacheLookup:
 
 @dataclass
 class CacheResult:
-    folder: Path
+    folder: str
     entries: dict[str, tuple[str, str]]  # clip_id -> (entry key, shard path)
     hits: int = 0
     computed: int = 0
@@ -294,7 +322,7 @@ def lookup_cache(
     rows: list[dict[str, Any]], cfg: DataConfig, model: ModelConfig, encoder: CacheEncoderSpec
 ) -> CacheLookup:
     mkey = model_key(model, encoder.components)
-    folder = cache_root(cfg) / mkey[:16]
+    folder = storage.join(cache_root(cfg), mkey[:16])
     sizes = assign_buckets(rows, cfg.buckets, (cfg.height, cfg.width))
     keys: dict[str, tuple[str, dict[str, Any]]] = {}
     failures: list[Reject] = []
@@ -332,7 +360,7 @@ def ensure_cache(
             batch_size=cfg.cache_batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus,
-            fn_constructor_kwargs=dict(encoder=encoder, model=model, folder=str(lookup.folder)),
+            fn_constructor_kwargs=dict(encoder=encoder, model=model, folder=lookup.folder),
         )
         results = collect_rows(encoded, "cache", len(todo), "clips")
         for result in results:
@@ -349,10 +377,35 @@ def ensure_cache(
 
 
 def read_entry(shard: str, key: str) -> dict[str, torch.Tensor]:
-    """Every tensor of an entry, by the name it was stored under."""
+    """Every tensor of an entry, by the name it was stored under.
+
+    Only the entry's own bytes are read (one ranged read per run of adjacent tensors, which
+    matters for a shard in a bucket); they are handed to safetensors as a file of their own (its
+    header rewritten to their new offsets), which checks and converts them."""
     prefix = f"{key}/"
-    with safe_open(shard, framework="pt") as f:
-        entry = {name[len(prefix) :]: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
+    with storage.open_input(shard) as f:
+        header, start = shard_header(f)
+        names = sorted(
+            (n for n in header if n.startswith(prefix)), key=lambda n: header[n]["data_offsets"][0]
+        )
+        runs: list[list[int]] = []  # [begin, end) of the data, adjacent tensors merged
+        for name in names:
+            begin, end = header[name]["data_offsets"]
+            if runs and runs[-1][1] == begin:
+                runs[-1][1] = end
+            else:
+                runs.append([begin, end])
+        data = b"".join(f.read_at(end - begin, start + begin) for begin, end in runs)
+    own: dict[str, Any] = {}
+    offset = 0
+    for name in names:
+        begin, end = header[name]["data_offsets"]
+        own[name] = {**header[name], "data_offsets": [offset, offset + end - begin]}
+        offset += end - begin
+    raw = json.dumps(own).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors' writers align the data to 8 bytes
+    tensors = safetensors.torch.load(struct.pack("<Q", len(raw)) + raw + data)
+    entry = {name[len(prefix) :]: tensors[name] for name in names}
     missing = [name for name in STORED_BY_CACHE if name not in entry]
     if missing:
         raise KeyError(f"{shard}: entry {key} lacks {missing}")

@@ -6,6 +6,9 @@ videos (each clip's first sampled frame conditions it); a Hugging Face `datasets
 by `save_to_disk`. Relative paths resolve against the manifest's folder (for a `datasets` folder,
 the folder it sits in), so a dataset folder can move as a whole.
 
+A manifest may itself be an object in a bucket (`s3://`, `gs://`; see svdray.storage), and so may
+every `video` and `image` it names: relative ones then resolve against the manifest's URI.
+
 Reading never stops at a bad row: each one becomes a `Reject` with a reason code and a message
 naming the manifest line, so a user can fix every problem in one pass.
 """
@@ -21,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from svdray import storage
 
 VIDEO_EXTENSIONS = {
     ".mp4",
@@ -78,10 +83,9 @@ class RowError(ValueError):
         self.reason = reason
 
 
-def _resolve(path: str, base: Path) -> str:
+def _resolve(path: str, base: str | Path) -> str:
     # abspath, not resolve: a symbolic link keeps the name the user gave it (in rejects, too)
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else os.path.abspath(base / p))
+    return storage.resolve(path, base)
 
 
 def _is_missing(value: Any) -> bool:
@@ -92,7 +96,7 @@ def _is_missing(value: Any) -> bool:
     )
 
 
-def _media_path(value: Any, base: Path, media_dir: Path | None, column: str) -> str:
+def _media_path(value: Any, base: str | Path, media_dir: Path | None, column: str) -> str:
     """A path from a cell: a string, or a Hugging Face Image/Video struct {"bytes", "path"}.
 
     Embedded bytes are written once, content-addressed, to `media_dir` so that decord and PIL
@@ -116,8 +120,12 @@ def _media_path(value: Any, base: Path, media_dir: Path | None, column: str) -> 
         raise RowError(NO_VIDEO if column == "video" else BAD_VALUE, f"row has no '{column}'")
     if not isinstance(value, str):
         raise RowError(BAD_VALUE, f"'{column}' must be a path, got {type(value).__name__} {value!r}")
-    if "://" in value:
-        raise RowError(BAD_VALUE, f"'{column}' is a URL ({value}): svdray reads local files only")
+    try:
+        storage.scheme(value.strip())
+    except storage.StorageError:
+        raise RowError(
+            BAD_VALUE, f"'{column}' is a URL ({value}): svdray reads local files, s3:// and gs:// objects"
+        ) from None
     return _resolve(value.strip(), base)
 
 
@@ -135,7 +143,7 @@ def _number(row: dict[str, Any], column: str, integer: bool, low: float, high: f
     return int(number) if integer else number
 
 
-def normalize_row(raw: dict[str, Any], base: Path, clip_id: str, media_dir: Path | None = None) -> dict:
+def normalize_row(raw: dict[str, Any], base: str | Path, clip_id: str, media_dir: Path | None = None) -> dict:
     """A manifest row with absolute paths and typed optional columns, or RowError."""
     row = {k: v for k, v in raw.items() if not _is_missing(v)}
     if _is_missing(raw.get("video")) and not isinstance(raw.get("video"), dict):
@@ -161,18 +169,23 @@ def normalize_row(raw: dict[str, Any], base: Path, clip_id: str, media_dir: Path
 
 def duplicate_key(row: dict[str, Any]) -> tuple:
     """Two rows with the same key train on the same pixels (the prompt does not condition SVD)."""
-    image = os.path.realpath(row["image"]) if row.get("image") else ""
-    return (os.path.realpath(row["video"]), image, row.get("start_frame"), row.get("fps"))
+
+    def real(path: str) -> str:
+        return path if storage.is_remote(path) else os.path.realpath(path)
+
+    image = real(row["image"]) if row.get("image") else ""
+    return (real(row["video"]), image, row.get("start_frame"), row.get("fps"))
 
 
 # --------------------------------------------------------------------------------------------
 # The sources: each yields (clip_id, raw row or RowError, base folder)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM is not a bad first row
+def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
+    # -sig: a BOM is not a bad first row
+    with storage.open_text(path, encoding="utf-8-sig", errors="replace") as f:
         for line_no, line in enumerate(f, start=1):
-            clip_id = f"{path.name}:{line_no}"
+            clip_id = f"{storage.basename(path)}:{line_no}"
             if not line.strip():
                 continue
             try:
@@ -198,13 +211,13 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
             yield clip_id, row, row
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
+def _csv_rows(path: str) -> Iterator[tuple[str, Any]]:
+    with storage.open_text(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.DictReader(f, restkey="__extra__")
         if not reader.fieldnames or "video" not in [name.strip() for name in reader.fieldnames]:
             raise ManifestError(f"{path}: the CSV header has no 'video' column (header: {reader.fieldnames})")
         for row in reader:
-            clip_id = f"{path.name}:{reader.line_num}"
+            clip_id = f"{storage.basename(path)}:{reader.line_num}"
             row = {(k.strip() if isinstance(k, str) else k): v for k, v in row.items()}
             if row.pop("__extra__", None) is not None:
                 yield (
@@ -226,16 +239,18 @@ def _table_rows(name: str, batches: Iterator[list[dict[str, Any]]]) -> Iterator[
             yield f"{name}:row{index}", row, row
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def _parquet_rows(path: str) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as err:
-        raise ManifestError(f"{path}: not a readable Parquet file ({err})") from err
-    if "video" not in parquet.schema_arrow.names:
-        raise ManifestError(f"{path}: no 'video' column (columns: {parquet.schema_arrow.names})")
-    yield from _table_rows(path.name, (b.to_pylist() for b in parquet.iter_batches(batch_size=1024)))
+    with storage.open_input(path) as f:
+        try:
+            parquet = pq.ParquetFile(f)
+        except Exception as err:
+            raise ManifestError(f"{path}: not a readable Parquet file ({err})") from err
+        if "video" not in parquet.schema_arrow.names:
+            raise ManifestError(f"{path}: no 'video' column (columns: {parquet.schema_arrow.names})")
+        batches = (b.to_pylist() for b in parquet.iter_batches(batch_size=1024))
+        yield from _table_rows(storage.basename(path), batches)
 
 
 def is_hf_dataset(path: Path) -> bool:
@@ -273,26 +288,45 @@ def _folder_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield rel, {"video": rel}, {"video": rel}
 
 
+def _file_rows(path: str) -> Iterator[tuple[str, Any]]:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".csv":
+        return _csv_rows(path)
+    if suffix in (".parquet", ".pq"):
+        return _parquet_rows(path)
+    return _jsonl_rows(path)  # .jsonl, .json, .ndjson or anything else: JSON Lines, the default format
+
+
+def _object_rows(uri: str) -> Iterator[tuple[str, Any]]:
+    """A manifest in a bucket: a JSON Lines, CSV or Parquet object (not a folder of videos)."""
+    try:
+        kind = storage.info(uri).type
+    except OSError as err:
+        raise ManifestError(f"{uri}: cannot be read ({str(err).splitlines()[0]})") from err
+    if kind == storage.pafs.FileType.NotFound:
+        raise ManifestError(f"{uri}: not found")
+    if kind == storage.pafs.FileType.Directory:
+        raise ManifestError(f"{uri}: a folder in a bucket; give a JSON Lines, CSV or Parquet manifest")
+    return _file_rows(uri)
+
+
 def scan_manifest(path: str | Path, media_dir: str | Path | None = None) -> ManifestRead:
     """Every row of a manifest, folder of videos or `datasets` folder, and every row rejected
     before any file is opened (invalid line, no video, bad value, duplicate)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ManifestError(f"{path}: not found")
     media = Path(media_dir) if media_dir else None
-    if is_hf_dataset(path):
-        source, base = _hf_rows(path), path.resolve().parent
-    elif path.is_dir():
-        source, base = _folder_rows(path), path.resolve()
+    if storage.is_remote(path):
+        path = storage.normalize(path)
+        source, base = _object_rows(path), storage.parent(path)
     else:
-        base = path.resolve().parent
-        suffix = path.suffix.lower()
-        if suffix == ".csv":
-            source = _csv_rows(path)
-        elif suffix in (".parquet", ".pq"):
-            source = _parquet_rows(path)
-        else:  # .jsonl, .json, .ndjson or anything else: JSON Lines, the default format
-            source = _jsonl_rows(path)
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise ManifestError(f"{path}: not found")
+        if is_hf_dataset(path):
+            source, base = _hf_rows(path), path.resolve().parent
+        elif path.is_dir():
+            source, base = _folder_rows(path), path.resolve()
+        else:
+            source, base = _file_rows(str(path)), path.resolve().parent
 
     rows: list[dict[str, Any]] = []
     rejects: list[Reject] = []
@@ -315,7 +349,8 @@ def scan_manifest(path: str | Path, media_dir: str | Path | None = None) -> Mani
         seen[key] = clip_id
         rows.append(row)
     if not rows and not rejects:
-        raise ManifestError(f"{path}: no rows" + (" (no video files found)" if path.is_dir() else ""))
+        folder = isinstance(path, Path) and path.is_dir()
+        raise ManifestError(f"{path}: no rows" + (" (no video files found)" if folder else ""))
     return ManifestRead(rows, rejects)
 
 

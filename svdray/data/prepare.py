@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import ray.data
 
+from svdray import storage
 from svdray.config import DataConfig
 from svdray.data.dataset import map_with_bounded_retries
 from svdray.data.manifest import DataError, ManifestError, Reject, scan_manifest, write_manifest
@@ -160,9 +161,8 @@ def prepare(
     read = scan_manifest(manifest, media_dir=out / "media")
     accepted, rejects = probe_rows(read.rows, num_frames, fps, cpus)
     all_rejects = sorted(read.rejects + rejects, key=lambda r: _line_order(r.clip_id))
-    prepared = Prepared(
-        accepted, all_rejects, str(Path(manifest).resolve()), {"num_frames": num_frames, "fps": fps}
-    )
+    source = storage.normalize(manifest) if storage.is_remote(manifest) else str(Path(manifest).resolve())
+    prepared = Prepared(accepted, all_rejects, source, {"num_frames": num_frames, "fps": fps})
     write_prepared(prepared, out)
     return prepared
 
@@ -174,6 +174,8 @@ def _line_order(clip_id: str) -> tuple:
 
 
 def is_prepared(path: str | Path) -> bool:
+    if storage.is_remote(path):  # a bucket holds manifests; a prepared folder is the run's own
+        return False
     path = Path(path)
     return path.is_dir() and (path / INFO).exists() and (path / CLEAN).exists()
 

@@ -5,12 +5,19 @@ last wanted one (`get_batch` on sparse indices), so a long source clip costs abo
 short one. Large sources are scaled by decord while it converts each wanted frame to RGB (to an
 intermediate twice the final size, so the last, antialiased resize still has pixels to average):
 measured on a 1080p clip, that halves the decode time at the same output quality.
+
+Clips and images may be objects in a bucket (s3://, gs://; svdray.storage): a clip is read once
+per decode, into memory (decord decodes from the bytes) or, above IN_MEMORY_BYTES, into a
+temporary file, and a missing or unreadable object gets the reason code a local file would.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+
+from svdray import storage
 
 # Reason codes: stable, short, one per kind of problem a user can fix (they group the rejects).
 VIDEO_NOT_FOUND = "video_not_found"
@@ -32,6 +41,11 @@ TOO_SHORT = "too_short"
 START_OUT_OF_RANGE = "start_out_of_range"
 IMAGE_NOT_FOUND = "image_not_found"
 UNREADABLE_IMAGE = "unreadable_image"
+
+
+# An object in a bucket up to this size is decoded from memory; a larger one from a temporary
+# file (decord copies a file object's whole content into memory, next to the decoded frames).
+IN_MEMORY_BYTES = 256 * 2**20
 
 
 class ClipError(ValueError):
@@ -123,16 +137,82 @@ def resize_and_crop(frames: torch.Tensor, spec: FrameSpec, crop_at: tuple[float,
     return frames[:, :, top : top + spec.height, left : left + spec.width].contiguous()
 
 
+@dataclass
+class MediaFile:
+    """A clip or image as decord, PIL and the MP4 box reader open it: `source` is the local path,
+    or an object's bytes; `size` and `mtime_ns` identify its content (the latent cache's key)."""
+
+    path: str  # as the manifest names it (a local path or an object URI)
+    source: str | bytes
+    size: int
+    mtime_ns: int
+
+    def open(self) -> Any:
+        """A binary file object over the content."""
+        return io.BytesIO(self.source) if isinstance(self.source, bytes) else open(self.source, "rb")
+
+
+@contextlib.contextmanager
+def fetched(path: str, kind: str = "video") -> Iterator[MediaFile]:
+    """The `kind` ("video" or "image") file at `path`, checked: a local file as it is; an object
+    in a bucket read into memory (into a temporary file above IN_MEMORY_BYTES, deleted
+    afterwards). A ClipError names the file and what is wrong, with the reason code of a local
+    file: video_not_found / image_not_found, else not_a_file, empty_file, unreadable_file (an
+    image's are all unreadable_image, as PIL's own failures are)."""
+
+    def problem(message: str, reason: str) -> ClipError:
+        return ClipError(f"{path}: {message}", UNREADABLE_IMAGE if kind == "image" else reason)
+
+    missing = IMAGE_NOT_FOUND if kind == "image" else VIDEO_NOT_FOUND
+    if not storage.is_remote(path):
+        if not os.path.exists(path):
+            if os.path.islink(path):
+                target = os.readlink(path)
+                raise ClipError(
+                    f"{path}: {kind} not found (a symbolic link to {target}, which does not exist)", missing
+                )
+            raise ClipError(f"{path}: {kind} not found", missing)
+        if not os.path.isfile(path):
+            raise problem("not a file", NOT_A_FILE)
+        stat = os.stat(path)
+        if stat.st_size == 0:
+            raise problem("empty file (0 bytes)", EMPTY_FILE)
+        if not os.access(path, os.R_OK):
+            raise problem("cannot read the file (permission denied)", UNREADABLE_FILE)
+        yield MediaFile(path, path, stat.st_size, stat.st_mtime_ns)
+        return
+    with contextlib.ExitStack() as stack:
+        try:  # only the store's calls: what the caller does with the file is not a read error
+            info = storage.info(path)
+            if info.type == storage.pafs.FileType.NotFound:
+                raise ClipError(f"{path}: {kind} not found", missing)
+            if info.type != storage.pafs.FileType.File:
+                raise problem("not a file", NOT_A_FILE)
+            if not info.size:
+                raise problem("empty file (0 bytes)", EMPTY_FILE)
+            if info.size <= IN_MEMORY_BYTES:
+                source: str | bytes = storage.read_bytes(path)
+            else:
+                source = str(stack.enter_context(storage.local_copy(path)))
+        except OSError as err:  # denied, unreachable: in the store's own words
+            raise problem(f"cannot read the object ({_first_line(err)})", UNREADABLE_FILE) from err
+        yield MediaFile(path, source, info.size, storage.mtime_ns(info))
+
+
 def load_image(path: str) -> torch.Tensor:
     """An RGB image as (3, H, W) uint8, whatever its mode (grayscale, RGBA, 16-bit, palette).
 
     EXIF orientation is applied (phone photos are stored sideways with a rotation tag);
     transparency is composited on white; 16-bit and 32-bit integer images are scaled to 8 bits.
     """
-    if not os.path.exists(path):
-        raise ClipError(f"{path}: image not found", IMAGE_NOT_FOUND)
+    with fetched(path, "image") as image:
+        return _load_image(image)
+
+
+def _load_image(image: MediaFile) -> torch.Tensor:
+    path = image.path
     try:
-        with Image.open(path) as img:
+        with image.open() as f, Image.open(f) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -154,32 +234,20 @@ def _first_line(err: BaseException) -> str:
     return text[-1] if text else type(err).__name__
 
 
-def open_video(path: str, size: tuple[int, int] | None = None):
-    """A decord VideoReader (frames scaled to `size` = (height, width) if given), or ClipError
-    naming the file and why it cannot be read."""
+def open_video(video: MediaFile, size: tuple[int, int] | None = None):
+    """A decord VideoReader of a `fetched` clip (frames scaled to `size` = (height, width) if
+    given), or ClipError naming the file and why it cannot be read."""
     import decord  # imported here so that processes that never decode need not load it
 
-    if not os.path.exists(path):
-        if os.path.islink(path):
-            target = os.readlink(path)
-            raise ClipError(
-                f"{path}: video not found (a symbolic link to {target}, which does not exist)",
-                VIDEO_NOT_FOUND,
-            )
-        raise ClipError(f"{path}: video not found", VIDEO_NOT_FOUND)
-    if not os.path.isfile(path):
-        raise ClipError(f"{path}: not a file", NOT_A_FILE)
-    if os.path.getsize(path) == 0:
-        raise ClipError(f"{path}: empty file (0 bytes)", EMPTY_FILE)
-    if not os.access(path, os.R_OK):
-        raise ClipError(f"{path}: cannot read the file (permission denied)", UNREADABLE_FILE)
+    path = video.path
     height, width = size if size else (-1, -1)
+    source = io.BytesIO(video.source) if isinstance(video.source, bytes) else video.source
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), width=width, height=height, num_threads=1)
+        reader = decord.VideoReader(source, ctx=decord.cpu(0), width=width, height=height, num_threads=1)
     except Exception as err:
         message = _first_line(err)
         if "video stream" in message:
-            codec = video_codec(path)
+            codec = video_codec(video)
             if codec:
                 raise ClipError(
                     f"{path}: its video is {codec}, which decord's FFmpeg cannot decode; re-encode it, "
@@ -197,7 +265,7 @@ def open_video(path: str, size: tuple[int, int] | None = None):
     return reader
 
 
-def video_codec(path: str) -> str | None:
+def video_codec(video: MediaFile) -> str | None:
     """The codec of the file's first video stream as FFmpeg names it, or None if it has none.
 
     Asked of imageio-ffmpeg's FFmpeg, which reads more codecs (AV1, VP9) than decord's build: only
@@ -208,18 +276,18 @@ def video_codec(path: str) -> str | None:
 
     import imageio_ffmpeg
 
+    in_memory = isinstance(video.source, bytes)
     try:
         probe = subprocess.run(
-            [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path],
+            [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", "pipe:0" if in_memory else video.source],
             capture_output=True,
-            text=True,
-            errors="replace",
+            input=video.source if in_memory else None,
+            stdin=None if in_memory else subprocess.DEVNULL,
             timeout=60,
-            stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    found = re.search(r"Stream #\d+:\d+.*?: Video: (\w+)", probe.stderr)
+    found = re.search(r"Stream #\d+:\d+.*?: Video: (\w+)", probe.stderr.decode(errors="replace"))
     return found.group(1) if found else None
 
 
@@ -247,7 +315,13 @@ def probe_video(path: str, start_frame: int | None = None) -> dict[str, Any]:
     """Facts about a clip, checking that its first and last frames decode: frames, fps, size,
     duration, file identity (and the time of `start_frame`, if given). A truncated file fails
     here, at its last frame."""
-    reader = open_video(path)
+    with fetched(path) as video:
+        return _probe_video(video, start_frame)
+
+
+def _probe_video(video: MediaFile, start_frame: int | None) -> dict[str, Any]:
+    path = video.path
+    reader = open_video(video)
     try:
         count = len(reader)
         times = frame_timestamps(reader, path)
@@ -264,11 +338,10 @@ def probe_video(path: str, start_frame: int | None = None) -> dict[str, Any]:
     if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.shape[1] == 0 or pixels.shape[2] == 0:
         raise ClipError(f"{path}: frames of unexpected shape {pixels.shape}", DECODE_FAILED)
     gaps = np.diff(times)
-    stat = os.stat(path)
     start = {} if start_frame is None else {"start_time": round(float(times[start_frame]), 4)}
     return {
         **start,
-        "rotation": display_rotation(path),  # already applied: height and width are as displayed
+        "rotation": display_rotation(video),  # already applied: height and width are as displayed
         "frames": count,
         "fps": round(float(reader.get_avg_fps()), 4),
         "height": int(pixels.shape[1]),
@@ -278,27 +351,27 @@ def probe_video(path: str, start_frame: int | None = None) -> dict[str, Any]:
         "first_frame_time": round(float(times[0]), 4),
         # Variable frame rate: frame gaps that differ by more than 10% of the typical gap.
         "vfr": bool(len(gaps) > 1 and np.ptp(gaps) > 0.1 * max(float(np.median(gaps)), 1e-6)),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
+        "size": video.size,
+        "mtime_ns": video.mtime_ns,
     }
 
 
 def probe_image(path: str) -> dict[str, Any]:
     """Facts about a conditioning image, checking that it loads and converts to RGB."""
-    rgb = load_image(path)
-    with Image.open(path) as img:
-        mode = img.mode
-    stat = os.stat(path)
+    with fetched(path, "image") as image:
+        rgb = _load_image(image)
+        with image.open() as f, Image.open(f) as img:
+            mode = img.mode
     return {
         "image_height": int(rgb.shape[1]),
         "image_width": int(rgb.shape[2]),
         "image_mode": mode,
-        "image_size": stat.st_size,
-        "image_mtime_ns": stat.st_mtime_ns,
+        "image_size": image.size,
+        "image_mtime_ns": image.mtime_ns,
     }
 
 
-def display_rotation(path: str) -> int:
+def display_rotation(video: MediaFile) -> int:
     """Degrees a player turns the first video track of an MP4/MOV file by (its display matrix:
     phones record sideways and set it); 0 for other files and unrotated tracks.
 
@@ -342,8 +415,8 @@ def display_rotation(path: str) -> int:
         return round(math.degrees(math.atan2(-matrix[1], matrix[0]))) % 360
 
     try:
-        with open(path, "rb") as f:
-            end = os.fstat(f.fileno()).st_size
+        with video.open() as f:
+            end = video.size
             for kind, body, stop in boxes(f, 0, end):
                 if kind == "moov":
                     for inner, inner_body, inner_stop in boxes(f, body, stop):
@@ -377,6 +450,34 @@ def _scaled_frames(reader, indices: np.ndarray) -> np.ndarray | None:
     return array if array.shape[-1] == 3 else None
 
 
+def _decode_frames(
+    video: MediaFile,
+    spec: FrameSpec,
+    rng: np.random.Generator,
+    start_frame: int | None,
+    source_size: tuple[int, int] | None,
+) -> np.ndarray:
+    """The planned frames of a fetched clip, (T, H, W, 3) uint8 (scaled by decord when large)."""
+    path = video.path
+    scaled = None if display_rotation(video) else decode_size(source_size, spec)
+    reader = open_video(video, scaled)
+    try:
+        timestamps = frame_timestamps(reader, path)
+        indices = frame_indices(timestamps, spec, rng, path, start_frame)
+    except ClipError:
+        raise
+    except Exception as err:
+        raise _decode_error(path, err) from err
+    array = _scaled_frames(reader, indices) if scaled else None
+    if array is None:
+        reader = open_video(video) if scaled else reader
+        try:
+            array = reader.get_batch(indices.tolist()).asnumpy()
+        except Exception as err:
+            raise _decode_error(path, err) from err
+    return array
+
+
 def decode_clip(
     video_path: str,
     spec: FrameSpec,
@@ -392,22 +493,8 @@ def decode_clip(
     `svdray prepare`, lets decord scale large frames while decoding.
     """
     rng = np.random.default_rng(seed)
-    scaled = None if display_rotation(video_path) else decode_size(source_size, spec)
-    reader = open_video(video_path, scaled)
-    try:
-        timestamps = frame_timestamps(reader, video_path)
-        indices = frame_indices(timestamps, spec, rng, video_path, start_frame)
-    except ClipError:
-        raise
-    except Exception as err:
-        raise _decode_error(video_path, err) from err
-    array = _scaled_frames(reader, indices) if scaled else None
-    if array is None:
-        reader = open_video(video_path) if scaled else reader
-        try:
-            array = reader.get_batch(indices.tolist()).asnumpy()
-        except Exception as err:
-            raise _decode_error(video_path, err) from err
+    with fetched(video_path) as video:
+        array = _decode_frames(video, spec, rng, start_frame, source_size)
     if array.ndim != 4 or array.shape[-1] != 3:
         raise ClipError(f"{video_path}: decoded frames of unexpected shape {array.shape}", DECODE_FAILED)
     crop_at = (0.5, 0.5) if spec.crop == "center" else (float(rng.uniform()), float(rng.uniform()))

@@ -48,6 +48,13 @@ class TrainingModels:
     frozen: Any
 
 
+def denoiser_device(cfg: Config, device: torch.device) -> torch.device:
+    """Where `build_models` leaves the denoiser: on the training device, or on the CPU when
+    `train.parallel` shards it. FSDP2 moves it to the device one block at a time as it shards it,
+    so a denoiser larger than one GPU is never whole on one."""
+    return device if cfg.train.parallel == "ddp" or device.type == "meta" else torch.device("cpu")
+
+
 @dataclass
 class LatentDistribution:
     """Mean and std of the VAE posterior per frame: what the latent cache stores.
@@ -75,6 +82,9 @@ class ModelFamily(ABC):
     batch_columns: ClassVar[tuple[str, ...]]
     # `svdray export --format`: what this family's LoRA can be written as.
     export_formats: ClassVar[tuple[str, ...]] = ("peft", "merged")
+    # Layers inside `blocks` that keep their dtype under `model.denoiser_dtype: float8` (names
+    # containing one of these), besides norms, biases and everything outside the blocks.
+    float8_keep: ClassVar[tuple[str, ...]] = ()
 
     # ---------------------------------------------------------------- loading
     # (The family's config section and its rules are its `FamilyConfig`, in its config.py.)
@@ -87,6 +97,19 @@ class ModelFamily(ABC):
     def build_models(self, cfg: Config, device: torch.device) -> TrainingModels:
         """Load `model.*`, freeze the encoders, put LoRA on the denoiser (float32 LoRA weights,
         frozen weights in the configured dtype), gradient checkpointing and `speed.*` applied."""
+
+    def release_encoders(self, models: TrainingModels) -> None:  # noqa: B027 - optional hook
+        """Move the frozen encoders off the training device. The loop calls it when every step
+        reads their outputs from the latent cache (`data.cache`) and no validation runs in the
+        loop, the one other use they have there. Default: keep them (SVD's step encodes the
+        noise-augmented conditioning image with the VAE even from the cache)."""
+
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The denoiser's repeated blocks, in forward order: FSDP2 shards each and gathers one at
+        a time (`train.parallel`); an fp8 base stores the weights of their linear layers
+        (`model.denoiser_dtype: float8`). What lies outside them (embedders, the head) stays
+        with the denoiser itself. None (the default): the family trains replicated only."""
+        return []
 
     # ---------------------------------------------------------------- builders (benchmarks)
     # Named full-size architectures (e.g. "SVD-XT", "Wan2.2-TI2V-5B") these build without a download.
@@ -212,8 +235,16 @@ class ModelFamily(ABC):
 
     # ---------------------------------------------------------------- LoRA and exports
     @abstractmethod
-    def save_lora(self, denoiser: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
-        """The LoRA as a folder this family's diffusers pipeline loads."""
+    def save_lora(
+        self,
+        denoiser: torch.nn.Module,
+        cfg: Config,
+        out_dir: str | Path,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """The LoRA as a folder this family's diffusers pipeline loads. `state_dict`: the
+        denoiser's trained parameters by name when it does not hold them whole (a sharded
+        model's, gathered by `svdray.train.parallel`); None reads them from `denoiser`."""
 
     @abstractmethod
     def load_lora(self, denoiser: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:

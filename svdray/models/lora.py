@@ -57,19 +57,29 @@ def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """peft's adapter state dict (no adapter name in the keys), contiguous CPU float32 tensors."""
-    state = peft.get_peft_model_state_dict(model)
+def lora_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """peft's adapter state dict (no adapter name in the keys), contiguous CPU float32 tensors.
+    `state_dict`: the model's parameters by name, when the model does not hold them whole (a
+    sharded model's, gathered: `svdray.train.parallel.Parallel.lora_state_dict`)."""
+    state = peft.get_peft_model_state_dict(model, state_dict=state_dict)
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
-def save_lora(model: torch.nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
+def save_lora(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    base_model: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """peft's adapter folder, with the adapter config the model was injected with; `base_model`
     (the pipeline trained on) goes into adapter_config.json as `base_model_name_or_path`, so the
-    folder says what it applies to."""
+    folder says what it applies to. `state_dict` as for `lora_state_dict`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(lora_state_dict(model), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    weights = lora_state_dict(model, state_dict)
+    save_file(weights, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = copy.deepcopy(model.peft_config["default"])
     config.base_model_name_or_path = base_model
     config.save_pretrained(str(out_dir))

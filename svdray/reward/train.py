@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from svdray import tracking
-from svdray.config import Config, RewardConfig, config_from_dict
+from svdray.config import Config, ConfigError, RewardConfig, config_from_dict
 from svdray.data.manifest import read_manifest
 from svdray.data.video import FrameSpec, decode_clip, to_model_range
 from svdray.models import family_of
@@ -40,8 +40,10 @@ from svdray.sample import write_preview
 from svdray.tracking import MetricWriter
 from svdray.train.distributed import mean_across_workers, restore_rng
 from svdray.train.failures import training_failure
-from svdray.train.loop import StepLog, checkpoint_and_report, restore_state
+from svdray.train.loop import StepLog, checkpoint_and_report, restore_state, this_worker
 from svdray.train.optim import build_lr_scheduler, build_optimizer
+from svdray.train.outputs import fetch_final_lora, save_final_lora
+from svdray.train.parallel import parallelize
 from svdray.train.trainer import (
     init_ray,
     make_trainer,
@@ -95,8 +97,8 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
     models = family.build_models(cfg, device)
     if cfg.reward.init_lora:
         load_init_lora(models.denoiser, cfg.reward.init_lora)
-    ddp = ray.train.torch.prepare_model(models.denoiser, move_to_device=False)
-    sampling = family.sampling_models(cfg, TrainingModels(ddp, models.frozen))
+    parallel = parallelize(models.denoiser, family.blocks(models.denoiser), "ddp", device, this_worker())
+    sampling = family.sampling_models(cfg, TrainingModels(parallel.module, models.frozen))
     spec = family.sampling_spec(cfg, "reward")
     rewards = build_reward_set(cfg.reward).to(device)
     params = lora_parameters(models.denoiser)
@@ -104,7 +106,7 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
 
     # Restore: the run's latest checkpoint, if any.
-    state, rng_states, restored_from = restore_state(loop_config, models.denoiser, optimizer, lr_scheduler)
+    state, rng_states, restored_from = restore_state(loop_config, parallel, optimizer, lr_scheduler)
     if rng_states is not None:
         restore_rng(rng_states, generator, rank)
     log = StepLog(cfg, loop_config, rank, state, restored_from, smoothed="reward")
@@ -112,7 +114,7 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # Eval mode (no LoRA dropout): the rewarded videos are the ones inference will sample; the
     # gradient still flows through the last `reward.grad_steps` steps.
-    ddp.eval()
+    parallel.module.eval()
     while state.step < cfg.train.max_steps:
         # Step: sample with a graph, check the rewards (first and every check_every), ascend them.
         started = time.perf_counter()
@@ -141,13 +143,11 @@ def reward_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics |= {f"reward/{name}": mean_across_workers(v.detach().mean()) for name, v in parts.items()}
         log.log(metrics)
         if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.max_steps:
-            checkpoint_and_report(
-                metrics, models.denoiser, optimizer, lr_scheduler, state, generator, loop_config
-            )
+            checkpoint_and_report(metrics, parallel, optimizer, lr_scheduler, state, generator, loop_config)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        family.save_lora(models.denoiser, cfg, Path(cfg.output_dir) / "lora")
+        save_final_lora(family, models.denoiser, cfg)
 
 
 def image_batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -235,6 +235,10 @@ def log_reward_sampling(cfg: Config, uri: str, run_id: str) -> str:
 
 
 def run_reward_training(cfg: Config) -> RewardResult:
+    if cfg.train.parallel != "ddp":
+        # Its sampling keeps a graph through several denoiser calls and its diagnostics run extra
+        # backward passes on one worker's batch: neither is written for a sharded model yet.
+        raise ConfigError(f"train.parallel: reward-train runs with ddp only, not {cfg.train.parallel}")
     cfg = resolve_paths(cfg)
     if cfg.reward.init_lora:
         cfg.reward.init_lora = str(Path(cfg.reward.init_lora).resolve())
@@ -273,7 +277,7 @@ def run_reward_training(cfg: Config) -> RewardResult:
         tracking.end_run(uri, run_id, status="FAILED")
         raise
 
-    lora_dir = output_dir / "lora"
+    lora_dir = fetch_final_lora(cfg)
     before, before_frames = evaluate(cfg, cfg.reward.init_lora, eval_images)
     after, after_frames = evaluate(cfg, str(lora_dir), eval_images)
     writer = MetricWriter(uri, run_id)

@@ -1,11 +1,21 @@
-"""Full training state as safetensors + JSON: nothing in a checkpoint is ever unpickled.
+"""Full training state as safetensors + JSON (+ torch.distributed.checkpoint shards for a
+sharded run): no weight is ever unpickled.
 
 A checkpoint folder holds:
-    lora/                     the adapter in peft's format (usable on its own)
-    optimizer.safetensors     every optimizer state tensor, keyed "<param index>.<name>"
+    lora/                     the adapter in peft's format (usable on its own), the whole LoRA
+                              gathered from the workers
+    optimizer.safetensors     (ddp) every optimizer state tensor, keyed "<param index>.<name>"
+    sharded/                  (fsdp, hsdp) each worker's shards of the LoRA and of the optimizer
+                              state, written by every worker with `torch.distributed.checkpoint`
+                              (keys `lora/<param>`, `optimizer/<param>/<state>`; tensors only),
+                              which reads them back at any worker count
     rng.safetensors           each worker's torch RNG and noise-generator state, keyed by rank
     state.json                step, samples consumed, skipped updates, optimizer param groups,
                               LR scheduler state, and the run's config
+
+A sharded checkpoint's metadata file (`sharded/.metadata`) is a pickle of torch's own; it is read
+only after `svdray.safeload.check_sharded_state` found nothing in it but torch's checkpoint
+metadata classes and tensor entries.
 
 That is everything a resumed run needs to compute exactly what the uninterrupted run would have:
 - The data position is `samples_seen`: the driver plans the whole stream of examples up front
@@ -23,17 +33,21 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from svdray.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_lora_weights, save_lora
-from svdray.safeload import check_folder, check_safetensors
+from svdray.safeload import check_folder, check_safetensors, check_sharded_state
+
+if TYPE_CHECKING:
+    from svdray.train.parallel import Parallel
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+SHARDED_DIR = "sharded"
 
 
 @dataclass
@@ -74,13 +88,30 @@ def save_checkpoint(
     state: TrainState,
     rng_states: dict[str, torch.Tensor],
     config: dict[str, Any] | None = None,
+    lora_state: dict[str, torch.Tensor] | None = None,
+    sharded: tuple[dict[str, torch.Tensor], list[dict]] | None = None,
+    rank: int = 0,
 ) -> Path:
+    """Write the checkpoint into `directory`. `lora_state`: the LoRA gathered from the workers
+    (`Parallel.lora_state_dict`; None reads it from `denoiser`). `sharded`: this worker's
+    shards and the optimizer's param groups (`Parallel.sharded_state`); every worker then calls
+    this and writes its shards into sharded/ (collectively), and rank 0 the rest."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if sharded is not None:
+        import torch.distributed.checkpoint as dcp
+
+        tensors, param_groups = sharded
+        # overwrite: the workers of one machine may share the folder (said, to keep torch quiet).
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(directory / SHARDED_DIR), overwrite=True))
+        optimizer_meta: dict[str, Any] = {"param_groups": param_groups, "sharded": True}
+        if rank != 0:
+            return directory
+    else:
+        tensors, optimizer_meta = _optimizer_to_files(optimizer)
+        save_file(tensors, str(directory / OPTIMIZER_FILE))
     base_model = (config or {}).get("model", {}).get("pretrained")
-    save_lora(denoiser, directory / "lora", base_model)
-    tensors, optimizer_meta = _optimizer_to_files(optimizer)
-    save_file(tensors, str(directory / OPTIMIZER_FILE))
+    save_lora(denoiser, directory / "lora", base_model, lora_state)
     save_file({k: v.contiguous() for k, v in rng_states.items()}, str(directory / RNG_FILE))
     scheduler_state = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
     payload = {
@@ -103,7 +134,11 @@ def check_checkpoint(directory: str | Path) -> Path:
         raise FileNotFoundError(
             f"checkpoint: {directory} is not an svdray checkpoint folder: no {STATE_FILE}{hint}"
         )
-    for name in (OPTIMIZER_FILE, RNG_FILE, f"lora/{ADAPTER_WEIGHTS}"):
+    if (directory / SHARDED_DIR).is_dir():
+        check_sharded_state(directory / SHARDED_DIR, "checkpoint")
+    else:
+        check_safetensors(directory / OPTIMIZER_FILE, "checkpoint")
+    for name in (RNG_FILE, f"lora/{ADAPTER_WEIGHTS}"):
         check_safetensors(directory / name, "checkpoint")
     if not (directory / "lora" / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"checkpoint: {directory / 'lora' / ADAPTER_CONFIG} is missing")
@@ -120,16 +155,26 @@ def read_train_state(directory: str | Path) -> TrainState:
 
 def load_checkpoint(
     directory: str | Path,
-    denoiser: torch.nn.Module,
+    parallel: Parallel,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """Restore LoRA weights, optimizer and scheduler in place; returns the state and RNG states."""
+    """Restore LoRA weights, optimizer and scheduler in place (every worker calls it); returns
+    the state and RNG states. A sharded checkpoint restores into any `train.parallel` and worker
+    count; a DDP one into DDP only (the optimizer state is stored by parameter index)."""
     directory = check_checkpoint(directory)
     payload = json.loads((directory / STATE_FILE).read_text())
-    load_lora_weights(denoiser, directory / "lora")
-    tensors = load_file(str(directory / OPTIMIZER_FILE))
-    optimizer.load_state_dict(_optimizer_from_files(tensors, payload["optimizer"]))
+    if payload["optimizer"].get("sharded"):
+        parallel.load_sharded_state(directory / SHARDED_DIR, optimizer, payload["optimizer"]["param_groups"])
+    elif parallel.sharded:
+        raise ValueError(
+            f"checkpoint: {directory} was written by a train.parallel: ddp run; this run "
+            f"(train.parallel: {parallel.strategy}) resumes from fsdp/hsdp checkpoints only"
+        )
+    else:
+        load_lora_weights(parallel.denoiser, directory / "lora")
+        tensors = load_file(str(directory / OPTIMIZER_FILE))
+        optimizer.load_state_dict(_optimizer_from_files(tensors, payload["optimizer"]))
     lr_scheduler.load_state_dict(
         {**payload["lr_scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)}
     )

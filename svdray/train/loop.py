@@ -1,39 +1,41 @@
 """The training loop each Ray Train worker runs, top to bottom, for any model family.
 
-build the family's models (frozen encoders, LoRA on the denoiser) -> DDP -> AdamW + schedule
--> restore the run's latest checkpoint (or the chosen one) -> for each step: accumulate gradients
-over micro-batches, clip, update unless the loss or gradient is not finite, validate every
-`validate.every` steps, log, report to Ray with a checkpoint every `checkpoint_every` steps
--> save the final LoRA
+build the family's models (frozen encoders, LoRA on the denoiser) -> spread the denoiser over the
+workers (`train.parallel`: DDP, FSDP2 or HSDP) -> AdamW + schedule -> restore the run's latest
+checkpoint (or the chosen one) -> for each step: accumulate gradients over micro-batches, clip,
+update unless the loss or gradient is not finite, validate every `validate.every` steps, log,
+report to Ray with a checkpoint every `checkpoint_every` steps -> save the final LoRA
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
 
+from svdray import storage
 from svdray.config import Config, config_from_dict
 from svdray.data.dataset import same_shape_batches
 from svdray.data.ledger import find_ledger
 from svdray.models import family_of
-from svdray.models.base import ModelFamily, TrainingModels
+from svdray.models.base import ModelFamily
 from svdray.models.lora import lora_parameters
-from svdray.models.precision import mixed_precision
 from svdray.progress import BoardReporter
 from svdray.tracking import MetricWriter, mlflow_metrics
 from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from svdray.train.distributed import all_workers_finite, mean_across_workers, restore_rng, rng_snapshot
+from svdray.train.distributed import mean_across_workers, restore_rng, rng_snapshot
 from svdray.train.optim import build_lr_scheduler, build_optimizer
+from svdray.train.outputs import run_output, save_final_lora
+from svdray.train.parallel import Parallel, Workers, parallelize
+from svdray.train.step import update
 from svdray.train.upload import report_checkpoint
 from svdray.train.validate import Validation
 from svdray.train.workers import save_worker_record
@@ -57,36 +59,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     # generator, so a checkpoint of its state makes resumed steps draw the same numbers.
     generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + rank)
 
-    # Build: the family's models, DDP around the denoiser, the optimizer over its LoRA weights.
+    # Build: the family's models, the denoiser spread over the workers (train.parallel), then the
+    # optimizer over its LoRA weights as this worker holds them (whole, or its shards).
     models = family.build_models(cfg, device)
-    ddp = ray.train.torch.prepare_model(models.denoiser, move_to_device=False)
+    inline = bool(cfg.validate.manifest) and cfg.validate.mode == "inline"
+    if cfg.data.cache and not inline:
+        family.release_encoders(models)  # the cache holds what they compute
+    parallel = parallelize(
+        models.denoiser, family.blocks(models.denoiser), cfg.train.parallel, device, this_worker()
+    )
     optimizer = build_optimizer(lora_parameters(models.denoiser), cfg.optim, cfg.speed, device)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
 
     # Restore: the run's latest checkpoint (after a restart), else train.resume_from, else fresh.
-    state, rng_states, restored_from = restore_state(loop_config, models.denoiser, optimizer, lr_scheduler)
+    state, rng_states, restored_from = restore_state(loop_config, parallel, optimizer, lr_scheduler)
     if rng_states is not None:
         restore_rng(rng_states, generator, rank)
     state.world_size = world_size  # what this attempt's checkpoints record
     log = StepLog(cfg, loop_config, rank, state, restored_from)
     data = batches(ray.train.get_dataset_shard("train"), cfg, family, device, loop_config["data_skip"], state)
-    inline = bool(cfg.validate.manifest) and cfg.validate.mode == "inline"
     validation = Validation(cfg, family, loop_config) if inline else None
     global_batch = cfg.train.global_batch()
     last_checkpoint = state.step if restored_from else None
     bad_streak = 0  # skipped updates in a row
 
-    ddp.train()
+    parallel.train()
     while state.step < cfg.train.max_steps:
         # Step: one update from grad_accum micro-batches; skipped unless finite on every worker.
         started = time.perf_counter()
-        loss = accumulate_gradients(ddp, models, family, data, cfg, generator, state.step + 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(models.denoiser), cfg.optim.max_grad_norm)
-        good = all_workers_finite(loss, grad_norm)
+        loss, grad_norm, good = update(
+            parallel, models, family, data, cfg, generator, state.step + 1, optimizer
+        )
         if good:
-            optimizer.step()
             lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         bad_streak = 0 if good else bad_streak + 1
         state.bad_steps += not good
         state.step += 1
@@ -115,13 +120,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         is_last = state.step == cfg.train.max_steps
         validates = bool(cfg.validate.manifest) and (is_last or state.step % cfg.validate.every == 0)
         if validates and inline:
-            metrics["val_loss"] = validation.run(models, state.step, rank, world_size)
-            ddp.train()
+            metrics["val_loss"] = validation.run(models, state.step, rank, world_size, parallel.sharded)
+            parallel.train()
         log.log(metrics)
         if is_last or (good and state.step % cfg.train.checkpoint_every == 0):
             checkpoint_and_report(
                 metrics,
-                models.denoiser,
+                parallel,
                 optimizer,
                 lr_scheduler,
                 state,
@@ -133,41 +138,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         elif state.step % cfg.train.report_every == 0 or "val_loss" in metrics:
             ray.train.report(metrics)
 
-    # Finish: the final LoRA (and, as a DDP check, every worker's own copy if asked).
+    # Finish: the final LoRA, gathered from every worker (and, as a check that the workers
+    # agree, each worker's own copy if asked).
+    lora = parallel.lora_state_dict(everywhere=cfg.train.save_worker_loras)
     if rank == 0:
-        family.save_lora(models.denoiser, cfg, Path(cfg.output_dir) / "lora")
+        save_final_lora(family, models.denoiser, cfg, lora)  # output_dir/lora, or the run's bucket folder
     if cfg.train.save_worker_loras:
-        save_worker_record(models.denoiser, cfg.output_dir, rank)
+        with run_output(cfg, f"workers/rank{rank}") as folder:
+            save_worker_record(models.denoiser, folder, rank, lora, parallel.mesh_ranks())
     return {"step": state.step, "bad_steps": state.bad_steps}
 
 
-def accumulate_gradients(
-    ddp: torch.nn.Module,
-    models: TrainingModels,
-    family: ModelFamily,
-    data: Iterator[dict[str, Any]],
-    cfg: Config,
-    generator: torch.Generator,
-    step: int,
-) -> torch.Tensor:
-    """Forward and backward over `train.grad_accum` micro-batches; returns the summed loss (each
-    micro-batch's loss divided by grad_accum, so the gradient is the mean's)."""
-    autocast = mixed_precision(cfg.train.mixed_precision, ray.train.torch.get_device())
-    loss_sum = torch.zeros((), device=ray.train.torch.get_device())
-    for micro in range(cfg.train.grad_accum):
-        try:
-            batch = next(data)
-        except StopIteration:
-            raise RuntimeError(f"the data ran out at step {step}: too many clips failed to decode") from None
-        # DDP all-reduces gradients only on the last micro-batch of an update.
-        sync = micro == cfg.train.grad_accum - 1 or not hasattr(ddp, "no_sync")
-        with autocast, contextlib.nullcontext() if sync else ddp.no_sync():
-            loss = family.training_loss(ddp, models.frozen, batch, cfg, generator) / cfg.train.grad_accum
-            if step in cfg.train.debug_nan_at_steps:  # fault injection
-                loss = loss * float("nan")
-            loss.backward()
-        loss_sum += loss.detach()
-    return loss_sum
+def this_worker() -> Workers:
+    context = ray.train.get_context()
+    node = ray.get_runtime_context().get_node_id()
+    return Workers(context.get_world_rank(), context.get_world_size(), node)
 
 
 def batches(
@@ -209,7 +194,7 @@ def batches(
 
 def restore_state(
     loop_config: dict[str, Any],
-    denoiser: torch.nn.Module,
+    parallel: Parallel,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> tuple[TrainState, dict[str, torch.Tensor] | None, str | None]:
@@ -222,17 +207,18 @@ def restore_state(
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            state, rng_states = load_checkpoint(ckpt_dir, denoiser, optimizer, lr_scheduler)
+            state, rng_states = load_checkpoint(ckpt_dir, parallel, optimizer, lr_scheduler)
         return state, rng_states, checkpoint.path
     if loop_config.get("resume_from"):
-        state, rng_states = load_checkpoint(loop_config["resume_from"], denoiser, optimizer, lr_scheduler)
+        with storage.local_copy(loop_config["resume_from"]) as local:  # a folder, or one in a bucket
+            state, rng_states = load_checkpoint(local, parallel, optimizer, lr_scheduler)
         return state, rng_states, loop_config["resume_from"]
     return TrainState(), None, None
 
 
 def checkpoint_and_report(
     metrics: dict[str, float],
-    denoiser: torch.nn.Module,
+    parallel: Parallel,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
@@ -241,22 +227,29 @@ def checkpoint_and_report(
     validate: bool = False,
 ) -> None:
     """Report `metrics` to Ray with a checkpoint of the run: rank 0 writes it, with every rank's
-    RNG states gathered from all workers; uploaded as `train.checkpoint_upload` says; `validate`
-    has Ray Train validate it outside the training step (`validate.mode: checkpoint`)."""
+    RNG states gathered from all workers and the LoRA gathered from a sharded model; under
+    FSDP2 every worker also writes its shards of the LoRA and the optimizer state (and reports
+    them, Ray Train puts every worker's files into the one checkpoint). Uploaded as
+    `train.checkpoint_upload` says; `validate` has Ray Train validate it outside the training
+    step (`validate.mode: checkpoint`)."""
     context = ray.train.get_context()
     rank = context.get_world_rank()
     rngs = rng_snapshot(generator, rank, context.get_world_size())
     write = functools.partial(
         save_checkpoint,
-        denoiser=denoiser,
+        denoiser=parallel.denoiser,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         state=state,
         rng_states=rngs,
         config=loop_config["config"],
+        lora_state=parallel.lora_state_dict(),
+        sharded=parallel.sharded_state(optimizer) if parallel.sharded else None,
+        rank=rank,
     )
     upload = loop_config["config"]["train"]["checkpoint_upload"]
-    report_checkpoint(metrics, f"step_{state.step:08d}", write if rank == 0 else None, upload, validate)
+    writes = rank == 0 or parallel.sharded
+    report_checkpoint(metrics, f"step_{state.step:08d}", write if writes else None, upload, validate)
 
 
 @dataclass

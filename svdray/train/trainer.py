@@ -21,8 +21,8 @@ from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.validation_config import ValidationConfig
 
-from svdray import console, tracking
-from svdray.config import Config
+from svdray import console, storage, tracking
+from svdray.config import Config, ConfigError
 from svdray.data.manifest import DataError, ManifestError
 from svdray.data.prepare import Prepared, training_rows
 from svdray.data.run import DataRecord, build_run_data, fill_cache, finish_run_data, training_stream
@@ -35,6 +35,7 @@ from svdray.tracking import metric_history
 from svdray.train.checkpoint import check_checkpoint, read_train_state
 from svdray.train.failures import StopOnTrainingFailed, stop_on_errors, training_failure
 from svdray.train.loop import train_loop_per_worker
+from svdray.train.outputs import fetch_final_lora, publish_config, run_folder
 from svdray.train.validate import checkpoint_validation, to_hwc, write_previews
 
 logger = logging.getLogger("svdray.train")
@@ -48,25 +49,46 @@ class TrainingStopped(RuntimeError):
 class TrainingResult:
     output_dir: Path
     lora_dir: Path
-    checkpoint_dir: Path | None
+    checkpoint_dir: Path | str | None  # a local folder, or the URI of one in a bucket
     mlflow_run_id: str
     tracking_uri: str
     metrics: dict
+
+
+# The raylet warns ("N PYTHON worker processes have been started ... 4x the maximum expected
+# startup concurrency") once a node runs 4x its startup concurrency of Python workers beyond its
+# I/O workers, and that concurrency defaults to the node's cores. Ray Train and Ray Data run 9
+# actors of their own beside a run's workers, decoders, ledger and progress board, so on a 2-core
+# machine every run trips it. A floor of 8 keeps the warning for what it is meant to catch
+# (runaway actor creation: 40 workers) and lets the raylet start 8 processes at once.
+STARTUP_CONCURRENCY_ENV = "RAY_worker_maximum_startup_concurrency"
+MIN_STARTUP_CONCURRENCY = 8
 
 
 def init_ray(cfg: Config) -> None:
     """Connect to a cluster (ray.address or RAY_ADDRESS) or start a local one bound to 127.0.0.1.
 
     Unless --verbose, the workers' output stays in Ray's log files (the console shows our progress
-    line; a worker's error still reaches the driver as the run's exception)."""
+    line; a worker's error still reaches the driver as the run's exception). The object-storage
+    settings of this process's environment (svdray.storage) go to every worker through the
+    runtime environment: workers on other nodes do not inherit the driver's environment."""
     if not ray.is_initialized():
         quiet = not console.verbose()
         options = {"log_to_driver": not quiet, "logging_level": logging.ERROR if quiet else logging.INFO}
+        settings = storage.runtime_env_vars()
+        if settings:
+            options["runtime_env"] = {"env_vars": settings}
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, **options)
         else:
+            # Read by the raylet this starts (a cluster of `ray start` reads its own environment).
+            floor = max(MIN_STARTUP_CONCURRENCY, os.cpu_count() or 1)
+            os.environ.setdefault(STARTUP_CONCURRENCY_ENV, str(floor))
+            # "local": a new instance of our own, never a cluster another `ray start` left on
+            # this machine (ray.init() alone joins the one in /tmp/ray/ray_current_cluster).
             ray.init(
+                address="local",
                 num_cpus=cfg.ray.num_cpus,
                 include_dashboard=True,
                 dashboard_host=cfg.ray.dashboard_host,
@@ -75,15 +97,33 @@ def init_ray(cfg: Config) -> None:
     console.quiet_ray_data()
 
 
+def check_local_cluster_fits(cfg: Config) -> None:
+    """A local Ray instance this run starts must hold its workers and one decoder at once, or the
+    run would wait for CPUs forever: fail before anything starts, naming the keys."""
+    if ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster's size is its own (an autoscaler may grow it)
+    cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+    _, workers = cfg.train.worker_range()
+    needed = workers * cfg.train.cpus_per_worker + cfg.data.decode_cpus
+    if needed > cpus:
+        raise ConfigError(
+            f"ray.num_cpus: the local Ray instance has {cpus} CPUs, but {workers} workers x "
+            f"train.cpus_per_worker {cfg.train.cpus_per_worker:g} + one decoder of data.decode_cpus "
+            f"{cfg.data.decode_cpus:g} need {needed:g}: raise ray.num_cpus (logical CPUs may exceed "
+            "the cores) or lower those"
+        )
+
+
 def resolve_paths(cfg: Config) -> Config:
-    """Absolute output and storage paths: Ray workers run in other working directories."""
+    """Absolute output and storage paths (object URIs as they are): Ray workers run in other
+    working directories."""
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
-    cfg.train.storage_path = str(Path(cfg.train.storage_path or Path(cfg.output_dir) / "ray").resolve())
-    cfg.data.manifest = str(Path(cfg.data.manifest).resolve())
+    cfg.train.storage_path = storage.absolute(cfg.train.storage_path or Path(cfg.output_dir) / "ray")
+    cfg.data.manifest = storage.absolute(cfg.data.manifest)
     if cfg.validate.manifest:
-        cfg.validate.manifest = str(Path(cfg.validate.manifest).resolve())
+        cfg.validate.manifest = storage.absolute(cfg.validate.manifest)
     if cfg.train.resume_from:
-        cfg.train.resume_from = str(Path(cfg.train.resume_from).resolve())
+        cfg.train.resume_from = storage.absolute(cfg.train.resume_from)
     if Path(cfg.model.pretrained).expanduser().exists():
         cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
     return cfg
@@ -94,16 +134,18 @@ def write_run_config(cfg: Config) -> Path:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     path = Path(cfg.output_dir) / "config.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    publish_config(cfg, path)
     return path
 
 
 def latest_checkpoint(cfg: Config) -> ray.train.Checkpoint | None:
     """The newest checkpoint of a previous attempt of this run (same storage path and name)."""
-    run_dir = Path(cfg.train.storage_path) / cfg.train.name
-    if not run_dir.exists():
+    run_dir = run_folder(cfg)
+    if not storage.exists(run_dir):
         return None
+    path, filesystem = storage.ray_storage(run_dir)
     try:
-        result = ray.train.Result.from_path(str(run_dir))
+        result = ray.train.Result.from_path(path, storage_filesystem=filesystem)
     except Exception:  # a folder without a finished snapshot: nothing reusable
         return None
     return result.checkpoint
@@ -117,9 +159,11 @@ def starting_point(cfg: Config) -> tuple[str | None, int]:
     previous = latest_checkpoint(cfg)
     if previous is not None:
         with previous.as_directory() as ckpt_dir:
-            return previous.path, read_train_state(ckpt_dir).samples_seen
+            path = storage.with_scheme(previous.path, cfg.train.storage_path)
+            return path, read_train_state(ckpt_dir).samples_seen
     if cfg.train.resume_from:
-        return cfg.train.resume_from, read_train_state(cfg.train.resume_from).samples_seen
+        with storage.local_copy(cfg.train.resume_from) as local:
+            return cfg.train.resume_from, read_train_state(local).samples_seen
     return None, 0
 
 
@@ -182,13 +226,15 @@ def make_trainer(
     after lost workers, and an error in the run's code or config ending the run at once (it would
     recur on every restart; see svdray.train.failures). `validation` validates checkpoints
     outside the training step (`validate.mode: checkpoint`)."""
+    storage_path, storage_filesystem = storage.ray_storage(cfg.train.storage_path)
     return TorchTrainer(
         stop_on_errors(loop),
         train_loop_config=loop_config,
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.train.name,
-            storage_path=cfg.train.storage_path,
+            storage_path=storage_path,  # a bucket's: `bucket/key`, with its filesystem
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             # A dead worker (or node) restarts the worker group from the latest checkpoint.
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
@@ -219,7 +265,9 @@ def run_training(
     """
     cfg = resolve_paths(cfg)
     if cfg.train.resume_from:
-        check_checkpoint(cfg.train.resume_from)  # before anything starts: never a pickle
+        with storage.local_copy(cfg.train.resume_from) as local:
+            check_checkpoint(local)  # before anything starts: never a pickle
+    check_local_cluster_fits(cfg)
     write_run_config(cfg)
     init_ray(cfg)
     # Started now, not with the trainer's dozen actors: fewer processes starting at once.
@@ -286,8 +334,8 @@ def run_training(
 
     output = TrainingResult(
         output_dir=Path(cfg.output_dir),
-        lora_dir=Path(cfg.output_dir) / "lora",
-        checkpoint_dir=Path(result.checkpoint.path) if result.checkpoint else None,
+        lora_dir=fetch_final_lora(cfg),
+        checkpoint_dir=checkpoint_location(cfg, result.checkpoint),
         mlflow_run_id=run_id,
         tracking_uri=uri,
         metrics=final_metrics(result),
@@ -296,6 +344,16 @@ def run_training(
     log_results(cfg, output, rows)
     tracking.end_run(uri, run_id)
     return output
+
+
+def checkpoint_location(cfg: Config, checkpoint: ray.train.Checkpoint | None) -> Path | str | None:
+    """Where a checkpoint Ray Train returned lies: a local folder, or the URI of one in a bucket
+    (Ray's own path has no scheme)."""
+    if checkpoint is None:
+        return None
+    if storage.is_remote(cfg.train.storage_path):
+        return storage.with_scheme(checkpoint.path, cfg.train.storage_path)
+    return Path(checkpoint.path)
 
 
 def final_metrics(result: ray.train.Result) -> dict[str, Any]:

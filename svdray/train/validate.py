@@ -92,15 +92,25 @@ def validation_loss_all(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
+    collective: bool = False,
 ) -> float:
-    """Mean validation loss over all clips; each worker takes every world_size-th clip."""
+    """Mean validation loss over all clips; each worker takes every world_size-th clip.
+    `collective`: the denoiser's forward is a collective (a sharded model gathers each block from
+    every worker), so every worker runs the same number of them: one that has no clip left in a
+    round runs the round's first clip again and counts nothing."""
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for clip in clips[rank::world_size]:
+    rounds = -(-len(clips) // world_size) if collective else len(clips[rank::world_size])
+    for round_ in range(rounds):
+        index = round_ * world_size + rank
+        counted = index < len(clips)
+        clip = clips[index if counted else round_ * world_size]
         batch = clip_batch(clip, cfg.data.fps, device)
-        totals[0] += family.validation_loss(
+        loss = family.validation_loss(
             models.denoiser, models.frozen, batch, cfg, seed=cfg.validate.seed + clip.index
         )
-        totals[1] += 1
+        if counted:
+            totals[0] += loss
+            totals[1] += 1
     if world_size > 1:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     return (totals[0] / totals[1]).item()
@@ -113,22 +123,29 @@ class Validation:
         self.cfg, self.family, self.loop_config = cfg, family, loop_config
         self.clips = load_validation_clips(cfg)
 
-    def run(self, models: TrainingModels, step: int, rank: int, world_size: int) -> float:
+    def run(
+        self, models: TrainingModels, step: int, rank: int, world_size: int, collective: bool = False
+    ) -> float:
         """`val_loss` over the held-out clips (all workers), videos and previews (rank 0, to MLflow).
 
         The RNGs are forked so validation draws nothing from the training streams, and the raw
         denoiser (not the DDP wrapper) runs in eval mode, so no gradient collective is involved.
-        Both run under training's mixed precision, the encoders in their own dtype, as in a step."""
+        Both run under training's mixed precision, the encoders in their own dtype, as in a step.
+        `collective`: a forward of the denoiser involves every worker (it is sharded), so every
+        worker samples the videos too (rank 0 writes them)."""
         cfg = self.cfg
         device = next(models.denoiser.parameters()).device
         models.denoiser.eval()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             with mixed_precision(cfg.train.mixed_precision, device):
-                val_loss = validation_loss_all(cfg, self.family, models, self.clips, device, rank, world_size)
-            if rank == 0 and cfg.validate.num_videos > 0:
+                val_loss = validation_loss_all(
+                    cfg, self.family, models, self.clips, device, rank, world_size, collective
+                )
+            if (rank == 0 or collective) and cfg.validate.num_videos > 0:
                 out_dir = Path(cfg.output_dir) / "validation" / f"step_{step:08d}"
                 sampling = self.family.sampling_models(cfg, models)
-                sample_validation_videos(cfg, self.family, sampling, self.clips, out_dir)
+                sample_validation_videos(cfg, self.family, sampling, self.clips, out_dir, write=rank == 0)
+            if rank == 0 and cfg.validate.num_videos > 0:
                 tracking.log_artifacts(
                     self.loop_config["tracking_uri"],
                     self.loop_config["mlflow_run_id"],
@@ -227,20 +244,31 @@ def write_previews(
 
 
 def sample_validation_videos(
-    cfg: Config, family: ModelFamily, models: Any, clips: list[ValidationClip], out_dir: Path
+    cfg: Config,
+    family: ModelFamily,
+    models: Any,
+    clips: list[ValidationClip],
+    out_dir: Path,
+    write: bool = True,
 ) -> Path:
     """mp4s and previews for the first `validate.num_videos` clips, written into `out_dir`: each
     sampled from the clip's conditioning frame with the run's sampling spec (training's fps and
-    motion-bucket rule), seeded by the clip's position so every validation is comparable."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    motion-bucket rule), seeded by the clip's position so every validation is comparable.
+    `write=False` samples only (the other workers of a sharded model, whose forward rank 0's
+    sampling needs)."""
     spec = family.sampling_spec(cfg, "validate")
     rows = []
     for clip in clips[: cfg.validate.num_videos]:
         frames = family.sample_video(
             models, clip.image, spec, clip=clip.video, prompt=clip.prompt, seed=spec.seed + clip.index
         )
+        rows.append((clip, frames))
+    if not write:
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for clip, frames in rows:
         write_mp4(frames, out_dir / f"clip{clip.index:03d}.mp4", spec.fps)
-        rows.append((to_hwc(clip.image), frames, to_hwc(clip.video)))
     if rows:
-        write_previews(rows, out_dir, spec.fps, scale=max(1, 128 // cfg.data.height))
+        previews = [(to_hwc(clip.image), frames, to_hwc(clip.video)) for clip, frames in rows]
+        write_previews(previews, out_dir, spec.fps, scale=max(1, 128 // cfg.data.height))
     return out_dir

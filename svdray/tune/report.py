@@ -14,6 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 FINISHED, STOPPED, ERRORED = "finished", "stopped_early", "error"
+# Objectives closer than this (relative) rank as tied: a difference this small between trials of
+# a few dozen steps is noise, not a reason to prefer one setting.
+TIE_TOLERANCE = 0.005
 
 
 @dataclass
@@ -25,6 +28,7 @@ class TrialSummary:
     objective: float | None  # last reported objective
     run_id: str | None = None  # the trial's (child) MLflow run
     metrics: dict[str, Any] = field(default_factory=dict)
+    val_loss: float | None = None  # its latest validation loss (fixed sigma grid and noise)
 
 
 def _fmt(value: Any) -> str:
@@ -33,19 +37,46 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def summary_rows(trials: list[TrialSummary], keys: list[str], best: TrialSummary | None) -> list[dict]:
+def ranks(trials: list[TrialSummary], mode: str = "min") -> dict[str, str]:
+    """Each scored trial's rank by objective ("1", "2", ...); a trial whose objective is within
+    TIE_TOLERANCE of the one ranked just above it shares its rank, marked "=" ("2=", "2=")."""
+    scored = sorted(
+        (t for t in trials if t.objective is not None),
+        key=lambda t: t.objective if mode == "min" else -t.objective,
+    )
+    labels: dict[str, str] = {}
+    tied_with_previous = [
+        i > 0 and abs(t.objective - scored[i - 1].objective) <= TIE_TOLERANCE * abs(scored[i - 1].objective)
+        for i, t in enumerate(scored)
+    ]
+    rank = 0
+    for i, t in enumerate(scored):
+        rank = rank if tied_with_previous[i] else i + 1
+        tied = tied_with_previous[i] or (i + 1 < len(scored) and tied_with_previous[i + 1])
+        labels[t.trial_id] = f"{rank}=" if tied else str(rank)
+    return labels
+
+
+def summary_rows(
+    trials: list[TrialSummary], keys: list[str], best: TrialSummary | None, mode: str = "min"
+) -> list[dict]:
+    """One row per trial: the searched values, steps, objective and its rank ("=": tied within
+    0.5%), the latest validation loss, status and MLflow run."""
+    rank_of = ranks(trials, mode)
     rows = []
     for t in trials:
         row = {"trial": t.trial_id + (" *" if best is not None and t is best else "")}
         row.update({k: t.params.get(k) for k in keys})
         objective = "" if t.objective is None else t.objective
-        row.update({"steps": t.steps, "objective": objective, "status": t.status, "mlflow_run": t.run_id})
+        row.update({"steps": t.steps, "objective": objective, "rank": rank_of.get(t.trial_id, "")})
+        row["val_loss"] = "" if t.val_loss is None else t.val_loss
+        row.update({"status": t.status, "mlflow_run": t.run_id})
         rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    """Fixed-width columns, one trial per line."""
+    """Fixed-width columns, one trial per line; a note under it when trials tie."""
     if not rows:
         return "(no trials)"
     columns = list(rows[0])
@@ -53,6 +84,8 @@ def format_table(rows: list[dict]) -> str:
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    if any(str(row.get("rank", "")).endswith("=") for row in rows):
+        lines.append(f"=: tied, objectives within {TIE_TOLERANCE:.1%} of each other")
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from svdray import console, tracking
+from svdray import console, storage, tracking
 from svdray.config import Config, ConfigError, config_from_dict, set_key
 from svdray.progress import Progress
 from svdray.train.trainer import init_ray, resolve_paths, run_training, shared_training_dataset
@@ -273,10 +273,14 @@ def fit_trials(cfg: Config, uri: str, parent_run_id: str) -> tune.ResultGrid:
         dataset=shared_dataset(cfg),
     )
     trainable = tune.with_resources(trainable, {"CPU": cfg.tune.trial_cpus})
-    experiment = Path(cfg.train.storage_path) / sweep_name(cfg)
-    if tune.Tuner.can_restore(str(experiment)):
+    # A bucket's storage path goes to Tune as `bucket/key` with its filesystem.
+    storage_path, filesystem = storage.ray_storage(cfg.train.storage_path)
+    experiment, _ = storage.ray_storage(storage.join(cfg.train.storage_path, sweep_name(cfg)))
+    if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         logger.info("resuming sweep %s from %s", sweep_name(cfg), experiment)
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -303,7 +307,8 @@ def fit_trials(cfg: Config, uri: str, parent_run_id: str) -> tune.ResultGrid:
             ),
             run_config=tune.RunConfig(
                 name=sweep_name(cfg),
-                storage_path=cfg.train.storage_path,
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
                 callbacks=[
                     TrialTracker(uri, parent_run_id, trial_steps(cfg)),
                     TrialProgress(cfg.tune.num_samples, cfg.tune.mode, trial_steps(cfg)),
@@ -332,6 +337,7 @@ def summarize(results: tune.ResultGrid, cfg: Config, uri: str, parent_run_id: st
                 objective=metrics.get(OBJECTIVE),
                 run_id=run.info.run_id if run else None,
                 metrics=metrics,
+                val_loss=run.data.metrics.get(tracking.METRIC_GROUPS["val_loss"]) if run else None,
             )
         )
         if run is not None:  # what the TrialTracker did not get to (or could not reach MLflow for)
@@ -414,7 +420,7 @@ def run_sweep(cfg: Config) -> SweepResult:
         trials = summarize(results, cfg, uri, parent_run_id)
         best = pick_best(trials, cfg.tune.mode)
         keys = list(cfg.tune.search_space)
-        rows = summary_rows(trials, keys, best)
+        rows = summary_rows(trials, keys, best, cfg.tune.mode)
         summary_csv = write_csv(rows, out / "summary.csv")
         client = MlflowClient(tracking_uri=uri)
         client.log_artifact(parent_run_id, str(summary_csv))

@@ -1,23 +1,75 @@
 """Fixtures of the integration tier: one real local Ray cluster per test session, a Ray head for
-`ray job submit`, and the MLflow server."""
+`ray job submit`, the MLflow server, and object stores (S3, GCS) on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
+from tests.support.mlflow_store import seed_store
 from tests.support.servers import free_port
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Two lanes for pytest-xdist (`-n 2 --dist loadgroup`): the tests on the session's local
+    cluster (`ray_cluster`) run one after another in one process, as they share it; the tests
+    whose Ray runs in processes of their own (`ray job submit` to the `ray_head`, the multi-node
+    driver, a `svdray` subprocess) run beside them in another. Ray runs wait much of the time (on
+    polls, process starts, collectives), so the lanes overlap on two cores."""
+    for item in items:
+        lane = "session-cluster" if "ray_cluster" in item.fixturenames else "own-processes"
+        item.add_marker(pytest.mark.xdist_group(lane))
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_store():
+    """An S3 server on 127.0.0.1 (tests/support/object_store.py), with its settings in this
+    process's environment for the whole session, as a user exports them: AWS_ENDPOINT_URL_S3,
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, MLFLOW_S3_ENDPOINT_URL."""
+    from tests.support.object_store import start_s3
+
+    server = start_s3()
+    saved = {name: os.environ.get(name) for name in server.env}
+    os.environ.update(server.env)
+    yield server
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_store(tmp_path_factory):
+    """gcp-storage-emulator on 127.0.0.1 (anonymous, in memory), in its own process."""
+    from tests.support.object_store import start_gcs
+
+    emulator = start_gcs(tmp_path_factory.mktemp("gcs") / "emulator.log")
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_store):
     import ray
 
+    from svdray import storage
+    from svdray.train.trainer import MIN_STARTUP_CONCURRENCY, STARTUP_CONCURRENCY_ENV
+
+    os.environ.setdefault(STARTUP_CONCURRENCY_ENV, str(MIN_STARTUP_CONCURRENCY))  # as svdray's own
+
     # The dashboard stays on (an early-stopped Tune trial's resources are only freed with it on)
-    # and binds to 127.0.0.1 on a free port, so parallel test sessions never collide.
+    # and binds to 127.0.0.1 on a free port, so parallel test sessions never collide. The object
+    # store's settings reach the workers as svdray's own `init_ray` passes them: in the runtime
+    # environment.
     ray.init(
+        address="local",  # our own, never a cluster another test or agent started on this machine
+        runtime_env={"env_vars": storage.runtime_env_vars()},
         num_cpus=4,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
@@ -40,6 +92,36 @@ def ray_head():
     stop_ray_head(head)
 
 
+@pytest.fixture(scope="module")
+def multinode(tmp_path_factory, s3_store):
+    """A simulated multi-node Ray cluster (a head and worker nodes, tests/support/multinode.py)
+    with its driver process, started once for a test module; each run asks for the worker nodes
+    it needs. A restart that waits for room (a lost node) gives up after 20 s, not Ray Train's 60,
+    and tries again: the elastic test then goes on with the workers that fit. Its driver has the
+    S3 server's settings in its environment, as `svdray train` on a cluster's head would."""
+    from tests.support.multinode import MultinodeDriver
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+    driver = MultinodeDriver(tmp_path_factory.mktemp("multinode-driver"), env)
+    yield driver
+    driver.close()
+
+
+@pytest.fixture
+def write_config(write_config):
+    """The tiers' `write_config`, its sqlite MLflow store put in place already migrated
+    (tests/support/mlflow_store.py): a run's results are the same, minus seconds of migrations."""
+    import yaml
+
+    def _write(manifest, **sections):
+        path = write_config(manifest, **sections)
+        seed_store(yaml.safe_load(path.read_text())["mlflow"]["tracking_uri"])
+        return path
+
+    return _write
+
+
 @pytest.fixture
 def mlflow_ui(tmp_path):
     """`svdray ui` for a sqlite store in tmp: the MLflow server (UI + REST API) on 127.0.0.1.
@@ -51,6 +133,7 @@ def mlflow_ui(tmp_path):
     directory = tmp_path / "mlflow-ui"
     directory.mkdir()
     db = directory / "mlflow.db"
+    seed_store(db)
     port = free_port()
     marker = f"ui-{port}-{tmp_path.name}"
     log = directory / "ui.log"

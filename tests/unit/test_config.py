@@ -126,6 +126,23 @@ def test_cli_explains_itself(capsys):
     assert cli.build_parser().parse_args(["--verbose", "train", "--config", "x.yaml"]).verbose
 
 
+def test_a_local_cluster_too_small_for_the_run_fails_before_it_starts(
+    tmp_path, one_clip_manifest, write_config, monkeypatch
+):
+    """Two workers of 1 CPU and a decoder of 0.5 on a 2-CPU local instance would wait for a CPU
+    forever: the error names ray.num_cpus and the keys that add up, before Ray starts."""
+    from svdray.train.trainer import check_local_cluster_fits
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(write_config(one_clip_manifest, train={"num_workers": 2}, ray={"num_cpus": 2}))
+    with pytest.raises(ConfigError, match=r"ray.num_cpus: .* 2 CPUs, but 2 workers .* need 2.5"):
+        check_local_cluster_fits(cfg)
+    cfg.ray.num_cpus = 3
+    check_local_cluster_fits(cfg)  # fits
+    cfg.ray.num_cpus, cfg.ray.address = 2, "127.0.0.1:6379"
+    check_local_cluster_fits(cfg)  # a cluster's size is its own
+
+
 def test_loading_configs_imports_no_model_library():
     """Config validation stays instant: importing svdray.config and loading every shipped config
     (each family's section and rules included) imports neither torch nor diffusers."""

@@ -5,6 +5,7 @@ files are accepted whatever their first byte: the check decides by the file's st
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -201,3 +202,35 @@ def test_broken_safetensors_structure_is_not_accepted(tmp_path) -> None:
     ):
         with pytest.raises(UnsafeFileError, match="not a safetensors file"):
             check_safetensors(path, "weights")
+
+
+class _RunsCode:
+    """What a malicious pickle holds: unpickling it calls os.system."""
+
+    def __reduce__(self):
+        return (os.system, ("echo unpickled",))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_sharded_state_metadata_is_checked_before_it_is_unpickled(tmp_path) -> None:
+    """A sharded checkpoint's `.metadata` (torch.distributed.checkpoint's own pickle) is read by a
+    restricted unpickler first: only checkpoint metadata classes, and tensor entries only (DCP
+    unpickles non-tensor entries with no restriction)."""
+    import torch.distributed.checkpoint as dcp
+
+    from svdray.safeload import check_sharded_state
+
+    good = tmp_path / "good"
+    dcp.save({"lora/a": torch.ones(2, 3), "optimizer/a/step": torch.tensor(1.0)}, checkpoint_id=str(good))
+    assert check_sharded_state(good, "checkpoint") == good
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(UnsafeFileError, match="system, which is not checkpoint metadata"):
+        check_sharded_state(evil, "checkpoint")
+
+    objects = tmp_path / "objects"
+    dcp.save({"lora/a": torch.ones(2), "extra": {"note": "a pickled object"}}, checkpoint_id=str(objects))
+    with pytest.raises(UnsafeFileError, match="BytesStorageMetadata"):  # an entry DCP would unpickle
+        check_sharded_state(objects, "checkpoint")

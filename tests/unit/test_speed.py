@@ -10,6 +10,7 @@ from svdray.models.lora import lora_parameters, lora_state_dict, save_lora
 from svdray.models.speed import KernelAttnProcessor
 from svdray.models.svd.family import SVDFamily
 from svdray.models.svd.loss import encode_batch, training_loss
+from tests.support.numerics import FLOAT32_REORDER_RTOL, assert_same_vector
 
 CPU = torch.device("cpu")
 
@@ -53,9 +54,10 @@ def loss_and_grads(pipeline_dir, **speed) -> tuple[torch.Tensor, list[torch.Tens
 def test_attention_kernel_gives_the_same_loss_and_gradients(tiny_pipeline_dir, kernel):
     loss, grads = loss_and_grads(tiny_pipeline_dir)
     kernel_loss, kernel_grads = loss_and_grads(tiny_pipeline_dir, attention=kernel)
-    torch.testing.assert_close(kernel_loss, loss, rtol=1e-5, atol=1e-6)
-    for got, expected in zip(kernel_grads, grads, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    # Another attention kernel sums in another order (flash: blockwise online softmax): float32
+    # agreement, the gradient as one vector (tests/support/numerics.py).
+    torch.testing.assert_close(kernel_loss, loss, rtol=1e-5, atol=0)
+    assert_same_vector(kernel_grads, grads, rtol=FLOAT32_REORDER_RTOL)
 
     models = SVDFamily().build_models(tiny_config(tiny_pipeline_dir, attention=kernel), CPU)
 
@@ -68,9 +70,8 @@ def test_attention_kernel_gives_the_same_loss_and_gradients(tiny_pipeline_dir, k
 def test_vae_chunk_and_channels_last_do_not_change_the_result(tiny_pipeline_dir):
     loss, grads = loss_and_grads(tiny_pipeline_dir)
     other_loss, other_grads = loss_and_grads(tiny_pipeline_dir, vae_chunk=3, channels_last=True)
-    torch.testing.assert_close(other_loss, loss, rtol=1e-5, atol=1e-6)
-    for got, expected in zip(other_grads, grads, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(other_loss, loss, rtol=1e-5, atol=0)
+    assert_same_vector(other_grads, grads, rtol=FLOAT32_REORDER_RTOL)
 
     models = SVDFamily().build_models(tiny_config(tiny_pipeline_dir, vae_chunk=3, channels_last=True), CPU)
 

@@ -11,7 +11,7 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from safetensors.torch import load_file, save_file
 
 from svdray import cli
-from svdray.models.lora import ADAPTER_WEIGHTS
+from svdray.models.lora import ADAPTER_WEIGHTS, lora_state_dict
 from svdray.models.wan import lora as wan_lora
 from svdray.models.wan import pipeline as wan_pipeline
 from svdray.models.wan.comfy import comfy_lora_state_dict, to_diffusers_name, to_original_name
@@ -64,7 +64,7 @@ def test_original_names_are_wans():
 def test_lora_export_uses_comfy_keys():
     pipe = wan_pipeline.build_tiny_wan_pipeline("i2v")
     wan_lora.add_wan_lora(pipe.transformer, rank=4, alpha=8.0, feed_forward=True)
-    lora = wan_lora.wan_lora_state_dict(pipe.transformer)
+    lora = lora_state_dict(pipe.transformer)
     exported = comfy_lora_state_dict({f"transformer.{k}": v for k, v in lora.items()}, alpha=8.0, rank=4)
     assert len(exported) == len(lora) // 2 * 3
     assert torch.equal(
@@ -140,7 +140,7 @@ def test_cli_comfy_export_of_a_full_size_wan_lora(tmp_path):
 def test_cli_comfy_export_refuses_a_tiny_wan_lora(tmp_path, capsys):
     pipe = wan_pipeline.build_tiny_wan_pipeline("i2v")
     config = wan_lora.add_wan_lora(pipe.transformer, rank=4, alpha=4.0)
-    run = _run_folder(tmp_path, wan_lora.wan_lora_state_dict(pipe.transformer), config)
+    run = _run_folder(tmp_path, lora_state_dict(pipe.transformer), config)
     out = tmp_path / "tiny.safetensors"
     assert cli.main(["export", "--run", str(run), "--format", "comfy", "--out", str(out)]) == 2
     assert "another layout" in capsys.readouterr().err

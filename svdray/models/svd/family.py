@@ -14,9 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from diffusers.models.resnet import SpatioTemporalResBlock
+from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
 
 from svdray.config import Config, ModelConfig
-from svdray.models.base import ModelFamily, TrainingModels
+from svdray.models.base import ModelFamily, TrainingModels, denoiser_device
+from svdray.models.float8 import quantize_blocks, storage_dtype
 from svdray.models.lora import cast_frozen_weights, load_lora, save_lora
 from svdray.models.precision import mixed_precision_dtype
 from svdray.models.speed import apply_speed_options
@@ -38,6 +41,9 @@ from svdray.models.svd.pipeline import (
 
 if TYPE_CHECKING:
     from svdray.data.cache import CacheEncoderSpec
+
+# The UNet's repeated blocks (see `SVDFamily.blocks`).
+UNET_BLOCKS = (SpatioTemporalResBlock, TransformerSpatioTemporalModel)
 
 
 def with_motion_buckets(batch: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -62,6 +68,9 @@ class SVDFamily(ModelFamily):
         "image_embedding",
     )
     export_formats = ("peft", "merged", "comfy")
+    # The res-blocks' projections of the time embedding (their modulation) and the transformers'
+    # time-position embedding stay bf16 under an fp8 base.
+    float8_keep = ("time_emb_proj", "time_pos_embed")
 
     def save_tiny_pipeline(self, out_dir: str | Path, seed: int = 0, **options: Any) -> Path:
         if options:
@@ -88,10 +97,18 @@ class SVDFamily(ModelFamily):
         frozen = FrozenModels.from_pipeline(pipe, device, cfg.model.frozen_dtype)
         frozen.vae_chunk = cfg.speed.vae_chunk
         unet = add_lora(pipe.unet, cfg.lora)
-        cast_frozen_weights(unet, getattr(torch, cfg.model.denoiser_dtype)).to(device)
+        cast_frozen_weights(unet, getattr(torch, storage_dtype(cfg.model.denoiser_dtype)))
+        if cfg.model.denoiser_dtype == "float8":
+            quantize_blocks(self.blocks(unet), self.float8_keep)
+        unet.to(denoiser_device(cfg, device))
         enable_checkpointing(unet, cfg.train.gradient_checkpointing)
         apply_speed_options(unet, frozen.vae, cfg.speed)
         return TrainingModels(unet, frozen)
+
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """Every spatio-temporal res-block and transformer of the UNet's down, mid and up blocks
+        (the samplers, the time embedding and conv_in/conv_out stay with the UNet)."""
+        return [m for m in denoiser.modules() if isinstance(m, UNET_BLOCKS)]
 
     def cache_encoder(self) -> CacheEncoderSpec:
         from svdray.models.svd.cache import SVD_CACHE
@@ -171,8 +188,14 @@ class SVDFamily(ModelFamily):
             models.unet, models.frozen, models.scheduler_config, images, spec, generator, grad_steps
         )
 
-    def save_lora(self, denoiser: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
-        return save_lora(denoiser, out_dir, cfg.model.pretrained)
+    def save_lora(
+        self,
+        denoiser: torch.nn.Module,
+        cfg: Config,
+        out_dir: str | Path,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        return save_lora(denoiser, out_dir, cfg.model.pretrained, state_dict)
 
     def load_lora(self, denoiser: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
         return load_lora(denoiser, lora_dir)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from svdray.config import Config, ModelConfig
-from svdray.models.base import ModelFamily, TrainingModels
+from svdray.models.base import ModelFamily, TrainingModels, denoiser_device
+from svdray.models.float8 import quantize_blocks
 from svdray.models.lora import load_lora, save_lora
 from svdray.models.precision import mixed_precision_dtype
 from svdray.models.speed import apply_speed_options
@@ -114,13 +115,33 @@ class WanFamily(ModelFamily):
         for name in EXPERTS:  # A14B's other expert (14B weights) is loaded only if a sample needs it
             if name != frozen.expert:
                 setattr(pipe, name, None)
-        denoiser = getattr(pipe, frozen.expert)
-        add_wan_lora(denoiser, cfg.lora.rank, cfg.lora.alpha, cfg.lora.feed_forward, cfg.lora.dropout)
-        denoiser.to(device)
-        if cfg.train.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
+        denoiser = self.prepare_transformer(getattr(pipe, frozen.expert), cfg)
+        denoiser.to(denoiser_device(cfg, device))
         apply_speed_options(denoiser, pipe.vae, cfg.speed)
         return TrainingModels(denoiser, frozen)
+
+    def prepare_transformer(self, transformer: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+        """A loaded transformer as training runs it: frozen, the LoRA in, an fp8 base quantised
+        (`model.denoiser_dtype: float8`), every block checkpointed if asked (also what
+        benchmarks/memory.py counts, on the meta device)."""
+        add_wan_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.feed_forward, cfg.lora.dropout)
+        if cfg.model.denoiser_dtype == "float8":
+            quantize_blocks(self.blocks(transformer), self.float8_keep)
+        if cfg.train.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        return transformer
+
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        return list(denoiser.blocks)
+
+    def release_encoders(self, models: TrainingModels) -> None:
+        """The VAE, UMT5 (11 GB in bf16 for the 14B models) and CLIP go to the CPU: from the
+        cache, a step needs only the empty prompt's embedding, encoded once at build time."""
+        frozen: loss.FrozenWan = models.frozen
+        for name in ("vae", "text_encoder", "image_encoder"):
+            module = getattr(frozen.pipe, name)
+            if module is not None:
+                module.to("cpu")
 
     def cache_encoder(self) -> CacheEncoderSpec:
         from svdray.models.wan.cache import WAN_CACHE
@@ -201,12 +222,18 @@ class WanFamily(ModelFamily):
     ) -> torch.Tensor:
         return sampler.sample_frames(models, images, spec, generator, grad_steps)
 
-    def save_lora(self, denoiser: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
+    def save_lora(
+        self,
+        denoiser: torch.nn.Module,
+        cfg: Config,
+        out_dir: str | Path,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
         """peft's adapter folder (what checkpoints, `svdray sample` and `export` read) with diffusers'
         `pytorch_lora_weights.safetensors` beside it: `WanImageToVideoPipeline.load_lora_weights(out_dir)`
         loads the folder as it is (`load_into_transformer_2=True` for A14B's low-noise expert)."""
-        save_lora(denoiser, out_dir, cfg.model.pretrained)
-        return save_wan_lora(denoiser, out_dir)
+        save_lora(denoiser, out_dir, cfg.model.pretrained, state_dict)
+        return save_wan_lora(denoiser, out_dir, state_dict)
 
     def load_lora(self, denoiser: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
         return load_lora(denoiser, lora_dir)

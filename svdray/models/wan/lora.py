@@ -8,6 +8,8 @@ import peft
 import torch
 from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
 
+from svdray.models.lora import lora_state_dict
+
 _ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 _IMAGE_PROJECTIONS = ("add_k_proj", "add_v_proj")  # Wan2.1's cross-attention to CLIP tokens
 _FFN_PROJECTIONS = ("ffn.net.0.proj", "ffn.net.2")
@@ -52,25 +54,24 @@ def add_wan_lora(
     return config
 
 
-def wan_lora_state_dict(transformer: WanTransformer3DModel) -> dict[str, torch.Tensor]:
-    """peft's adapter weights, keys `blocks.<i>...lora_A/B.weight`, contiguous CPU float32."""
-    state = peft.get_peft_model_state_dict(transformer)
-    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-
-
-def save_wan_lora(transformer: WanTransformer3DModel, out_dir: str | Path) -> Path:
+def save_wan_lora(
+    transformer: WanTransformer3DModel,
+    out_dir: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the LoRA folder `pipe.load_lora_weights(out_dir)` reads.
 
     `WanImageToVideoPipeline.save_lora_weights` format: pytorch_lora_weights.safetensors with
     `transformer.`-prefixed peft keys and the adapter's LoraConfig in the metadata (so alpha and
     rank come back). A LoRA of A14B's low-noise expert loads with
-    `pipe.load_lora_weights(out_dir, load_into_transformer_2=True)`.
+    `pipe.load_lora_weights(out_dir, load_into_transformer_2=True)`. `state_dict`: the
+    transformer's parameters by name when it does not hold them whole (`lora_state_dict`).
     """
     out_dir = Path(out_dir)
     config = transformer.peft_config["default"]
     WanImageToVideoPipeline.save_lora_weights(
         out_dir,
-        transformer_lora_layers=wan_lora_state_dict(transformer),
+        transformer_lora_layers=lora_state_dict(transformer, state_dict),
         transformer_lora_adapter_metadata=config.to_dict(),
         safe_serialization=True,
     )

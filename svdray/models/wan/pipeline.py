@@ -39,6 +39,7 @@ from transformers import (
 )
 
 from svdray import console
+from svdray.models.float8 import storage_dtype
 from svdray.models.random_weights import to_device
 from svdray.models.wan.config import WAN_SIDE_MULTIPLE
 from svdray.models.wan.config import check_wan_num_frames as check_num_frames
@@ -428,7 +429,9 @@ def save_tiny_wan_pipeline(out_dir: str | Path, layout: Layout = "i2v", seed: in
 
 
 def component_dtypes(dtype: str = "float32", encoder_dtype: str | None = None) -> dict[str, torch.dtype]:
-    """Each component's dtype as `load_wan_pipeline` loads it ("default": the others')."""
+    """Each component's dtype as `load_wan_pipeline` loads it ("default": the others'); "float8"
+    loads bf16 (training quantises the trained expert's blocks after the LoRA is in)."""
+    dtype = storage_dtype(dtype)
     for key, value in (("model.denoiser_dtype", dtype), ("model.frozen_dtype", encoder_dtype or dtype)):
         if value not in DTYPES:
             raise ValueError(f"{key}: {value!r} is not one of {sorted(DTYPES)}")
@@ -468,7 +471,8 @@ def load_wan_pipeline(
     The transformer(s) load in `dtype` (not at all with `transformers=False`: the latent cache
     needs only the encoders). The VAE, the text and the image encoder load in
     `encoder_dtype` (training's `model.frozen_dtype`); None keeps the text encoder in `dtype`
-    and the VAE and CLIP in float32, as Wan's own code runs them.
+    and the VAE and CLIP in float32, as Wan's own code runs them. "float8" loads bf16 (training
+    quantises the trained expert's blocks after the LoRA is in: `svdray.models.float8`).
     """
     dtypes = component_dtypes(dtype, encoder_dtype)
     skipped = {} if transformers else {"transformer": None, "transformer_2": None}
@@ -485,7 +489,7 @@ def load_expert(
     return WanTransformer3DModel.from_pretrained(
         str(pretrained),
         subfolder=name,
-        dtype=DTYPES[dtype],
+        dtype=DTYPES[storage_dtype(dtype)],
         variant=variant,
         revision=revision,
         use_safetensors=True,

@@ -205,8 +205,14 @@ class ToyFamily(ModelFamily):
     def default_num_frames(self, model: ModelConfig) -> int:
         return 4
 
-    def save_lora(self, denoiser: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
-        return save_lora(getattr(denoiser, "module", denoiser), out_dir, cfg.model.pretrained)
+    def save_lora(
+        self,
+        denoiser: torch.nn.Module,
+        cfg: Config,
+        out_dir: str | Path,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        return save_lora(getattr(denoiser, "module", denoiser), out_dir, cfg.model.pretrained, state_dict)
 
     def load_lora(self, denoiser: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Module:
         return load_lora(denoiser, lora_dir)
