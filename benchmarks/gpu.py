@@ -2,17 +2,19 @@
 
 A lent GPU comes for one short window on a machine that installs nothing (`benchmarks/gpu.sh`
 brings the wheels this needs and runs it; benchmarks/RESULTS.md says how). For each case, most
-important first, the step the training loop runs (the family's `training_loss` + backward,
-gradient clipping, AdamW, the LR schedule; `train_step.timed_steps`) on the models built as the
-trainer builds them (`family.random_models`: the full-size architecture with random weights made
-on the GPU, then `build_models`' own LoRA, dtypes, checkpointing and `speed.*`), one batch per
-step (`train.grad_accum=1`: the configs' optimizer step is that many of these forward/backwards):
+important first, the update the training loop makes (`svdray.train.step.update`: the family's
+`training_loss` + backward, clipping, AdamW; the LR schedule; the denoiser as `parallelize` gives
+it to one worker; `train_step.timed_steps`) on the models built as the trainer builds them
+(`family.random_models`: the full-size architecture with random weights made on the GPU, then
+`build_models`' own LoRA, dtypes, fp8 base, checkpointing and `speed.*`; with `data.cache` the
+encoders released as the loop releases them), one batch per update (`train.grad_accum=1`: the
+configs' optimizer step is that many of these forward/backwards):
 
   model    the shipped configs as they are: SVD-XT 25x576x1024 (configs/svd_xt_lora.yaml),
            Wan2.2-TI2V-5B 121x704x1280 and Wan2.1-I2V-14B 81x480x832 (their `data.cache: true`:
            the step reads the latent cache's fields, here random values of the cached shapes),
-           and each Wan model with frozen float8 weights once the config accepts
-           `model.denoiser_dtype: float8` (until then the case is recorded as skipped);
+           and Wan2.1-I2V-14B with its base in float8 (configs/wan_i2v_14b_fp8.yaml; skipped
+           in a checkout without it);
   memory   SVD-XT with each memory option flipped: the rows of benchmarks/memory.py's table;
   speed    SVD-XT with each `speed.*` option flipped (attention kernels, VAE chunk,
            channels-last, fused AdamW, `torch.compile`, the slowest last).
@@ -105,8 +107,9 @@ MODELS = {
 }
 EVERY_CASE = ["train.grad_accum=1"]  # one batch per timed step
 TINY_WARMUP, TINY_STEPS = 1, 2
-# --tiny computes in float32 (each case's own overrides still apply): a CPU without bf16 units
-# emulates bf16 convolutions and matmuls, which makes the tiny SVD step 15 times slower.
+# --tiny computes in float32 (each case's own overrides still apply; an fp8 base's config keeps
+# its dtypes): a CPU without bf16 units emulates bf16 convolutions and matmuls, which makes the
+# tiny SVD step 15 times slower.
 TINY_FLOAT32 = ["model.frozen_dtype=float32", "model.denoiser_dtype=float32", "train.mixed_precision='no'"]
 
 
@@ -153,8 +156,10 @@ def case_config(case: Case, tiny_dirs: dict[str, Path] | None) -> tuple[Config, 
             f"data.num_frames={frames}",
             f"data.height={height}",
             f"data.width={width}",
-            *TINY_FLOAT32,
         ]
+        # An fp8 base computes in bf16 (its config's rule): keep what the case is about.
+        if load_config(REPO / model.config, check_files=False).model.denoiser_dtype != "float8":
+            overrides += TINY_FLOAT32
         architecture = None
     return load_config(REPO / model.config, overrides + list(case.overrides), check_files=False), architecture
 
@@ -394,8 +399,11 @@ def measure(record: dict[str, Any], case: Case, run: Run) -> None:
     started = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000)
-    models = family_of(cfg).random_models(cfg, device, architecture)
+    family = family_of(cfg)
+    models = family.random_models(cfg, device, architecture)
     batches = device_batches(cfg, models, device, generator)
+    if cfg.data.cache:  # as the loop does without validation in it: the cache holds their outputs
+        family.release_encoders(models)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     record["build_s"] = time.perf_counter() - started

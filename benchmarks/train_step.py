@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import json
 import math
 import os
@@ -59,14 +60,15 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from svdray.config import Config, SpeedConfig, apply_overrides, config_from_dict  # noqa: E402
 from svdray.models import family_of, get_family  # noqa: E402
-from svdray.models.base import TrainingModels  # noqa: E402
+from svdray.models.base import ModelFamily, TrainingModels  # noqa: E402
 from svdray.models.lora import lora_parameters  # noqa: E402
-from svdray.models.precision import mixed_precision  # noqa: E402
 
 # cached_latents (below) is SVD's UNet step alone on precomputed latents: its own loss parts.
 from svdray.models.svd.loss import EncodedBatch, apply_cfg_dropout, diffusion_loss, encode_batch  # noqa: E402
 from svdray.models.svd.objective import sample_sigmas  # noqa: E402
 from svdray.train.optim import build_lr_scheduler, build_optimizer  # noqa: E402
+from svdray.train.parallel import Workers, parallelize  # noqa: E402
+from svdray.train.step import update  # noqa: E402
 
 CACHED = "cached_latents"
 ARCHITECTURE = "SVD-XT"  # what the SVD family builds at full size (SVDFamily.architectures)
@@ -356,11 +358,20 @@ def plain_loop(cfg: Config, warmup: int, steps: int, cached: bool) -> dict[str, 
     frozen.vae.to("cpu")
     frozen.image_encoder.to("cpu")
     del batches
+    return timed_steps(cfg, models, encoded, warmup, steps, generator, CachedLatentsStep(family_of(cfg)))
 
-    def unet_step(unet, _frozen, encoded_batch, cfg, generator):
-        return cached_step_loss(unet, encoded_batch, cfg, generator)
 
-    return timed_steps(cfg, models, encoded, warmup, steps, generator, unet_step)
+@dataclass
+class CachedLatentsStep:
+    """The family, its `training_loss` the UNet step alone on precomputed latents (`EncodedBatch`)."""
+
+    family: ModelFamily
+
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        return self.family.blocks(denoiser)
+
+    def training_loss(self, unet, frozen, encoded: EncodedBatch, cfg: Config, generator) -> torch.Tensor:
+        return cached_step_loss(unet, encoded, cfg, generator)
 
 
 def timed_steps(
@@ -370,37 +381,35 @@ def timed_steps(
     warmup: int,
     steps: int,
     generator: torch.Generator,
-    step_loss: Any = None,
+    family: ModelFamily | CachedLatentsStep | None = None,
 ) -> dict[str, Any]:
-    """`warmup` + `steps` training steps of the loop (the family's `training_loss`, or `step_loss`
-    with its arguments, + backward under `train.mixed_precision`, gradient clipping, AdamW, the
-    LR schedule), cycling through `batches`; step times after the warm-up and the peak memory of
-    the steps (models and batches included, whatever building them held before not)."""
+    """`warmup` + `steps` updates as the training loop makes them, on one worker: the denoiser
+    spread as `train.parallel` says (`parallelize`), AdamW over its LoRA, the LR schedule, and
+    `svdray.train.step.update` (the family's `training_loss` + backward under
+    `train.mixed_precision`, `train.offload_activations`, clipping, the optimizer step), cycling
+    through `batches`. Step times after the warm-up, and the peak memory of the updates (models
+    and batches included, whatever building them held before not)."""
     device = next(models.denoiser.parameters()).device
-    step_loss = step_loss or family_of(cfg).training_loss
-    frozen, unet = models.frozen, models.denoiser
-    optimizer = build_optimizer(lora_parameters(unet), cfg.optim, cfg.speed, device)
+    family = family or family_of(cfg)
+    parallel = parallelize(
+        models.denoiser, family.blocks(models.denoiser), cfg.train.parallel, device, Workers()
+    )
+    optimizer = build_optimizer(lora_parameters(models.denoiser), cfg.optim, cfg.speed, device)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    data = itertools.cycle(batches)
     release_memory()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    unet.train()
+    parallel.train()
     synchronize(device)
     step_ends = {0: time.perf_counter()}
-    for i in range(warmup + steps):
-        with mixed_precision(cfg.train.mixed_precision, device):
-            loss = step_loss(unet, frozen, batches[i % len(batches)], cfg, generator)
-            loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(unet), cfg.optim.max_grad_norm)
-        optimizer.step()
+    for step in range(1, warmup + steps + 1):
+        loss, grad_norm, good = update(parallel, models, family, data, cfg, generator, step, optimizer)
+        if not good:  # the loop skips such an update; a benchmark of it would time nothing
+            raise FloatingPointError(f"non-finite loss {loss.item()} or gradient norm at step {step}")
         lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        # What any loop reads back each step (and a device sync, so the step time is real).
-        loss_value, _ = loss.item(), grad_norm.item()
-        if not np.isfinite(loss_value):
-            raise FloatingPointError(f"non-finite loss {loss_value} at step {i + 1}")
-        step_ends[i + 1] = time.perf_counter()
+        step_ends[step] = time.perf_counter()  # `good` read the loss back: the device is synchronised
     return {
         **step_stats(step_ends, warmup, cfg),
         **peak_memory(device),
