@@ -232,8 +232,11 @@ def count_flops(tree: dict[str, Any], architecture: str | None) -> int:
 
 
 def count_memory(tree: dict[str, Any], architecture: str | None) -> dict[str, Any]:
-    """benchmarks/memory.py's count of one step of the config `tree`."""
+    """benchmarks/memory.py's count of one step of the config `tree` (Wan: the transformer's
+    cached step, the whole model on one rank)."""
     cfg = config_from_dict(tree, check_files=False)
+    if cfg.model.family == "wan":
+        return memory.rank_count(memory.fake_wan_step(cfg, architecture), 1, cfg.train.offload_activations)
     return memory.count_config(cfg, cfg.data.cache, architecture)
 
 
@@ -353,8 +356,8 @@ def prepare(case: Case, run: Run) -> dict[str, Any]:
     record["settings"] = settings(cfg)
     record["flops_key"] = flops_key(cfg, architecture)
     run.counts.submit(record["flops_key"], count_flops, cfg.to_dict(), architecture)
-    # memory.py counts SVD's step (not Wan's), and models no kernel choice (it counts fused attention).
-    if cfg.model.family == "svd" and case.group != "speed":
+    # memory.py models no kernel choice (it counts fused attention): no count for the speed rows.
+    if case.group != "speed":
         record["memory_key"] = case.name
         run.counts.submit(case.name, count_memory, cfg.to_dict(), architecture)
     if run.tiny_dirs and cfg.speed.compile_denoiser:

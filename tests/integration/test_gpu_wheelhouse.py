@@ -2,7 +2,8 @@
 installed there into a folder of their own, and the benchmark run from them with nothing else but
 the image's packages (tests/support/gpu_machine.py). The wheelhouse is built for this Python (the
 GPU machine's is 3.12: the same wheels, other tags for the compiled ones) so that this machine
-can run what it installs; one tiny case on CPU."""
+can run what it installs; one tiny case on CPU, SVD's cached step with memory.py's count (the
+unit test runs the other kinds)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from tests.support.gpu_machine import MISSING, gpu_machine_env
+from tests.support.gpu_machine import MISSING, assert_counted, assert_measured, gpu_machine_env
 from tests.support.paths import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -54,16 +55,27 @@ def test_wheelhouse_installs_and_runs_the_benchmark_on_the_image_packages(tmp_pa
         "SITE": str(site),
         "OUT": str(out),
     }
-    command = ["bash", "benchmarks/gpu.sh", "--tiny", "--only", "wan2.1-i2v-14b"]
+    command = [
+        "bash",
+        "benchmarks/gpu.sh",
+        "--tiny",
+        "--budget-s",
+        "100000",
+        "--only",
+        "svd-xt cached_latents",
+    ]
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "is not this checkout's" not in run.stderr  # the wheel holds the checkout's code
 
     report = json.loads((out / "gpu_bench.json").read_text())
-    assert [c["status"] for c in report["cases"]] == ["ok"]
+    (cached,) = report["cases"]
+    assert_measured(cached, report)
+    assert cached["group"] == "memory" and cached["settings"]["data.cache"]
+    assert_counted(cached)
     modules = report["environment"]["modules"]
     for package in ("svdray", "diffusers", "transformers", "peft", "accelerate"):
         assert Path(modules[package]).is_relative_to(site), (package, modules[package])
     assert not Path(modules["torch"]).is_relative_to(site)  # the machine's own torch
     assert report["environment"]["imported"] == dict.fromkeys(MISSING, False)
-    assert (out / "gpu_bench.log").read_text().count("wan2.1-i2v-14b") >= 2  # plan and result rows
+    assert (out / "gpu_bench.log").read_text().count("svd-xt cached_latents") >= 2  # plan and result rows

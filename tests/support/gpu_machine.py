@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -19,6 +21,7 @@ from wheelhouse import IMAGE, WHEELS  # noqa: E402
 sys.path.remove(str(REPO / "benchmarks"))
 
 MISSING = ("ray", "mlflow", "decord")
+GIB = 2**30
 
 
 def requirements_closure(roots: tuple[str, ...], stop: tuple[str, ...] = ()) -> set[str]:
@@ -67,3 +70,24 @@ def gpu_machine_env(folder: Path) -> dict[str, str]:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     return env | {"PYTHONPATH": str(folder)}
+
+
+def assert_measured(case: dict, report: dict) -> None:
+    """A case of a --tiny run (1 warm-up + 2 timed steps) measured, with its FLOPs and MFU."""
+    assert case["status"] == "ok", case
+    assert case["overrides"][0] == "train.grad_accum=1"
+    assert (case["warmup"], case["steps"]) == (1, 2)
+    assert len(case["step_s_all"]) == case["timed_steps"] == 2
+    assert case["step_s_median"] == pytest.approx(statistics.median(case["step_s_all"]))
+    assert case["step_s_median"] > 0
+    assert case["case_s"] >= case["build_s"] > 0 and case["peak_memory_bytes"] > 0
+    assert case["flops_per_step"] > 0 and case["expected_s"] > 0
+    rate = report["matmul"]["flops_per_s"]
+    assert case["mfu"] == pytest.approx(case["flops_per_step"] / case["step_s_median"] / rate)
+
+
+def assert_counted(case: dict) -> None:
+    """benchmarks/memory.py's count beside the measured peak."""
+    estimate = case["memory_count"]["estimated_peak_gib"]
+    assert estimate > 0
+    assert case["measured_over_count"] == pytest.approx(case["peak_memory_bytes"] / (estimate * GIB))

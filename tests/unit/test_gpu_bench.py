@@ -5,16 +5,14 @@ one case of each kind; and its plan and time budget."""
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 from dataclasses import fields
 
-import pytest
 import torch
 
 from svdray.config import SpeedConfig
-from tests.support.gpu_machine import MISSING, gpu_machine_env
+from tests.support.gpu_machine import MISSING, assert_counted, assert_measured, gpu_machine_env
 from tests.support.paths import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -23,17 +21,16 @@ import memory  # noqa: E402
 
 sys.path.remove(str(REPO / "benchmarks"))
 
-# One case of each kind, in the plan's order: a Wan model (cached step), its fp8 base (skipped
-# without configs/wan_i2v_14b_fp8.yaml), the SVD step with the latent cache (memory row, counted by
-# memory.py), with decoded clips (a speed row) and with torch.compile (not on a CPU).
+# One case of each kind, in the plan's order: a Wan model (cached step, with memory.py's count),
+# its fp8 base (skipped without configs/wan_i2v_14b_fp8.yaml), the SVD step on decoded clips (a
+# speed row) and with torch.compile (not on a CPU). SVD's cached step and its memory row run in
+# tests/integration/test_gpu_wheelhouse.py (gpu.sh from the wheelhouse): this tier has 2 minutes.
 CASES = [
     "wan2.1-i2v-14b",
     "wan2.1-i2v-14b fp8",
-    "svd-xt cached_latents",
     "svd-xt speed.channels_last=true",
     "svd-xt speed.compile_denoiser=true",
 ]
-GIB = 2**30
 
 
 def test_tiny_run_reports_every_field_of_each_kind_of_case(tmp_path):
@@ -55,49 +52,26 @@ def test_tiny_run_reports_every_field_of_each_kind_of_case(tmp_path):
     report = json.loads(out.read_text())
     print(f"tiny CPU run: {report['elapsed_s']:.1f} s")
 
-    env = report["environment"]
-    assert env["imported"] == dict.fromkeys(MISSING, False)
-    assert env["device_type"] == "cpu" and report["matmul"]["flops_per_s"] > 0
+    assert report["environment"]["imported"] == dict.fromkeys(MISSING, False)
+    assert report["environment"]["device_type"] == "cpu"
     cases = {c["name"]: c for c in report["cases"]}
     assert list(cases) == CASES
 
-    for name in ("wan2.1-i2v-14b", "svd-xt cached_latents", "svd-xt speed.channels_last=true"):
-        c = cases[name]
-        assert c["status"] == "ok", c
-        assert c["overrides"][0] == "train.grad_accum=1"
-        assert (c["warmup"], c["steps"]) == (gpu.TINY_WARMUP, gpu.TINY_STEPS) == (1, 2)
-        assert len(c["step_s_all"]) == c["timed_steps"] == 2
-        assert c["step_s_median"] == pytest.approx(statistics.median(c["step_s_all"]))
-        assert c["step_s_median"] > 0
-        assert c["case_s"] >= c["build_s"] > 0 and c["peak_memory_bytes"] > 0
-        assert c["flops_per_step"] > 0 and c["expected_s"] > 0
-        assert c["mfu"] == pytest.approx(
-            c["flops_per_step"] / c["step_s_median"] / report["matmul"]["flops_per_s"]
-        )
-
-    wan, cached, decoded = (
-        cases["wan2.1-i2v-14b"],
-        cases["svd-xt cached_latents"],
-        cases["svd-xt speed.channels_last=true"],
-    )
+    wan, decoded = cases["wan2.1-i2v-14b"], cases["svd-xt speed.channels_last=true"]
+    for case in (wan, decoded):
+        assert_measured(case, report)
     assert wan["settings"]["data.cache"] and wan["settings"]["lora.rank"] == 32  # the shipped config's
-    assert "memory_count" not in wan and "memory_count_error" not in wan  # memory.py counts SVD's step
-    assert cached["group"] == "memory" and cached["settings"]["data.cache"]
-    estimate = cached["memory_count"]["estimated_peak_gib"]
-    assert estimate > 0 and cached["measured_over_count"] == pytest.approx(
-        cached["peak_memory_bytes"] / (estimate * GIB)
-    )
+    assert_counted(wan)  # one rank's count of the transformer step
     assert decoded["group"] == "speed" and decoded["settings"]["speed.channels_last"] is True
     assert not decoded["settings"]["data.cache"] and "memory_count" not in decoded
-    # Decoded clips add the VAE over every frame and CLIP to the step: more model FLOPs.
-    assert decoded["flops_per_step"] > cached["flops_per_step"]
 
     fp8_config = gpu.MODELS["wan2.1-i2v-14b-fp8"].config
     skipped = f"skipped: no {fp8_config} in this checkout"
     fp8 = cases["wan2.1-i2v-14b fp8"]
     assert fp8["status"] == ("ok" if (REPO / fp8_config).exists() else skipped)
     if fp8["status"] == "ok":  # the tiny run keeps the fp8 base (and its bf16 compute)
-        assert fp8["settings"]["model.denoiser_dtype"] == "float8" and fp8["flops_per_step"] > 0
+        assert fp8["settings"]["model.denoiser_dtype"] == "float8"
+        assert_measured(fp8, report)
     assert cases["svd-xt speed.compile_denoiser=true"]["status"].startswith("skipped: --tiny")
 
 
