@@ -34,7 +34,7 @@ from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from svdray.train.distributed import mean_across_workers, restore_rng, rng_snapshot
 from svdray.train.optim import build_lr_scheduler, build_optimizer
 from svdray.train.outputs import run_output, save_final_lora
-from svdray.train.parallel import Parallel, Workers, parallelize
+from svdray.train.parallel import ContextParallel, Parallel, Workers, data_rank, parallelize
 from svdray.train.step import update
 from svdray.train.upload import report_checkpoint
 from svdray.train.validate import Validation
@@ -56,8 +56,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed + rank)
     # All training randomness (noise levels, noise, augmentation, dropout masks) comes from this
-    # generator, so a checkpoint of its state makes resumed steps draw the same numbers.
-    generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + rank)
+    # generator, so a checkpoint of its state makes resumed steps draw the same numbers. Seeded by
+    # the data-parallel rank: the workers of a context-parallel group draw the same numbers for
+    # the clip they share.
+    split = ContextParallel.of(cfg.train)
+    generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + data_rank(rank, split))
 
     # Build: the family's models, the denoiser spread over the workers (train.parallel), then the
     # optimizer over its LoRA weights as this worker holds them (whole, or its shards).
@@ -66,7 +69,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if cfg.data.cache and not inline:
         family.release_encoders(models)  # the cache holds what they compute
     parallel = parallelize(
-        models.denoiser, family.blocks(models.denoiser), cfg.train.parallel, device, this_worker()
+        models.denoiser, family.blocks(models.denoiser), cfg.train.parallel, device, this_worker(), split
     )
     optimizer = build_optimizer(lora_parameters(models.denoiser), cfg.optim, cfg.speed, device)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
@@ -120,7 +123,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         is_last = state.step == cfg.train.max_steps
         validates = bool(cfg.validate.manifest) and (is_last or state.step % cfg.validate.every == 0)
         if validates and inline:
-            metrics["val_loss"] = validation.run(models, state.step, rank, world_size, parallel.sharded)
+            metrics["val_loss"] = validation.run(models, state.step, parallel)
             parallel.train()
         log.log(metrics)
         if is_last or (good and state.step % cfg.train.checkpoint_every == 0):
