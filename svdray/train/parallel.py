@@ -131,7 +131,17 @@ class Parallel:
         self.module = module  # what the forward runs through (DDP's wrapper; the sharded model)
         self.mesh = mesh  # FSDP2's device mesh (None under DDP)
         self.context = context
-        self.context_mesh = context_mesh  # (data, ring, ulysses) under context parallelism, else None
+        # Under context parallelism: (data, ring, ulysses), diffusers' mesh, and the same ranks as
+        # (data, context); None without.
+        self.context_mesh = context_mesh
+        self.context_mesh_2d = None
+        if context_mesh is not None:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            grid = context_mesh.mesh.reshape(-1, context.degree)
+            self.context_mesh_2d = DeviceMesh(
+                context_mesh.device_type, grid, mesh_dim_names=("data", "context")
+            )
 
     @property
     def sharded(self) -> bool:
@@ -151,6 +161,28 @@ class Parallel:
     def data_parallel_size(self) -> int:
         """Groups training on their own clips (workers / train.context_parallel)."""
         return self.workers.world_size // self.context.degree
+
+    @property
+    def reads_data(self) -> bool:
+        """Whether this worker reads its group's clips (the first of each context-parallel group;
+        every worker without context parallelism); the others get them from it (`shared_batches`)."""
+        return self.workers.rank % self.context.degree == 0
+
+    def shared_batches(self, batches: Iterator[Any] | None) -> Iterator[Any]:
+        """The batches the first worker of this context-parallel group reads (`batches`, None on
+        the others), on every worker of the group, until they run out there: the group trains on
+        the same clips. Without context parallelism, `batches` as they are."""
+        if self.context.degree == 1:
+            yield from batches
+            return
+        group = self.context_mesh_2d.get_group("context")
+        source = dist.get_global_rank(group, 0)
+        while True:
+            box = [next(batches, None) if self.reads_data else None]
+            dist.broadcast_object_list(box, src=source, group=group)
+            if box[0] is None:
+                return
+            yield box[0]
 
     def backward(self, loss: torch.Tensor) -> None:
         """`loss.backward()`, the loss scaled by the context-parallel degree: see the module

@@ -256,7 +256,10 @@ def gradient_step(rank: int, world_size: int, node: str, jobs: list[dict], out: 
         attention = family.blocks(models.denoiser)[0].attn1
         attention.register_forward_pre_hook(lambda _, args, seen=tokens: seen.append(args[0].shape[1]))
         parallel.train()
-        data = batches(1, 1, parallel.data_rank, cfg.train.grad_accum, (cfg.data.height, cfg.data.width))
+        # As the loop feeds a context-parallel group: its first worker reads, the others get its batches.
+        size = (cfg.data.height, cfg.data.width)
+        read = batches(1, 1, parallel.data_rank, cfg.train.grad_accum, size) if parallel.reads_data else None
+        data = parallel.shared_batches(read)
         loss = accumulate_gradients(parallel, models, family, data, cfg, generator, 1)
         norm = parallel.clip_grad_norm(float("inf"))
         grads = {}
