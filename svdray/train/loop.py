@@ -127,7 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if validates and inline:
             metrics["val_loss"] = validation.run(models, state.step, parallel)
             parallel.train()
-        log.log(metrics)
+        log.log(metrics, force=is_last)  # the last step's loss, whatever train.log_every
         if is_last or (good and state.step % cfg.train.checkpoint_every == 0):
             checkpoint_and_report(
                 metrics,

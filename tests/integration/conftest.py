@@ -25,6 +25,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.xdist_group(lane))
 
 
+def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
+    """Refuse to run split lanes (in the controller, as each worker reports what it collected):
+    a lane's tests spread over both workers would each start the clusters their module fixtures
+    hold, two multi-node clusters on two cores. xdist puts a test's group into its id."""
+    if node.config.getoption("dist") == "loadgroup" and ids and "@" not in ids[0]:
+        raise pytest.UsageError(
+            f"pytest-xdist did not group the tests into lanes (pytest {pytest.__version__}; "
+            "see pyproject.toml's pin)"
+        )
+
+
 @pytest.fixture(scope="session")
 def s3_store():
     """An S3 server on 127.0.0.1 (tests/support/object_store.py), with its settings in this

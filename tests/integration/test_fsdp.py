@@ -3,7 +3,7 @@ decoded mp4s, the tiny Wan pipeline on 2 CPU workers with gloo): an FSDP2 run wh
 killed after its first checkpoint ends with DDP's loss curve (every logged value, the redone
 steps' included), validation loss, LoRA folder and exports; its checkpoint then resumes on one
 worker. The numerical equality of the step itself (and its tolerances) is
-tests/unit/test_parallel.py's; here it is the loop's wiring: sharding, the collective validation,
+tests/integration/test_sharded_steps.py's; here it is the loop's wiring: sharding, the collective validation,
 every worker's checkpoint shards reported to Ray Train and restored after a restart."""
 
 from __future__ import annotations

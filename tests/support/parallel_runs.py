@@ -1,4 +1,4 @@
-"""Training runs on gloo ranks that a unit test spawns (tests/unit/test_parallel.py): the functions
+"""Training runs on gloo ranks that a test spawns (tests/integration/test_sharded_steps.py): the functions
 the Ray Train loop calls - the family's `build_models`, `parallelize`, the loop's `update`, the
 checkpoint's save and load, the RNG snapshot - on 1, 2 or 4 CPU processes, without Ray.
 
@@ -187,7 +187,7 @@ def run_phase(tree: dict, phase: dict, rank: int, world_size: int, node: str, ou
 
 
 # ------------------------------------------------------------------------------------------
-# Comparing runs (the bounds are derived in tests/unit/test_parallel.py's docstring)
+# Comparing runs (the bounds are derived in tests/integration/test_sharded_steps.py's docstring)
 
 
 def lora_size(folder: Path) -> int:
@@ -275,3 +275,38 @@ def gradient_step(rank: int, world_size: int, node: str, jobs: list[dict], out: 
             )
         if world_size > 1:
             dist.barrier()
+
+
+# The runs the tests configure: a norm bound every step exceeds, so clipping (and its reduction
+# order) is exercised.
+STEPS, CHECKPOINT_AT, LR, MAX_NORM = 3, 2, 1e-2, 1e-4
+
+
+def run_config(pretrained: Path, family: str, **model) -> dict:
+    return {
+        "model": {"family": family, "pretrained": str(pretrained), **model},
+        "data": {"num_frames": NUM_FRAMES, "height": SIZE[0], "width": SIZE[1]},
+        "lora": {"rank": 4, "alpha": 4, "feed_forward": True},
+        # A norm bound every step exceeds: clipping (and its reduction order) is exercised.
+        "optim": {"lr": LR, "max_grad_norm": MAX_NORM},
+        "train": {
+            "num_workers": 2,
+            "grad_accum": 2,  # gradient sync skipped on the first micro-batch of each update
+            "gradient_checkpointing": True,
+            "max_steps": STEPS,
+        },
+    }
+
+
+def log(out: Path, name: str) -> dict[str, list[float]]:
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def assert_same_run(actual: dict, expected: dict, n: int) -> None:
+    """Loss curves and gradient norms of two runs within the reduction-order bounds."""
+    assert actual["step"] == expected["step"]
+    assert all(norm > MAX_NORM for norm in expected["grad_norm"])  # every step clipped
+    torch.testing.assert_close(actual["grad_norm"], expected["grad_norm"], rtol=n * U32, atol=0)
+    for k, (got, want) in enumerate(zip(actual["loss"], expected["loss"], strict=True)):
+        moved = n**0.5 * expected["grad_norm"][k] * drift(n, k, LR)
+        assert abs(got - want) <= moved + abs(want) * U32, (k + 1, got, want, moved)

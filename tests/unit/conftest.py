@@ -48,6 +48,8 @@ PRECISION_TESTS = (
     "tests/unit/test_sampling.py::test_sampler_gives_the_pipeline_output",
     "tests/unit/test_export.py::test_merged_pipeline_loads_in_vanilla_diffusers",
     "tests/unit/test_family.py::test_family_loss_is_svd_loss_with_the_clips_buckets",
+    "tests/unit/test_float8.py::",
+    "tests/unit/test_parallel.py::test_offloaded_activations_compute_the_same_step",
 )
 
 
