@@ -72,6 +72,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from svdray import console
 from svdray.models.lora import lora_parameters
 
 logger = logging.getLogger("svdray.train")
@@ -339,6 +340,11 @@ def split_context(
     if context.attention:
         denoiser.set_attention_backend(context.attention)
     config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, mesh=mesh)
+    if not console.verbose():
+        # Expected, not news to the user: the API's "experimental" notice, and that I2V's one
+        # timestep per clip (a 1-D input the plan would split if it were per token) stays whole.
+        for name in ("diffusers.models.modeling_utils", "diffusers.hooks.context_parallel"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     with _accelerator_count_at_least_one():
         denoiser.enable_parallelism(config=config)
     # diffusers' output gather calls a functional collective torch has renamed; its warning is
