@@ -454,26 +454,42 @@ def print_row(row: dict[str, Any], header: bool = False) -> None:
 #
 # estimated peak = the sum. Not counted: the CUDA context and allocator fragmentation (1-3 GB),
 # NCCL's buffers, attention's workspace, transient tensors inside one op.
+#
+# Context parallelism (`train.context_parallel: N`, the workers in groups of N splitting each
+# clip's tokens; FSDP2 still shards the weights over all workers): a rank's blocks see 1/N of
+# the tokens, and Ulysses' attention holds all the tokens of 1/N of the heads, the same bytes, so
+# the activations are those of the step on a clip with 1/N of the tokens, which is what is
+# counted: the latent split along its height (or width) into N bands (the same per-token tensors
+# in every block; the text and image tokens the cross-attention reads are whole on every rank in
+# both). Each rank still holds the whole cached batch. Not counted under it: the prediction
+# gathered after `proj_out` and the loss on it (the clip's latent size in float32, a few MB), the
+# all-to-all buffers (one attention input at a time).
 
-WAN_TARGETS_NOTE = "targets: issue 21 (a 24 GB card with its CUDA context: 22 GiB; a 40 GB card)"
+WAN_TARGETS_NOTE = (
+    "targets: issue 21 (a 24 GB card with its CUDA context: 22 GiB; a 40 GB card); "
+    "issue 22 (context parallel: 16 GiB on 4 GPUs at 480p, 22 GiB on 8 at 720p)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Spread:
     """How the transformer is spread: `workers` in all, `shard` of them holding one copy between
-    them (ddp: 1; fsdp: all of them; hsdp: the workers of one node)."""
+    them (ddp: 1; fsdp: all of them; hsdp: the workers of one node), `context` of them splitting
+    each clip (`train.context_parallel`)."""
 
     parallel: str
     workers: int
     shard: int
+    context: int = 1
 
     @property
     def label(self) -> str:
         if self.workers == 1:
             return "1 GPU"
+        split = f" cp{self.context}" if self.context > 1 else ""
         if self.parallel == "hsdp":
-            return f"hsdp {self.workers // self.shard}x{self.shard}"
-        return f"{self.parallel} {self.workers}"
+            return f"hsdp {self.workers // self.shard}x{self.shard}{split}"
+        return f"{self.parallel} {self.workers}{split}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,9 +505,9 @@ class WanCase:
     rank: int = 32
 
 
-def _spread(parallel: str, workers: int, per_node: int | None = None) -> Spread:
+def _spread(parallel: str, workers: int, per_node: int | None = None, context: int = 1) -> Spread:
     shard = {"ddp": 1, "fsdp": workers, "hsdp": per_node or workers}[parallel]
-    return Spread(parallel, workers, shard if workers > 1 else 1)
+    return Spread(parallel, workers, shard if workers > 1 else 1, context)
 
 
 I2V_14B, A14B, TI2V_5B = "Wan2.1-I2V-14B", "Wan2.2-I2V-A14B", "Wan2.2-TI2V-5B"
@@ -507,6 +523,14 @@ WAN_PRESET = [  # the issue's three targets, each also without the option that m
     WanCase(A14B, 81, 480, 832, _spread("ddp", 1), "float8", offload=True),
     WanCase(TI2V_5B, 121, 704, 1280, _spread("ddp", 1), target_gib=40),
     WanCase(TI2V_5B, 121, 704, 1280, _spread("fsdp", 4)),
+    # issue 22: a clip split over a context-parallel group (configs/wan_i2v_14b_cp*.yaml)
+    WanCase(I2V_14B, 81, 480, 832, _spread("fsdp", 4, context=2), target_gib=16),
+    WanCase(I2V_14B, 81, 480, 832, _spread("fsdp", 4, context=4), target_gib=16),
+    WanCase(I2V_14B, 81, 480, 832, _spread("fsdp", 4, context=2), offload=True, target_gib=16),
+    WanCase(I2V_14B, 81, 480, 832, _spread("fsdp", 4, context=4), offload=True, target_gib=16),
+    WanCase(I2V_14B, 81, 720, 1280, _spread("fsdp", 8)),
+    WanCase(I2V_14B, 81, 720, 1280, _spread("fsdp", 8, context=4), target_gib=22),
+    WanCase(I2V_14B, 81, 720, 1280, _spread("fsdp", 8, context=8), target_gib=22),
 ]
 
 
@@ -528,6 +552,7 @@ def wan_case_config(case: WanCase) -> Config:
             "gradient_checkpointing": True,
             "num_workers": case.spread.workers,
             "parallel": case.spread.parallel if case.spread.workers > 1 else "ddp",
+            "context_parallel": case.spread.context,
             "offload_activations": case.offload,
         },
         "wan": {"expert": "transformer" if layout == "a14b" else None},
@@ -686,19 +711,36 @@ def count_wan_cases(cases: list[WanCase]) -> Iterator[dict[str, Any]]:
     steps: dict[tuple, WanStep] = {}
     for case in cases:
         started = time.perf_counter()
-        key = (case.model, case.frames, case.height, case.width, case.denoiser_dtype, case.rank)
+        cfg = wan_case_config(case)
+        height, width = context_share(case.height, case.width, case.spread.context)
+        key = (case.model, case.frames, height, width, case.denoiser_dtype, case.rank)
         if key not in steps:
-            cfg = wan_case_config(case)
-            steps[key] = fake_wan_step(cfg, case.model)
+            data = dataclasses.replace(cfg.data, height=height, width=width)
+            train = dataclasses.replace(cfg.train, context_parallel=1)  # counted as one rank's share
+            steps[key] = fake_wan_step(dataclasses.replace(cfg, data=data, train=train), case.model)
         step = steps[key]
         counted = rank_count(step, case.spread.shard, case.offload)
+        if case.spread.context > 1:  # every rank of the group holds the whole cached batch
+            whole = wan_cached_batch(
+                step.transformer, case.frames, case.height, case.width, torch.device("meta")
+            )
+            counted["terms"]["batch"] = tensor_bytes(whole.values())
+            counted["estimated_peak_gib"] = sum(counted["terms"].values()) / GIB
         p_t, p_h, p_w = step.transformer.config.patch_size
-        latent = step.batch["latent_mean"].shape
+        latent = num_latent_frames(case.frames), case.height // 8, case.width // 8
+        if step.transformer.config.out_channels == 48:  # TI2V-5B's VAE: 16x in space
+            latent = latent[0], latent[1] // 2, latent[2] // 2
         yield {
             "model": case.model,
             "shape": f"{case.frames}x{case.height}x{case.width}",
-            "tokens": latent[2] // p_t * (latent[3] // p_h) * (latent[4] // p_w),
+            "tokens": latent[0] // p_t * (latent[1] // p_h) * (latent[2] // p_w),
+            "tokens_per_rank": latent[0]
+            // p_t
+            * (latent[1] // p_h)
+            * (latent[2] // p_w)
+            // case.spread.context,
             "spread": case.spread.label,
+            "context_parallel": case.spread.context,
             "denoiser_dtype": case.denoiser_dtype,
             "offload_activations": case.offload,
             "lora_rank": case.rank,
@@ -707,6 +749,18 @@ def count_wan_cases(cases: list[WanCase]) -> Iterator[dict[str, Any]]:
             "verdict": verdict(counted, case.target_gib),
             "count_s": time.perf_counter() - started,
         }
+
+
+def context_share(height: int, width: int, context: int) -> tuple[int, int]:
+    """The pixel size whose clip has 1/`context` of the tokens of height x width: the height (or
+    the width) cut into `context` bands of whole 16-pixel token rows (Wan2.1's 8x VAE x 2x2
+    patches). Raises if neither side splits evenly (the run's check would refuse it too)."""
+    rows, columns = height // 16, width // 16
+    if rows % context == 0:
+        return height // context, width
+    if columns % context == 0:
+        return height, width // context
+    raise ValueError(f"{height}x{width}: neither side splits into {context} bands of whole tokens")
 
 
 def fake_wan_step(cfg: Config, architecture: str | None = None) -> WanStep:

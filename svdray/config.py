@@ -126,6 +126,20 @@ class TrainConfig:
     # shards it within each node and replicates it across nodes (needs placement: pack and the
     # same worker count on every node).
     parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    # Context parallelism: each clip's tokens split over this many consecutive workers (one
+    # context-parallel group, on one node), which train on the same clip; the other axis of the
+    # mesh is data parallel (num_workers / context_parallel groups, each its own clips), with
+    # train.parallel spreading the weights over all workers. Wan only (diffusers' plan for its
+    # transformer); 1 turns it off.
+    context_parallel: int = 1
+    # "ulysses" (an all-to-all of heads around each attention; its degree must divide the heads)
+    # or "ring" (keys and values passed around the group; needs an attention kernel that returns
+    # the log-sum-exp: train.context_parallel_attention).
+    context_parallel_kind: Literal["ulysses", "ring"] = "ulysses"
+    # diffusers' attention backend under context parallelism (its `set_attention_backend` names:
+    # "native" is torch's SDPA, any device; ring needs one that returns the log-sum-exp, e.g.
+    # "_native_cudnn", "_native_flash" or "flash" on a GPU). null: the model's own ("native").
+    context_parallel_attention: str | None = None
     # Custom Ray resources each worker also needs, e.g. {"trainer": 1} where only the GPU nodes
     # offer "trainer" (CPU and GPU come from cpus_per_worker and use_gpu).
     resources_per_worker: dict[str, float] = field(default_factory=dict)
@@ -175,20 +189,26 @@ class TrainConfig:
         low, high = self.worker_range()
         return isinstance(self.num_workers, list) and low != high
 
+    def data_parallel(self, world_size: int) -> int:
+        """Data-parallel ranks of `world_size` workers: the groups that each train on their own
+        clips (a context-parallel group of `context_parallel` workers shares one)."""
+        return world_size // self.context_parallel
+
     def global_batch(self) -> int:
         """Examples per optimizer update, all workers together: the one definition the driver (the
         plan's length, Tune's shared stream, the run description) and the workers use."""
         if self.global_batch_size is not None:
             return self.global_batch_size
-        return self.batch_size * self.grad_accum * self.worker_range()[1]
+        return self.batch_size * self.grad_accum * self.data_parallel(self.worker_range()[1])
 
     def grad_accum_at(self, world_size: int) -> int:
         """Micro-batches per update with `world_size` workers, so that an update keeps global_batch."""
-        per_micro_step = self.batch_size * world_size
+        per_micro_step = self.batch_size * self.data_parallel(world_size)
         if self.global_batch() % per_micro_step:
             raise ConfigError(
                 f"train.global_batch_size: {self.global_batch()} examples per update is not divisible by "
-                f"train.batch_size x workers = {self.batch_size} x {world_size}"
+                f"train.batch_size x workers = {self.batch_size} x {self.data_parallel(world_size)}"
+                + (" (data-parallel groups of train.context_parallel)" if self.context_parallel > 1 else "")
             )
         return self.global_batch() // per_micro_step
 
@@ -201,8 +221,11 @@ class TrainConfig:
 
     def bucket_run(self) -> int:
         """Examples the plan keeps in one aspect-ratio bucket: one micro-step of all workers
-        (batch_size x workers); elastic, the whole update, which every count's micro-steps divide."""
-        return self.global_batch() if self.elastic() else self.batch_size * self.worker_range()[1]
+        (batch_size x data-parallel workers); elastic, the whole update, which every count's
+        micro-steps divide."""
+        if self.elastic():
+            return self.global_batch()
+        return self.batch_size * self.data_parallel(self.worker_range()[1])
 
 
 @dataclass
@@ -517,11 +540,32 @@ def _validate_workers(train: TrainConfig) -> None:
                 f"{train.global_batch_size} (batch_size {train.batch_size} x grad_accum x {high} workers); "
                 "set one of them"
             )
+    if train.context_parallel < 1:
+        raise ConfigError(f"train.context_parallel: must be at least 1, got {train.context_parallel}")
+    if train.context_parallel > 1 and train.elastic():
+        # Ray Train's elastic group takes any count in [min, max]; one that is no multiple of the
+        # group size would leave a clip split over a partial group.
+        raise ConfigError(
+            f"train.num_workers: elastic [min, max] with train.context_parallel: "
+            f"{train.context_parallel} is not supported; give a fixed count (a multiple of it)"
+        )
+    for count in {low, high}:
+        if count % train.context_parallel:
+            raise ConfigError(
+                f"train.context_parallel: {train.context_parallel} workers per clip must divide "
+                f"train.num_workers ({count}): the workers form data-parallel groups of that size"
+            )
+    if train.context_parallel_kind == "ring" and not train.context_parallel_attention:
+        raise ConfigError(
+            "train.context_parallel_kind: ring needs an attention backend that returns the "
+            "log-sum-exp (torch's SDPA, diffusers' 'native', does not): set "
+            "train.context_parallel_attention, e.g. _native_cudnn or flash on a GPU"
+        )
     if train.elastic_resize_interval_s <= 0:
         raise ConfigError(
             f"train.elastic_resize_interval_s: must be positive, got {train.elastic_resize_interval_s}"
         )
-    for workers in range(low, high + 1):
+    for workers in range(low, high + 1, train.context_parallel):
         train.grad_accum_at(workers)  # raises naming train.global_batch_size
 
 
@@ -645,7 +689,13 @@ def _validate_semantics(cfg: Config, check_files: bool) -> None:
         if looks_local and not Path(cfg.model.pretrained).expanduser().is_dir():
             raise ConfigError(f"model.pretrained: directory not found: {cfg.model.pretrained}")
     _validate_family_sections(cfg)
-    family_config(cfg.model.family).check(cfg)
+    family = family_config(cfg.model.family)
+    if cfg.train.context_parallel > 1 and not family.context_parallel:
+        raise ConfigError(
+            f"train.context_parallel: {cfg.train.context_parallel}, but model.family {family.name}'s "
+            "denoiser has no context-parallel plan (a clip cannot be split over workers); leave it at 1"
+        )
+    family.check(cfg)
     _validate_tune(cfg)
 
 

@@ -48,6 +48,9 @@ class FamilyConfig:
     sample_flags: ClassVar[dict[str, SampleFlag]] = {}
     # `svdray tiny-model --layout`: the layouts of its tiny pipeline ("" when it has one).
     layouts: ClassVar[str] = ""
+    # Whether its denoiser can split a clip over workers (`train.context_parallel`): it declares
+    # diffusers' context-parallel plan (`_cp_plan`).
+    context_parallel: ClassVar[bool] = False
 
     def check(self, cfg: Config) -> None:
         """The family's rules on a whole config of this family (raise `ConfigError` naming the

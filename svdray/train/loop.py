@@ -34,7 +34,7 @@ from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from svdray.train.distributed import mean_across_workers, restore_rng, rng_snapshot
 from svdray.train.optim import build_lr_scheduler, build_optimizer
 from svdray.train.outputs import run_output, save_final_lora
-from svdray.train.parallel import Parallel, Workers, parallelize
+from svdray.train.parallel import ContextParallel, Parallel, Workers, data_rank, parallelize
 from svdray.train.step import update
 from svdray.train.upload import report_checkpoint
 from svdray.train.validate import Validation
@@ -56,8 +56,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed + rank)
     # All training randomness (noise levels, noise, augmentation, dropout masks) comes from this
-    # generator, so a checkpoint of its state makes resumed steps draw the same numbers.
-    generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + rank)
+    # generator, so a checkpoint of its state makes resumed steps draw the same numbers. Seeded by
+    # the data-parallel rank: the workers of a context-parallel group draw the same numbers for
+    # the clip they share.
+    split = ContextParallel.of(cfg.train)
+    generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + data_rank(rank, split))
 
     # Build: the family's models, the denoiser spread over the workers (train.parallel), then the
     # optimizer over its LoRA weights as this worker holds them (whole, or its shards).
@@ -66,7 +69,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if cfg.data.cache and not inline:
         family.release_encoders(models)  # the cache holds what they compute
     parallel = parallelize(
-        models.denoiser, family.blocks(models.denoiser), cfg.train.parallel, device, this_worker()
+        models.denoiser, family.blocks(models.denoiser), cfg.train.parallel, device, this_worker(), split
     )
     optimizer = build_optimizer(lora_parameters(models.denoiser), cfg.optim, cfg.speed, device)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
@@ -77,7 +80,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         restore_rng(rng_states, generator, rank)
     state.world_size = world_size  # what this attempt's checkpoints record
     log = StepLog(cfg, loop_config, rank, state, restored_from)
-    data = batches(ray.train.get_dataset_shard("train"), cfg, family, device, loop_config["data_skip"], state)
+    # The first worker of each context-parallel group reads the group's share of the stream.
+    shard = ray.train.get_dataset_shard("train") if parallel.reads_data else None
+    data = batches(shard, cfg, family, device, loop_config["data_skip"], state, parallel)
     validation = Validation(cfg, family, loop_config) if inline else None
     global_batch = cfg.train.global_batch()
     last_checkpoint = state.step if restored_from else None
@@ -120,7 +125,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         is_last = state.step == cfg.train.max_steps
         validates = bool(cfg.validate.manifest) and (is_last or state.step % cfg.validate.every == 0)
         if validates and inline:
-            metrics["val_loss"] = validation.run(models, state.step, rank, world_size, parallel.sharded)
+            metrics["val_loss"] = validation.run(models, state.step, parallel)
             parallel.train()
         log.log(metrics, force=is_last)  # the last step's loss, whatever train.log_every
         if is_last or (good and state.step % cfg.train.checkpoint_every == 0):
@@ -156,7 +161,13 @@ def this_worker() -> Workers:
 
 
 def batches(
-    shard: Any, cfg: Config, family: ModelFamily, device: torch.device, data_skip: int, state: TrainState
+    shard: Any,
+    cfg: Config,
+    family: ModelFamily,
+    device: torch.device,
+    data_skip: int,
+    state: TrainState,
+    parallel: Parallel,
 ) -> Iterator[dict[str, Any]]:
     """Model inputs from this worker's Ray Data shard: the family's columns as tensors on the
     device (uint8 pixels as they are), prompts as a list of strings.
@@ -164,14 +175,31 @@ def batches(
     Examples arrive one per block and are batched by shape (one aspect-ratio bucket per batch).
     The driver already dropped the examples consumed before `data_skip`; anything consumed since (the
     checkpoint is newer than the driver's view) is skipped here: Ray Train deals the stream out
-    round-robin anew at every (re)start, so whatever this attempt's worker count, skipping
-    (samples_seen - data_skip) / (batch_size x workers) batches on each worker skips exactly those
-    examples. Each batch trained on is recorded in the run's data ledger with its step and the step
-    this attempt started from, so what was fed can be checked.
+    round-robin anew at every (re)start, one shard per data-parallel rank, so whatever this
+    attempt's worker count, skipping (samples_seen - data_skip) / (batch_size x data-parallel
+    ranks) batches on each skips exactly those examples. Each batch trained on is recorded in the
+    run's data ledger with its step, the step this attempt started from and its data-parallel
+    rank, so what was fed can be checked. Under context parallelism the group's first worker
+    reads (`shard`; None on the others) and records, and every worker of the group gets its
+    batches (`Parallel.shared_batches`).
     """
+    read = _read_batches(shard, cfg, family, data_skip, state, parallel) if parallel.reads_data else None
+    for batch in parallel.shared_batches(read):
+        inputs: dict[str, Any] = {
+            k: torch.from_numpy(batch[k]).to(device, non_blocking=True)
+            for k in family.batch_columns
+            if k in batch
+        }
+        inputs["prompt"] = [str(p) for p in batch.get("prompt", [""] * len(batch["clip_id"]))]
+        yield inputs
+
+
+def _read_batches(
+    shard: Any, cfg: Config, family: ModelFamily, data_skip: int, state: TrainState, parallel: Parallel
+) -> Iterator[dict[str, Any]]:
     context = ray.train.get_context()
     ledger = find_ledger(context.get_experiment_name())
-    per_micro_step = cfg.train.batch_size * context.get_world_size()
+    per_micro_step = cfg.train.batch_size * parallel.data_parallel_size
     skip = (state.samples_seen - data_skip) // per_micro_step
     started_at = state.step
     blocks = shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
@@ -182,14 +210,8 @@ def batches(
             # Waited for: a worker that exits right after its last step must not drop it.
             step = started_at + (index - skip) // cfg.train.grad_accum + 1
             fed = [str(c) for c in batch["clip_id"]], [int(e) for e in batch["epoch"]]
-            ray.get(ledger.record_fed.remote(context.get_world_rank(), *fed, step, started_at))
-        inputs: dict[str, Any] = {
-            k: torch.from_numpy(batch[k]).to(device, non_blocking=True)
-            for k in family.batch_columns
-            if k in batch
-        }
-        inputs["prompt"] = [str(p) for p in batch.get("prompt", [""] * len(batch["clip_id"]))]
-        yield inputs
+            ray.get(ledger.record_fed.remote(parallel.data_rank, *fed, step, started_at))
+        yield batch
 
 
 def restore_state(

@@ -11,6 +11,14 @@
     hsdp  FSDP2 on a 2-D mesh: sharded within each node, replicated across nodes (the replicas'
           gradients all-reduced), so the per-block gathers stay on a node's own links
 
+and, with any of them, context parallelism (`train.context_parallel: N`): the workers form a 2-D
+mesh, data parallel x context parallel, N consecutive ranks per context-parallel group. A group
+trains on one clip, each worker on 1/N of its tokens: diffusers' own context parallelism
+(`enable_parallelism` with a `ContextParallelConfig` on that mesh, the transformer's `_cp_plan`):
+the tokens and RoPE tables are split before the first block, each attention exchanges heads
+(Ulysses, an all-to-all) or passes keys and values around the group (ring), and the output is
+gathered after `proj_out`, so the loss is the whole clip's on every worker of the group.
+
 The loop calls `parallelize` once, right after the family built its models (LoRA injected,
 frozen weights in their dtype, gradient checkpointing on) and before the optimizer exists, then
 goes through the returned `Parallel` for everything that depends on the choice: the module the
@@ -39,6 +47,16 @@ Choices, and why:
 - DDP leaves the frozen weights and buffers out of its start-up broadcast: they are loaded from
   the same files on every worker, the broadcast of a 14B base would take minutes, and gloo cannot
   send float8.
+- Context parallelism is enabled before `fully_shard` (as NVIDIA NeMo AutoModel composes them):
+  diffusers' hooks wrap the modules' forwards, FSDP2's wrap them again. The weights are spread
+  over every worker (FSDP2's mesh is the whole group; the two axes only decide which workers
+  share a clip). Each worker's backward carries only its own tokens' share of the gradient
+  (diffusers' gather hands each rank the gradient of its chunk), so a group's gradients sum, not
+  average, to the clip's: `backward` scales the loss by N before the reduction averages over all
+  workers, which leaves the mean over data-parallel ranks (exact for N a power of two).
+- diffusers guesses each rank's device as `rank % torch.accelerator.device_count()`, which
+  divides by zero where there is no accelerator (the CPU tests); the collectives themselves run
+  on gloo. On such a host the count reads 1 while diffusers sets up (`_accelerator_count_at_least_one`).
 """
 
 from __future__ import annotations
@@ -54,11 +72,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from svdray import console
 from svdray.models.lora import lora_parameters
 
 logger = logging.getLogger("svdray.train")
 
 STRATEGIES = ("ddp", "fsdp", "hsdp")
+CONTEXT_KINDS = ("ulysses", "ring")
 # Keys of the tensors a sharded checkpoint holds (torch.distributed.checkpoint): the LoRA by its
 # parameter names, AdamW's state by parameter name and state name.
 LORA_PREFIX, OPTIMIZER_PREFIX = "lora/", "optimizer/"
@@ -73,6 +93,26 @@ class Workers:
     node: str = ""  # the node it runs on (Ray's node id): HSDP shards within the workers of one node
 
 
+@dataclass(frozen=True)
+class ContextParallel:
+    """How one clip is split over a group of workers (`train.context_parallel*`); 1: not split."""
+
+    degree: int = 1
+    kind: str = "ulysses"  # "ulysses" or "ring"
+    attention: str | None = None  # diffusers' attention backend; None: the model's own
+
+    @classmethod
+    def of(cls, train: Any) -> ContextParallel:
+        """From the config's `train` section."""
+        return cls(train.context_parallel, train.context_parallel_kind, train.context_parallel_attention)
+
+
+def data_rank(rank: int, context: ContextParallel) -> int:
+    """The data-parallel rank of worker `rank`: its context-parallel group, whose workers train
+    on the same clips (groups are consecutive ranks: on one node when Ray packs them)."""
+    return rank // context.degree
+
+
 class Parallel:
     """The denoiser spread over the workers as `train.parallel` says; see the module docstring."""
 
@@ -83,16 +123,72 @@ class Parallel:
         module: torch.nn.Module,
         workers: Workers,
         mesh: Any = None,
+        context: ContextParallel = ContextParallel(),
+        context_mesh: Any = None,
     ):
         self.strategy = strategy
         self.workers = workers
         self.denoiser = denoiser  # the model itself: its parameters are what the optimizer updates
         self.module = module  # what the forward runs through (DDP's wrapper; the sharded model)
         self.mesh = mesh  # FSDP2's device mesh (None under DDP)
+        self.context = context
+        # Under context parallelism: (data, ring, ulysses), diffusers' mesh, and the same ranks as
+        # (data, context); None without.
+        self.context_mesh = context_mesh
+        self.context_mesh_2d = None
+        if context_mesh is not None:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            grid = context_mesh.mesh.reshape(-1, context.degree)
+            self.context_mesh_2d = DeviceMesh(
+                context_mesh.device_type, grid, mesh_dim_names=("data", "context")
+            )
 
     @property
     def sharded(self) -> bool:
         return self.strategy in ("fsdp", "hsdp")
+
+    @property
+    def collective_forward(self) -> bool:
+        """Whether a forward of the denoiser involves other workers (a sharded model gathers its
+        blocks, a context-parallel group splits the clip): every worker must run each one."""
+        return self.sharded or self.context.degree > 1
+
+    @property
+    def data_rank(self) -> int:
+        return data_rank(self.workers.rank, self.context)
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Groups training on their own clips (workers / train.context_parallel)."""
+        return self.workers.world_size // self.context.degree
+
+    @property
+    def reads_data(self) -> bool:
+        """Whether this worker reads its group's clips (the first of each context-parallel group;
+        every worker without context parallelism); the others get them from it (`shared_batches`)."""
+        return self.workers.rank % self.context.degree == 0
+
+    def shared_batches(self, batches: Iterator[Any] | None) -> Iterator[Any]:
+        """The batches the first worker of this context-parallel group reads (`batches`, None on
+        the others), on every worker of the group, until they run out there: the group trains on
+        the same clips. Without context parallelism, `batches` as they are."""
+        if self.context.degree == 1:
+            yield from batches
+            return
+        group = self.context_mesh_2d.get_group("context")
+        source = dist.get_global_rank(group, 0)
+        while True:
+            box = [next(batches, None) if self.reads_data else None]
+            dist.broadcast_object_list(box, src=source, group=group)
+            if box[0] is None:
+                return
+            yield box[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, the loss scaled by the context-parallel degree: see the module
+        docstring (a group's workers each hold one share of the clip's gradient)."""
+        (loss * self.context.degree if self.context.degree > 1 else loss).backward()
 
     def train(self) -> None:
         self.module.train()
@@ -190,20 +286,85 @@ def parallelize(
     strategy: str,
     device: torch.device,
     workers: Workers,
+    context: ContextParallel = ContextParallel(),
 ) -> Parallel:
-    """Spread `denoiser` over the worker group as `strategy` ("ddp", "fsdp" or "hsdp") says;
-    `blocks` are the family's repeated blocks (`ModelFamily.blocks`), FSDP2's units of gathering.
-    Called on every worker (it is collective), after the models are built and before the
-    optimizer: under FSDP2 the optimizer must see the sharded parameters."""
+    """Spread `denoiser` over the worker group as `strategy` ("ddp", "fsdp" or "hsdp") says, each
+    clip over `context.degree` workers; `blocks` are the family's repeated blocks
+    (`ModelFamily.blocks`), FSDP2's units of gathering. Called on every worker (it is
+    collective), after the models are built and before the optimizer: under FSDP2 the optimizer
+    must see the sharded parameters."""
     if strategy not in STRATEGIES:
         raise ValueError(f"train.parallel: {strategy!r} is not one of {list(STRATEGIES)}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    context_mesh = None
+    if context.degree > 1:
+        context_mesh = split_context(denoiser, context, device, workers)
     if strategy == "ddp":
-        return Parallel(strategy, denoiser, _ddp(denoiser, device, workers), workers)
+        module = _ddp(denoiser, device, workers)
+        return Parallel(strategy, denoiser, module, workers, None, context, context_mesh)
     mesh = device_mesh(strategy, device, workers)
     _fully_shard(denoiser, blocks, mesh, workers, device)
-    return Parallel(strategy, denoiser, denoiser, workers, mesh)
+    return Parallel(strategy, denoiser, denoiser, workers, mesh, context, context_mesh)
+
+
+def context_grid(world_size: int, context: ContextParallel) -> list[list[list[int]]]:
+    """The context-parallel mesh's ranks, (data, ring, ulysses): consecutive ranks form a group,
+    split along the one axis of its kind (diffusers' config wants both axes named)."""
+    if context.kind not in CONTEXT_KINDS:
+        raise ValueError(f"train.context_parallel_kind: {context.kind!r} is not one of {list(CONTEXT_KINDS)}")
+    if world_size % context.degree:
+        raise ValueError(f"train.context_parallel: {context.degree} must divide the {world_size} workers")
+    ring, ulysses = (context.degree, 1) if context.kind == "ring" else (1, context.degree)
+    return torch.arange(world_size).reshape(world_size // context.degree, ring, ulysses).tolist()
+
+
+def split_context(
+    denoiser: torch.nn.Module, context: ContextParallel, device: torch.device, workers: Workers
+) -> Any:
+    """Enable diffusers' context parallelism on `denoiser` over the (data, ring, ulysses) mesh;
+    returns the mesh."""
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if getattr(denoiser, "_cp_plan", None) is None:
+        raise ValueError(
+            f"train.context_parallel: {type(denoiser).__name__} declares no context-parallel plan"
+        )
+    grid = context_grid(workers.world_size, context)
+    mesh = DeviceMesh(device.type, torch.tensor(grid), mesh_dim_names=("data", "ring", "ulysses"))
+    ring, ulysses = len(grid[0]), len(grid[0][0])
+    logger.info(
+        "context parallel (%s): %d group(s) of %d, ranks %s", context.kind, len(grid), context.degree, grid
+    )
+    if context.attention:
+        denoiser.set_attention_backend(context.attention)
+    config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, mesh=mesh)
+    if not console.verbose():
+        # Expected, not news to the user: the API's "experimental" notice, and that I2V's one
+        # timestep per clip (a 1-D input the plan would split if it were per token) stays whole.
+        for name in ("diffusers.models.modeling_utils", "diffusers.hooks.context_parallel"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    with _accelerator_count_at_least_one():
+        denoiser.enable_parallelism(config=config)
+    # diffusers' output gather calls a functional collective torch has renamed; its warning is
+    # about diffusers' code, not the run's.
+    warnings.filterwarnings("ignore", message=r".*all_gather_tensor. is deprecated", category=FutureWarning)
+    return mesh
+
+
+@contextlib.contextmanager
+def _accelerator_count_at_least_one() -> Iterator[None]:
+    """See the module docstring: diffusers' device guess divides by the accelerator count."""
+    count = torch.accelerator.device_count
+    if count() > 0:
+        yield
+        return
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = count
 
 
 def device_mesh(strategy: str, device: torch.device, workers: Workers) -> Any:

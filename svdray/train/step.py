@@ -65,7 +65,7 @@ def accumulate_gradients(
             loss = loss / cfg.train.grad_accum
             if step in cfg.train.debug_nan_at_steps:  # fault injection
                 loss = loss * float("nan")
-            loss.backward()
+            parallel.backward(loss)
         loss_sum += loss.detach()
     return loss_sum
 

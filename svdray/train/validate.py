@@ -45,6 +45,7 @@ from svdray.models.lora import load_lora_weights
 from svdray.models.precision import mixed_precision
 from svdray.sample import write_mp4
 from svdray.train.checkpoint import read_train_state
+from svdray.train.parallel import Parallel
 
 logger = logging.getLogger("svdray.train")
 
@@ -123,23 +124,27 @@ class Validation:
         self.cfg, self.family, self.loop_config = cfg, family, loop_config
         self.clips = load_validation_clips(cfg)
 
-    def run(
-        self, models: TrainingModels, step: int, rank: int, world_size: int, collective: bool = False
-    ) -> float:
-        """`val_loss` over the held-out clips (all workers), videos and previews (rank 0, to MLflow).
+    def run(self, models: TrainingModels, step: int, parallel: Parallel | None = None) -> float:
+        """`val_loss` over the held-out clips (all workers of `parallel`; one without it),
+        videos and previews (rank 0, to MLflow).
 
         The RNGs are forked so validation draws nothing from the training streams, and the raw
         denoiser (not the DDP wrapper) runs in eval mode, so no gradient collective is involved.
         Both run under training's mixed precision, the encoders in their own dtype, as in a step.
-        `collective`: a forward of the denoiser involves every worker (it is sharded), so every
-        worker samples the videos too (rank 0 writes them)."""
+        The clips are dealt out by data-parallel rank. When a forward of the denoiser involves
+        other workers (it is sharded, or split over a context-parallel group), every worker runs
+        every round and samples the videos too (rank 0 writes them): a group's workers validate
+        and sample the same clip, split the same way as in training, with the same seeds."""
         cfg = self.cfg
+        rank = parallel.workers.rank if parallel else 0
+        clip_rank, clip_ranks = (parallel.data_rank, parallel.data_parallel_size) if parallel else (0, 1)
+        collective = parallel.collective_forward if parallel else False
         device = next(models.denoiser.parameters()).device
         models.denoiser.eval()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             with mixed_precision(cfg.train.mixed_precision, device):
                 val_loss = validation_loss_all(
-                    cfg, self.family, models, self.clips, device, rank, world_size, collective
+                    cfg, self.family, models, self.clips, device, clip_rank, clip_ranks, collective
                 )
             if (rank == 0 or collective) and cfg.validate.num_videos > 0:
                 out_dir = Path(cfg.output_dir) / "validation" / f"step_{step:08d}"
@@ -170,7 +175,7 @@ def validate_checkpoint(
         models = family.build_models(cfg, device)
         load_lora_weights(models.denoiser, Path(folder) / "lora")
     loop_config = {"tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id}
-    val_loss = Validation(cfg, family, loop_config).run(models, step, rank=0, world_size=1)
+    val_loss = Validation(cfg, family, loop_config).run(models, step)
     tracking.MetricWriter(tracking_uri, mlflow_run_id).log(
         tracking.mlflow_metrics({"val_loss": val_loss}), step=step
     )

@@ -84,6 +84,8 @@ def tiny_overrides(tree: dict, pipeline: Path, manifest: Path, root: Path) -> li
         "train.storage_path": root / "ray",
         "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
     }
+    if tree["train"].get("context_parallel", 1) > 1:  # each clip split over the two workers
+        values |= {"train.num_workers": 2, "train.context_parallel": 2}
     if tree.get("validate", {}).get("manifest"):
         values |= {"validate.manifest": manifest, "validate.steps": 2}
     if "reward" in tree:

@@ -5,6 +5,7 @@ giving the training loss of decoding."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -153,3 +154,45 @@ def test_cache_on_and_off_give_the_same_loss(ray_cluster, tmp_path, tiny_wan, sk
             assert run.data.tags["data.cache_computed"] == "2"
     assert [step for step, _ in curves[True]] == [1, 2, 3]
     np.testing.assert_allclose([v for _, v in curves[True]], [v for _, v in curves[False]], rtol=1e-5)
+
+
+def test_context_parallel_run_splits_each_clip_over_both_workers(ray_cluster, tmp_path, tiny_wan):
+    """`train.context_parallel: 2` on 2 workers through the real trainer: one data-parallel rank,
+    so the stream is read by the group's first worker and each step trains one clip on both
+    (the ledger counts one rank, each clip fed once); inline validation and its video run on
+    the group, split as in training; the two workers end with the same LoRA. (That a split clip
+    gives the whole clip's loss and gradients: tests/unit/test_context_parallel.py.)"""
+    manifest, held_out = write_demo_manifests(tmp_path / "demo.jsonl", tmp_path / "val.jsonl")
+    path = write_wan_config(
+        tmp_path,
+        tiny_wan,
+        manifest,
+        "cp",
+        train={
+            "num_workers": 2,
+            "context_parallel": 2,
+            "max_steps": 2,
+            "checkpoint_every": 2,
+            "save_worker_loras": True,
+        },
+        validate={"manifest": str(held_out), "every": 2, "num_videos": 1, "steps": 2},
+    )
+    assert cli.main(["train", "--config", str(path)]) == 0
+    out = tmp_path / "cp"
+
+    report = json.loads((out / "data" / "report.json").read_text())
+    assert report["fed_per_rank"] == {"0": 2}  # global batch 1: one clip a step, read once
+    assert set(report["times_fed"].values()) == {1}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FINISHED"
+    losses = metric_history(uri, run.info.run_id, "train/loss")
+    assert [step for step, _ in losses] == [1, 2] and all(math.isfinite(v) for _, v in losses)
+    val = metric_history(uri, run.info.run_id, "val/loss")
+    assert [step for step, _ in val] == [2] and math.isfinite(val[0][1])
+    assert list((out / "validation" / "step_00000002").glob("clip*.mp4"))
+    rank0 = load_file(str(out / "workers" / "rank0" / ADAPTER_WEIGHTS))
+    rank1 = load_file(str(out / "workers" / "rank1" / ADAPTER_WEIGHTS))
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    assert any(v.abs().max() > 0 for k, v in rank0.items() if "lora_B" in k)

@@ -77,10 +77,10 @@ def run_job(rank: int, world_size: int, node: str, job: dict[str, Any], out: str
         run_phase(job["config"], phase, rank, world_size, node, Path(out))
 
 
-def batch(step: int, rank: int, micro: int) -> dict[str, Any]:
-    """The data layer's columns for one clip, fixed by (step, rank, micro-batch)."""
+def batch(step: int, rank: int, micro: int, size: tuple[int, int] = SIZE) -> dict[str, Any]:
+    """The data layer's columns for one clip of `size` pixels, fixed by (step, rank, micro-batch)."""
     rng = np.random.default_rng([step, rank, micro])
-    video = torch.from_numpy(rng.integers(0, 256, (1, NUM_FRAMES, 3, *SIZE), dtype=np.uint8))
+    video = torch.from_numpy(rng.integers(0, 256, (1, NUM_FRAMES, 3, *size), dtype=np.uint8))
     return {
         "video": video,
         "image": video[:, 0].clone(),
@@ -91,10 +91,12 @@ def batch(step: int, rank: int, micro: int) -> dict[str, Any]:
     }
 
 
-def batches(first_step: int, last_step: int, rank: int, grad_accum: int) -> Iterator[dict[str, Any]]:
+def batches(
+    first_step: int, last_step: int, rank: int, grad_accum: int, size: tuple[int, int] = SIZE
+) -> Iterator[dict[str, Any]]:
     for step in range(first_step, last_step + 1):
         for micro in range(grad_accum):
-            yield batch(step, rank, micro)
+            yield batch(step, rank, micro, size)
 
 
 def save_full_state(parallel: Any, optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -111,30 +113,38 @@ def save_full_state(parallel: Any, optimizer: torch.optim.Optimizer, path: Path)
         save_file({k: v.contiguous() for k, v in flat.items()}, str(path))
 
 
-def run_phase(tree: dict, phase: dict, rank: int, world_size: int, node: str, out: Path) -> None:
+def build_rank(tree: dict, strategy: str, rank: int, world_size: int, node: str = "") -> tuple:
+    """As the loop builds a worker: the config at this worker count, the family, its models spread
+    over the workers (`strategy`, and `train.context_parallel`), the generator; seeded as the
+    loop seeds (each worker its own torch seed, the LoRA starting as rank 0's; the generator by
+    data-parallel rank)."""
     from svdray.config import config_from_dict
     from svdray.models import family_of
-    from svdray.models.lora import lora_parameters
-    from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-    from svdray.train.distributed import mean_across_workers, restore_rng, rng_snapshot
-    from svdray.train.optim import build_lr_scheduler, build_optimizer
-    from svdray.train.parallel import Workers, parallelize
-    from svdray.train.step import update
+    from svdray.train.parallel import ContextParallel, Workers, data_rank, parallelize
 
-    tree = {**tree, **{k: {**tree.get(k, {}), **v} for k, v in phase.get("config", {}).items()}}
     cfg = config_from_dict(tree, check_files=False)
     cfg.train = cfg.train.at_world_size(world_size)
     family = family_of(cfg)
     device = torch.device("cpu")
-    # As the loop seeds: each worker its own (the LoRA starts as rank 0's under every strategy).
+    split = ContextParallel.of(cfg.train)
     torch.manual_seed(cfg.train.seed + rank)
-    generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + rank)
+    generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + data_rank(rank, split))
     models = family.build_models(cfg, device)
     workers = Workers(rank, world_size, node)
-    parallel = parallelize(
-        models.denoiser, family.blocks(models.denoiser), phase["strategy"], device, workers
-    )
-    optimizer = build_optimizer(lora_parameters(models.denoiser), cfg.optim, cfg.speed, device)
+    parallel = parallelize(models.denoiser, family.blocks(models.denoiser), strategy, device, workers, split)
+    return cfg, family, models, parallel, generator
+
+
+def run_phase(tree: dict, phase: dict, rank: int, world_size: int, node: str, out: Path) -> None:
+    from svdray.models.lora import lora_parameters
+    from svdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+    from svdray.train.distributed import mean_across_workers, restore_rng, rng_snapshot
+    from svdray.train.optim import build_lr_scheduler, build_optimizer
+    from svdray.train.step import update
+
+    tree = {**tree, **{k: {**tree.get(k, {}), **v} for k, v in phase.get("config", {}).items()}}
+    cfg, family, models, parallel, generator = build_rank(tree, phase["strategy"], rank, world_size, node)
+    optimizer = build_optimizer(lora_parameters(models.denoiser), cfg.optim, cfg.speed, torch.device("cpu"))
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     state = TrainState()
     folder = out / phase["name"]
@@ -142,7 +152,7 @@ def run_phase(tree: dict, phase: dict, rank: int, world_size: int, node: str, ou
         state, rng_states = load_checkpoint(phase["resume"], parallel, optimizer, lr_scheduler)
         restore_rng(rng_states, generator, rank)
         save_full_state(parallel, optimizer, folder / f"full_state_{state.step}.safetensors")
-    data = batches(state.step + 1, phase["steps"], rank, cfg.train.grad_accum)
+    data = batches(state.step + 1, phase["steps"], parallel.data_rank, cfg.train.grad_accum)
     log: dict[str, list[float]] = {"step": [], "loss": [], "grad_norm": []}
     parallel.train()
     while state.step < phase["steps"]:
@@ -226,6 +236,45 @@ def count_fsdp_step(rank: int, world_size: int, node: str, tree: dict, out: str)
     batch = wan_cached_batch(models.denoiser, cfg.data.num_frames, cfg.data.height, cfg.data.width, device)
     step = run_wan_step(models.denoiser, family.blocks(models.denoiser), models.frozen, cfg, batch, device)
     Path(out, f"rank{rank}.json").write_text(json.dumps(rank_count(step, world_size)))
+
+
+def gradient_step(rank: int, world_size: int, node: str, jobs: list[dict], out: str) -> None:
+    """One update's forward and backward (`train.grad_accum` micro-batches, the data of step 1)
+    for each job ({"name", "strategy", "config"}), as the loop runs it: rank 0 writes
+    <out>/<name>.safetensors with the summed loss, the gradient norm and every LoRA gradient,
+    whole (reduced across the workers; gathered from the shards under FSDP2)."""
+    from safetensors.torch import save_file
+
+    from svdray.train.step import accumulate_gradients
+
+    for job in jobs:
+        cfg, family, models, parallel, generator = build_rank(
+            job["config"], job["strategy"], rank, world_size, node
+        )
+        # The tokens the first self-attention sees on this worker (the whole clip's, or its share).
+        tokens: list[int] = []
+        attention = family.blocks(models.denoiser)[0].attn1
+        attention.register_forward_pre_hook(lambda _, args, seen=tokens: seen.append(args[0].shape[1]))
+        parallel.train()
+        # As the loop feeds a context-parallel group: its first worker reads, the others get its batches.
+        size = (cfg.data.height, cfg.data.width)
+        read = batches(1, 1, parallel.data_rank, cfg.train.grad_accum, size) if parallel.reads_data else None
+        data = parallel.shared_batches(read)
+        loss = accumulate_gradients(parallel, models, family, data, cfg, generator, 1)
+        norm = parallel.clip_grad_norm(float("inf"))
+        grads = {}
+        for name, param in models.denoiser.named_parameters():
+            if param.requires_grad:
+                grad = param.grad
+                grads[f"grad/{name}"] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        if rank == 0:
+            tensors = {"loss": loss.reshape(1), "grad_norm": norm.reshape(1), **grads}
+            tensors["tokens"] = torch.tensor(tokens)
+            save_file(
+                {k: v.detach().contiguous() for k, v in tensors.items()}, f"{out}/{job['name']}.safetensors"
+            )
+        if world_size > 1:
+            dist.barrier()
 
 
 # The runs the tests configure: a norm bound every step exceeds, so clipping (and its reduction

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from svdray.config import Config, ConfigError, LoraConfig
@@ -125,9 +127,42 @@ def validate_wan(cfg: Config) -> None:
         )
 
 
+def check_context_parallel_heads(heads: int, cfg: Config, where: str) -> None:
+    """Ulysses hands each worker of a group heads / train.context_parallel of the heads."""
+    degree = cfg.train.context_parallel
+    if degree > 1 and cfg.train.context_parallel_kind == "ulysses" and heads % degree:
+        divisors = [d for d in range(2, heads + 1) if heads % d == 0]
+        raise ConfigError(
+            f"train.context_parallel: {degree} (Ulysses) must divide the {heads} attention heads of "
+            f"{where}; choose one of {divisors}, or train.context_parallel_kind: ring"
+        )
+
+
+def check_context_parallel_tokens(tokens: dict[str, int], cfg: Config) -> None:
+    """Each worker of a group takes an equal share of a clip's tokens (`tokens`: a clip's token
+    count by the keys that set its size)."""
+    degree = cfg.train.context_parallel
+    for key, count in tokens.items():
+        if count % degree:
+            raise ConfigError(
+                f"train.context_parallel: {degree} workers must split the {count} tokens of a clip "
+                f"of {key} evenly; choose a degree that divides {count}, or another size"
+            )
+
+
+def _local_heads(cfg: Config) -> int | None:
+    """The trained transformer's head count from a local pipeline folder's config.json (None
+    for a hub id: checked when the pipeline loads)."""
+    config = Path(cfg.model.pretrained).expanduser() / (cfg.wan.expert or "transformer") / "config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("num_attention_heads")
+
+
 class WanFamilyConfig(FamilyConfig):
     name = "wan"
     section = WanConfig
+    context_parallel = True
     family = "svdray.models.wan.family:WanFamily"
     sample_flags = {
         "guidance_scale": SampleFlag(
@@ -143,3 +178,6 @@ class WanFamilyConfig(FamilyConfig):
 
     def check(self, cfg: Config) -> None:
         validate_wan(cfg)
+        heads = _local_heads(cfg) if cfg.train.context_parallel > 1 else None
+        if heads is not None:
+            check_context_parallel_heads(heads, cfg, f"model.pretrained {cfg.model.pretrained}")

@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from svdray.config import Config, ModelConfig
+from svdray.data.buckets import parse_bucket
 from svdray.models.base import ModelFamily, TrainingModels, denoiser_device
 from svdray.models.float8 import quantize_blocks
 from svdray.models.lora import load_lora, save_lora
 from svdray.models.precision import mixed_precision_dtype
 from svdray.models.speed import apply_speed_options
 from svdray.models.wan import loss, sampler
+from svdray.models.wan.config import check_context_parallel_heads, check_context_parallel_tokens
 from svdray.models.wan.lora import add_wan_lora, save_wan_lora
 from svdray.models.wan.pipeline import (
     EXPERTS,
@@ -55,6 +57,21 @@ def check_pipeline_shapes(pipe: Any, cfg: Config) -> None:
             raise ValueError(
                 f"{key}: {side} is not a multiple of {multiple} (this pipeline's VAE x patch size)"
             )
+    if cfg.train.context_parallel > 1:
+        transformer = getattr(pipe, cfg.wan.expert or "transformer")
+        check_context_parallel_heads(transformer.config.num_attention_heads, cfg, "this pipeline")
+        frames = (cfg.data.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        p_t, p_h, p_w = transformer.config.patch_size
+        sizes = {"data.height/width": (cfg.data.height, cfg.data.width)}
+        sizes |= {f"data.buckets[{i}]": parse_bucket(b) for i, b in enumerate(cfg.data.buckets)}
+        spatial = pipe.vae_scale_factor_spatial
+        tokens = {
+            f"{cfg.data.num_frames} frames at {key}": (frames // p_t)
+            * (h // spatial // p_h)
+            * (w // spatial // p_w)
+            for key, (h, w) in sizes.items()
+        }
+        check_context_parallel_tokens(tokens, cfg)
 
 
 class WanFamily(ModelFamily):
