@@ -20,7 +20,7 @@ from importlib import metadata
 IMAGE = ("torch", "accelerate", "safetensors", "pyarrow")
 
 # What the step imports beyond IMAGE, and IMAGE's packages at the versions it needs
-# (tests/unit/test_gpu_bench.py runs it with nothing else).
+# (tests/integration/test_gpu_bench.py runs it with nothing else).
 WHEELS = (
     "diffusers",
     "transformers",

@@ -161,7 +161,7 @@ def test_context_parallel_run_splits_each_clip_over_both_workers(ray_cluster, tm
     so the stream is read by the group's first worker and each step trains one clip on both
     (the ledger counts one rank, each clip fed once); inline validation and its video run on
     the group, split as in training; the two workers end with the same LoRA. (That a split clip
-    gives the whole clip's loss and gradients: tests/unit/test_context_parallel.py.)"""
+    gives the whole clip's loss and gradients: tests/integration/test_context_parallel.py.)"""
     manifest, held_out = write_demo_manifests(tmp_path / "demo.jsonl", tmp_path / "val.jsonl")
     path = write_wan_config(
         tmp_path,

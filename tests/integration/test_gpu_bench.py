@@ -24,7 +24,7 @@ sys.path.remove(str(REPO / "benchmarks"))
 # One case of each kind, in the plan's order: a Wan model (cached step, with memory.py's count),
 # its fp8 base (skipped without configs/wan_i2v_14b_fp8.yaml), the SVD step on decoded clips (a
 # speed row) and with torch.compile (not on a CPU). SVD's cached step and its memory row run in
-# tests/integration/test_gpu_wheelhouse.py (gpu.sh from the wheelhouse): this tier has 2 minutes.
+# tests/integration/test_gpu_wheelhouse.py (gpu.sh from the wheelhouse).
 CASES = [
     "wan2.1-i2v-14b",
     "wan2.1-i2v-14b fp8",
