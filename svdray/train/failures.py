@@ -13,6 +13,9 @@ worker error alike (its FailureConfig offers no way to tell them apart), so:
   the failure policy does and, when every one is a `TrainingFailed`, raises it: an error in the
   controller is one the policy never retries, so the run ends with it and no restart;
 - on the driver, `training_failure(err)` finds it in what `trainer.fit()` raised.
+
+The module imports only Ray at its top: the controller unpickles the callback, and importing
+torch and peft there would cost every run seconds of CPU.
 """
 
 from __future__ import annotations
@@ -25,9 +28,6 @@ from typing import Any
 
 import ray.exceptions
 import ray.train
-import torch.distributed
-
-from svdray.train.checkpoint import TrainState
 
 # Substrings of the RuntimeError a gloo collective raises when a peer process died or hung (gloo
 # has no exception type of its own; NCCL's errors are torch.distributed.DistBackendError).
@@ -65,6 +65,8 @@ class TrainingFailed(RuntimeError):
 def restart_can_cure(err: BaseException) -> bool:
     """True for failures of the machinery around the training code: Ray (a dead actor, a lost
     object or node), the process group (a collective whose peer died) and the network."""
+    import torch.distributed  # here, not at the top: Ray Train's controller imports this module
+
     if isinstance(err, ray.exceptions.RayTaskError):  # an exception raised inside a Ray task/actor
         return err.cause is not None and err.cause is not err and restart_can_cure(err.cause)
     if isinstance(err, (ray.exceptions.RayError, torch.distributed.DistError, ConnectionError, TimeoutError)):
@@ -75,6 +77,8 @@ def restart_can_cure(err: BaseException) -> bool:
 def steps_done(tb: Any) -> int | None:
     """The training state's step where the exception passed through the loop, if it did (the
     loop's `state: TrainState` local), read from the traceback's frames."""
+    from svdray.train.checkpoint import TrainState  # imports peft: on the workers only
+
     step = None
     while tb is not None:
         state = tb.tb_frame.f_locals.get("state")

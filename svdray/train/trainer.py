@@ -33,6 +33,7 @@ from svdray.report import plot_loss_curve
 from svdray.sample import write_mp4
 from svdray.tracking import metric_history
 from svdray.train.checkpoint import check_checkpoint, read_train_state
+from svdray.train.data_split import DataParallelSplit
 from svdray.train.failures import StopOnTrainingFailed, stop_on_errors, training_failure
 from svdray.train.loop import train_loop_per_worker
 from svdray.train.outputs import fetch_final_lora, publish_config, run_folder
@@ -211,33 +212,6 @@ def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
         resources_per_worker=resources,
         placement_strategy=cfg.train.placement.upper(),  # Ray's PACK / SPREAD
     )
-
-
-class DataParallelSplit(ray.train.DataConfig):
-    """Ray Train's split of the stream, one shard per data-parallel rank: under context parallelism
-    (`train.context_parallel: N`) the first worker of each group of N reads the group's shard and
-    hands each batch to the others (`Parallel.shared_batches`); they read nothing (Ray Train
-    wants an iterator for every worker: an empty one). N = 1 is Ray's own split."""
-
-    def __init__(self, context_parallel: int = 1, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.context_parallel = context_parallel
-
-    def configure(
-        self,
-        datasets: dict[str, ray.data.Dataset],
-        world_size: int,
-        worker_handles: list | None,
-        worker_node_ids: list | None,
-        **kwargs: Any,
-    ) -> list[dict[str, Any]]:
-        n = self.context_parallel
-        if n == 1:
-            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
-        readers = [None if ids is None else ids[::n] for ids in (worker_handles, worker_node_ids)]
-        shards = super().configure(datasets, world_size // n, *readers, **kwargs)
-        empty = {name: dataset.limit(0).iterator() for name, dataset in datasets.items()}
-        return [shards[rank // n] if rank % n == 0 else empty for rank in range(world_size)]
 
 
 def make_trainer(

@@ -15,7 +15,6 @@ same sweep (same name and storage path) resumes the Tune experiment.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import tempfile
@@ -27,7 +26,6 @@ import mlflow
 import ray.data
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -35,6 +33,7 @@ from svdray import console, storage, tracking
 from svdray.config import Config, ConfigError, config_from_dict, set_key
 from svdray.progress import Progress
 from svdray.train.trainer import init_ray, resolve_paths, run_training, shared_training_dataset
+from svdray.tune.objective import OBJECTIVE, ObjectiveReport
 from svdray.tune.report import (
     ERRORED,
     FINISHED,
@@ -50,7 +49,6 @@ from svdray.tune.space import param_space, shares_data, sweep_dir, sweep_name, t
 
 logger = logging.getLogger("svdray.tune")
 
-OBJECTIVE = "objective"
 STATUS_TAG = "svdray.trial_status"  # finished | stopped_early | error
 TRIAL_TAG = "svdray.trial_id"
 SWEEP_TAG = "svdray.sweep"
@@ -67,30 +65,6 @@ class SweepResult:
     table: str
     summary_csv: Path
     plot: Path | None
-
-
-class ObjectiveReport(TuneReportCallback):
-    """Tune's bridge from Ray Train, reporting `objective` too: the mean of the last `window`
-    values of the loop metric `metric`.
-
-    Tune needs the scheduler's metric in every result, and a metric like `val_loss` comes only
-    every few steps: reports before its first value are held back, and after it the latest
-    objective rides along with every report (so every checkpoint carries it).
-    """
-
-    def __init__(self, metric: str, window: int):
-        super().__init__()
-        self.metric = metric
-        self.values: collections.deque[float] = collections.deque(maxlen=window)
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        latest = metrics[0]
-        if self.metric in latest:
-            self.values.append(float(latest[self.metric]))
-        if not self.values:
-            return
-        objective = sum(self.values) / len(self.values)
-        super().after_report(run_context, [{**latest, OBJECTIVE: objective}, *metrics[1:]], checkpoint)
 
 
 def run_trial(
