@@ -47,8 +47,9 @@ test-unit: setup
 test-precision: setup
 	ATEN_CPU_CAPABILITY=default RAY_AUTH_MODE=disabled $(PY) -m pytest -q -n auto -m precision tests/unit
 
-# Two lanes (tests/integration/conftest.py): the tests on the session's Ray cluster, and beside
-# them those whose Ray runs in processes of their own; the total and the 12 slowest at the end.
+# Two lanes of about equal time (tests/integration/conftest.py): mostly the tests on the session's
+# Ray cluster in one, those whose Ray runs in processes of their own in the other; the total and
+# the 12 slowest at the end.
 test-integration: setup
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -n 2 --dist loadgroup --durations=12 tests/integration
 
