@@ -12,7 +12,6 @@ import pytest
 from tests.support.mlflow_store import seed_store
 from tests.support.servers import free_port
 
-
 # Which lane a module's tests take when its fixture would put it in the other: the tier is
 # CPU-bound on two cores, so its time is that of the longer lane. By fixture alone, the lane of
 # tests on the session's cluster took 3289 s and the other about 2300 (2026-12-04, 2 cores);
