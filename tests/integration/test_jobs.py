@@ -46,7 +46,7 @@ def test_train_job_stop_and_resume(ray_head, tmp_path, one_clip_manifest, write_
     second = job_id("resume")
     result = ray_head.submit(entrypoint, timeout=400, extra=["--submission-id", second])
     logs = result.stdout + result.stderr
-    assert result.returncode == 0 and "succeeded" in logs, logs[-6000:]
+    assert result.returncode == 0 and "succeeded" in logs, logs[-6000:] + ray_head.state()
 
     resumed = re.search(r"resumed from \S+: step (\d+)", logs)
     assert resumed, logs[-6000:]
@@ -78,6 +78,7 @@ def test_prepare_job(ray_head, tmp_path, one_clip_manifest):
     result = ray_head.submit(
         ["python", "jobs/prepare.py", "--manifest", str(one_clip_manifest), "--out", str(out)], timeout=300
     )
-    assert result.returncode == 0 and "succeeded" in result.stdout + result.stderr
+    logs = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in logs, logs[-6000:] + ray_head.state()
     assert (out / "clean.jsonl").read_text().count("\n") == 1
     assert Path(out / "rejects.jsonl").exists()

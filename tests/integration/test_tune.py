@@ -49,7 +49,7 @@ def test_asha_sweep_as_a_ray_job_tracked_in_mlflow(
         ["python", "jobs/tune.py", "--config", str(path)], runtime_env=env_file, timeout=540
     )
     logs = result.stdout + result.stderr
-    assert result.returncode == 0 and "succeeded" in logs, logs[-6000:]
+    assert result.returncode == 0 and "succeeded" in logs, logs[-6000:] + ray_head.state()
     assert "best trial:" in logs and "lora.rank" in logs  # the summary table in the job's logs
 
     api = "/api/2.0/mlflow"

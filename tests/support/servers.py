@@ -108,9 +108,25 @@ class RayHead:
         )
         if check and result.returncode != 0:
             raise AssertionError(
-                f"ray job {args[0]} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+                f"ray job {args[0]} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}\n"
+                + self.state()
             )
         return result
+
+    def state(self) -> str:
+        """The ends of the head's own logs: whether it is up, and which of its processes exited
+        (a submit that finds no job agent, then a head that no longer answers)."""
+        tails = []
+        for pattern in (
+            "ray_start.log",
+            "session_latest/logs/ray_process_exit.log",
+            "session_latest/logs/dashboard_agent.log",
+        ):
+            for log in sorted(self.temp_dir.glob(pattern)):
+                tails.append(
+                    f"--- {log.relative_to(self.temp_dir)} (end)\n{log.read_text(errors='replace')[-1500:]}"
+                )
+        return "\n".join(tails)
 
     def submit(
         self,
