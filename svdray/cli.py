@@ -98,11 +98,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (TrainingStopped, TrainingFailed) as err:
         print(f"training {err}", file=sys.stderr)
         return 1
-    print(training_summary(result, args.config))
+    print(training_summary(result, browse_command(args.config, args.set)))
     return 0
 
 
-def training_summary(result, config: str) -> str:
+def browse_command(config: str, overrides: list[str]) -> str:
+    """`svdray ui` on the store a run logged to: the config's, with the `--set mlflow.*` overrides
+    the run was given (a run whose tracking_uri was overridden is not in the config's store)."""
+    tracking = [override for override in overrides if override.startswith("mlflow.")]
+    return shlex.join(["svdray", "ui", "--config", config, *(arg for o in tracking for arg in ("--set", o))])
+
+
+def training_summary(result, browse: str) -> str:
     """The last lines `svdray train` prints: what the run left and how to look at it."""
     lines = ["", f"done: {result.metrics.get('step', '?')} steps"]
     for name, label in (("loss", "loss"), ("val_loss", "val/loss")):
@@ -113,7 +120,7 @@ def training_summary(result, config: str) -> str:
     if preview.exists():
         lines.append(f"sample:      {preview.parent / 'sample.mp4'} (preview: {preview})")
     lines.append(f"MLflow run:  {result.mlflow_run_id} in {result.tracking_uri}")
-    lines.append(f"browse with: svdray ui --config {config}")
+    lines.append(f"browse with: {browse}")
     return "\n".join(lines)
 
 
@@ -195,7 +202,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"registered:  models:/{cfg.tune.registered_model}/{result.model_version}")
     print(f"summary:     {result.summary_csv}" + (f", plot {result.plot}" if result.plot else ""))
     print(f"MLflow run:  {result.parent_run_id} in {result.tracking_uri}")
-    print(f"browse with: svdray ui --config {args.config}")
+    print(f"browse with: {browse_command(args.config, args.set)}")
     return 0
 
 

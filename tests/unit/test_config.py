@@ -126,6 +126,24 @@ def test_cli_explains_itself(capsys):
     assert cli.build_parser().parse_args(["--verbose", "train", "--config", "x.yaml"]).verbose
 
 
+def test_browse_hint_opens_the_store_the_run_logged_to(tmp_path, one_clip_manifest, write_config):
+    """`svdray train --set mlflow.tracking_uri=...` logs to another store than the config's: the
+    `browse with:` line it ends on carries that override, and `svdray ui` given it reads that store."""
+    import shlex
+
+    from svdray import cli
+
+    path = write_config(one_clip_manifest, mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'config.db'}"})
+    overrides = [f"mlflow.tracking_uri=sqlite:///{tmp_path / 'other db.db'}", "train.max_steps=2"]
+    command = cli.browse_command(str(path), overrides)
+    program, *argv = shlex.split(command)
+    assert program == "svdray" and "train.max_steps=2" not in argv
+    args = cli.build_parser().parse_args(argv)
+    assert args.command == "ui"
+    assert load_config(args.config, args.set).mlflow.tracking_uri == f"sqlite:///{tmp_path / 'other db.db'}"
+    assert cli.browse_command(str(path), []) == f"svdray ui --config {shlex.quote(str(path))}"
+
+
 def test_a_local_cluster_too_small_for_the_run_fails_before_it_starts(
     tmp_path, one_clip_manifest, write_config, monkeypatch
 ):
