@@ -196,8 +196,12 @@ def start_ray_head(num_cpus: int = 2):
     head = RayHead(address, temp_dir, env)
     try:
         wait_for_http(f"{address}/api/version", proc, log)
-        # The Jobs API answers a little after the dashboard itself.
+        # The Jobs API answers a little after the dashboard itself, and submits through the head
+        # node's dashboard agent, which starts later still: a submit that finds no agent within
+        # 10 s fails ("No available agent to submit job"), as it did twice under the full suite.
         wait_for_http(f"{address}/api/jobs/", proc, log)
+        agent = f"http://127.0.0.1:{ports['dashboard-agent-listen-port']}"
+        wait_for_http(f"{agent}/api/local_raylet_healthz", proc, log)
     except BaseException:
         stop_ray_head(head)
         raise
