@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.support.clips import moving_square_clip, write_clip
 from tests.support.runs import TINY_DATA
@@ -26,6 +27,13 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # several); with the threshold at 0 it lists it every 0.5 s (LOG_NAME_UPDATE_INTERVAL_S) and still
 # reads the open files every 0.1 s. In the whole suite the log monitors used 3% of the CPU.
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+# One torch intra-op thread in the test processes and in every process they start (Ray's nodes
+# pass it to their workers; subprocesses, spawned ranks): the tiers run two processes at once on
+# two cores, and a thread that finds no core free makes the others spin at each barrier. A small
+# conv and linear loop beside two busy processes (2026-12-04): 202 it/s on one thread, 127 on two;
+# alone, 336 and 521. The tiny models gain nothing from more threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
@@ -88,15 +96,3 @@ def one_clip_manifest(tmp_path, square_clip) -> Path:
     from svdray.data.manifest import write_manifest
 
     return write_manifest([{"video": str(square_clip), "prompt": "a square"}], tmp_path / "one.jsonl")
-
-
-@pytest.fixture
-def torch_single_thread():
-    """One intra-op thread for in-process model runs: on a small shared machine, torch's default
-    (a thread per core) spins against the other processes and runs many times slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -26,8 +26,6 @@ from svdray.train.trainer import TrainingResult, run_training
 from tests.support.parallel_runs import assert_lora_close, drift, lora_size
 from tests.support.resume import all_values, run_and_kill_worker
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 STEPS, LR = 3, 1e-2
 
 

@@ -26,8 +26,6 @@ from svdray.models.lora import ADAPTER_WEIGHTS
 from svdray.tracking import metric_history
 from tests.support.mlflow_store import seed_store
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 NUM_FRAMES = 9
 
 

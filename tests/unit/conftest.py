@@ -21,12 +21,6 @@ def starts_no_ray():
         pytest.fail("this test started Ray: it belongs in tests/integration")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread(torch_single_thread):
-    """Every unit test runs torch on one intra-op thread: the tiny models gain nothing from more,
-    and on a small shared machine extra threads spin against the other processes."""
-
-
 # Tests whose float comparisons depend on how the CPU's kernels round and sum (bf16 against
 # float32, one kernel or blocking against another, a pipeline against our own computation).
 # Their bounds come from the arithmetic (tests/support/numerics.py); `make test` runs them once

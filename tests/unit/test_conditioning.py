@@ -19,8 +19,6 @@ from svdray.models.svd import conditioning as cond
 from svdray.models.svd.buckets import motion_bucket_ids
 from svdray.models.svd.objective import predict_v
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 SIZE, FRAMES = 32, 8
 
 

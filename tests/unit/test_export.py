@@ -28,8 +28,6 @@ from svdray.models.svd.sampler import SamplingSpec, load_sampling_models, sample
 from svdray.train.checkpoint import TrainState, save_checkpoint
 from tests.support.paths import DATA
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 REFERENCE_KEYS = DATA / "svd_unet_original_keys.tsv"
 LORA = LoraConfig(rank=4, alpha=8, feed_forward=True)
 

@@ -16,8 +16,6 @@ from svdray.models.svd.buckets import motion_bucket_ids
 from svdray.models.svd.family import SVDFamily
 from svdray.models.svd.pipeline import FrozenModels
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 
 def reference_bucket(frames: torch.Tensor, scale: float) -> float:
     """SVD's motion bucket of a clip, computed independently: scale x the temporal std of each

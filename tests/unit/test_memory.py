@@ -58,7 +58,7 @@ def loss_and_grads(cfg, autocast: bool = False) -> tuple[torch.Tensor, dict[str,
     return loss.detach(), dict(zip(names, [p.grad for p in lora_parameters(unet)], strict=True))
 
 
-def test_full_checkpointing_same_loss_gradients_and_names(tiny_pipeline_dir, torch_single_thread):
+def test_full_checkpointing_same_loss_gradients_and_names(tiny_pipeline_dir):
     loss, grads = loss_and_grads(tiny_config(tiny_pipeline_dir))
     full_loss, full_grads = loss_and_grads(tiny_config(tiny_pipeline_dir, gradient_checkpointing="full"))
     assert torch.equal(full_loss, loss)
@@ -75,7 +75,7 @@ def test_full_checkpointing_same_loss_gradients_and_names(tiny_pipeline_dir, tor
     assert [n for n, _ in unet.named_modules()] == [n for n, _ in plain.named_modules()]
 
 
-def test_full_checkpointing_saves_less_than_diffusers_own(tiny_pipeline_dir, torch_single_thread):
+def test_full_checkpointing_saves_less_than_diffusers_own(tiny_pipeline_dir):
     """The temporal blocks diffusers leaves out hold most of the activations: "full" keeps fewer."""
     saved = {}
     for mode in (False, True, "full"):
@@ -87,7 +87,7 @@ def test_full_checkpointing_saves_less_than_diffusers_own(tiny_pipeline_dir, tor
     assert saved["full"]["activations_gib"] < saved[True]["activations_gib"] < saved[False]["activations_gib"]
 
 
-def test_bf16_unet_weights_match_float32_weights(tiny_pipeline_dir, torch_single_thread):
+def test_bf16_unet_weights_match_float32_weights(tiny_pipeline_dir):
     cfg32 = tiny_config(tiny_pipeline_dir, mixed_precision="bf16")
     cfg16 = tiny_config(tiny_pipeline_dir, {"denoiser_dtype": "bfloat16"}, mixed_precision="bf16")
     unet = SVDFamily().build_models(cfg16, CPU).denoiser
@@ -128,7 +128,7 @@ def test_bf16_unet_weights_need_bf16_autocast(tiny_pipeline_dir):
 
 
 @pytest.mark.parametrize("cached", [False, True])
-def test_fake_count_equals_the_real_cpu_count(tiny_pipeline_dir, torch_single_thread, cached):
+def test_fake_count_equals_the_real_cpu_count(tiny_pipeline_dir, cached):
     """The benchmark's count on fake tensors (meta-built models, no data) against the same counting
     code over a real CPU step with real weights: the same bytes, item by item."""
     cfg = tiny_config(

