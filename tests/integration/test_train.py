@@ -44,12 +44,12 @@ def test_overfit_one_real_clip(ray_cluster, tiny_pipeline_dir, one_clip_manifest
         data={"start": "first"},
         svd={"motion_bucket_id": 127, "cfg_dropout": 0.0},
         lora={"rank": 8, "alpha": 8, "feed_forward": True},
-        optim={"lr": 5e-3, "warmup_steps": 10},
+        optim={"lr": 1e-2, "warmup_steps": 5},
         train={
             "name": "overfit",
-            "max_steps": 160,
+            "max_steps": 60,
             "batch_size": 2,
-            "checkpoint_every": 160,
+            "checkpoint_every": 60,
             "log_every": 20,
             "cpus_per_worker": 2,
         },
@@ -60,7 +60,8 @@ def test_overfit_one_real_clip(ray_cluster, tiny_pipeline_dir, one_clip_manifest
     before = held_out_loss(tiny_pipeline_dir, None, batch)
     after = held_out_loss(tiny_pipeline_dir, result.lora_dir, batch)
     print(f"validation loss before {before:.4f} after {after:.4f}")
-    # Measured: about 0.58x after 160 steps; the base model is a random tiny UNet.
+    # The base model is a random tiny UNet. Measured alone (2026-12-04): 0.65x after these 60 steps
+    # (0.69x after 40; 0.58x after 160 steps at lr 5e-3, this test's settings until then).
     assert after < 0.75 * before
 
 
