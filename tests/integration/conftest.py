@@ -18,9 +18,9 @@ from tests.support.servers import free_port
 # test_configs.py and test_multinode.py swapped, and test_object_storage.py and test_benchmarks.py
 # in the second lane as well, the lanes took 2340 s and 2144 s (2026-12-04, 07:13-07:53 UTC; a
 # test's time varies by up to half between runs, with what runs beside it), and 2641 s and 2330 s
-# in the next run; test_failures.py (54-63 s) then moved as well, with the overfit test 100 steps
-# shorter in the first lane. A module moved to the second lane that needs `ray_cluster` starts the
-# session cluster in its process.
+# in the next run; with test_failures.py (54-63 s) moved as well and the overfit test 100 steps
+# shorter, 2369 s and 2258 s (13:16-13:56 UTC). A module moved to the second lane that needs
+# `ray_cluster` starts the session cluster in its process.
 MOVED = {
     "test_configs.py": "lane-2",
     "test_object_storage.py": "lane-2",
