@@ -19,13 +19,17 @@ from tests.support.servers import free_port
 # in the second lane as well, the lanes took 2340 s and 2144 s (2026-12-04, 07:13-07:53 UTC; a
 # test's time varies by up to half between runs, with what runs beside it), and 2641 s and 2330 s
 # in the next run; with test_failures.py (54-63 s) moved as well and the overfit test 100 steps
-# shorter, 2369 s and 2258 s (13:16-13:56 UTC). A module moved to the second lane that needs
-# `ray_cluster` starts the session cluster in its process.
+# shorter, 2369 s and 2258 s (13:16-13:56 UTC), then 1960 s and 1772 s on a faster machine
+# (AVX-512, 15:01-15:34 UTC): test_toy_family.py (54 s) and test_reference_run.py (40 s) moved
+# too. A module moved to the second lane that needs `ray_cluster` starts the session cluster in
+# its process (the second lane's test_configs.py needs it anyway).
 MOVED = {
     "test_configs.py": "lane-2",
     "test_object_storage.py": "lane-2",
     "test_benchmarks.py": "lane-2",
     "test_failures.py": "lane-2",
+    "test_toy_family.py": "lane-2",
+    "test_reference_run.py": "lane-2",
     "test_multinode.py": "lane-1",
 }
 
