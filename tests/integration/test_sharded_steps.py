@@ -17,6 +17,10 @@ gradient by up to (1 + n u); AdamW's step m / sqrt(v) is invariant to a common s
 by (1 - beta1) / sqrt(1 - beta2) per element, so the LoRA after k steps moves at most
 k * lr * 2 (1 - beta1) / sqrt(1 - beta2) * (n + 3) u per element apart (`drift`), and the loss of
 step k + 1, which sees that LoRA, at most |g|_1 <= sqrt(n) |g|_2 times as much (to first order).
+That first-order bound is exact arithmetic. The Wan runs compute under bf16 autocast: once the
+weights differ at all, a bf16 rounding may go the other way, changing its value by up to 2^-7
+relative, so from step 2 on their loss and gradient norm get one such rounding on top, and
+their LoRAs are compared as whole vectors within it (`assert_lora_learned_close`).
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ from safetensors.torch import load_file
 
 from svdray.config import config_from_dict
 from tests.support.parallel_runs import (
+    BF16_ULP,
     CHECKPOINT_AT,
     LR,
     STEPS,
-    U_BF16,
     assert_lora_close,
     assert_lora_learned_close,
     assert_same_run,
@@ -77,7 +81,7 @@ def wan_runs(wan_dir, tmp_path_factory) -> Path:
 
 def test_fsdp_equals_ddp_on_wan(wan_runs: Path) -> None:
     n = lora_size(wan_runs / "ddp" / "lora")
-    assert_same_run(log(wan_runs, "fsdp"), log(wan_runs, "ddp"), n, unit=U_BF16)
+    assert_same_run(log(wan_runs, "fsdp"), log(wan_runs, "ddp"), n, rounding_flip=BF16_ULP)
     # OUTPUT/lora: peft's adapter and diffusers' pytorch_lora_weights.safetensors are DDP's files.
     assert_lora_learned_close(wan_runs / "fsdp" / "lora", wan_runs / "ddp" / "lora", atol=drift(n, STEPS, LR))
     # The checkpoint: rank 0's files and both workers' shards.
@@ -102,7 +106,7 @@ def test_float8_base_under_ddp_and_fsdp(wan_runs: Path) -> None:
     and gathers the float8 parameters, DDP leaves them out of its broadcast (gloo has no float8),
     and the two compute the same run. (How close fp8 stays to bf16: tests/unit/test_float8.py.)"""
     n = lora_size(wan_runs / "ddp" / "lora")
-    assert_same_run(log(wan_runs, "fsdp-float8"), log(wan_runs, "ddp-float8"), n, unit=U_BF16)
+    assert_same_run(log(wan_runs, "fsdp-float8"), log(wan_runs, "ddp-float8"), n, rounding_flip=BF16_ULP)
     assert_lora_learned_close(
         wan_runs / "fsdp-float8" / "lora", wan_runs / "ddp-float8" / "lora", atol=drift(n, STEPS, LR)
     )
