@@ -14,15 +14,11 @@ from tests.support.servers import free_port
 
 # Which lane a module's tests take when its fixture would put it in the other: the tier is
 # CPU-bound on two cores, so its time is that of the longer lane. By fixture alone, the lane of
-# tests on the session's cluster took 3289 s and the other about 2300 (2026-12-04, 2 cores). With
-# test_configs.py and test_multinode.py swapped, and test_object_storage.py and test_benchmarks.py
-# in the second lane as well, the lanes took 2340 s and 2144 s (2026-12-04, 07:13-07:53 UTC; a
-# test's time varies by up to half between runs, with what runs beside it), and 2641 s and 2330 s
-# in the next run; with test_failures.py (54-63 s) moved as well and the overfit test 100 steps
-# shorter, 2369 s and 2258 s (13:16-13:56 UTC), then 1960 s and 1772 s on a faster machine
-# (AVX-512, 15:01-15:34 UTC): test_toy_family.py (54 s) and test_reference_run.py (40 s) moved
-# too. A module moved to the second lane that needs `ray_cluster` starts the session cluster in
-# its process (the second lane's test_configs.py needs it anyway).
+# tests on the session's cluster took 3289 s and the other about 2300 (2026-12-04, 2 cores); with
+# the modules below moved, the lanes took 1846 s and 1883 s (2026-12-04, 16:32-17:05 UTC, an
+# AVX-512 EPYC). A test's time varies by up to half between runs, with what runs beside it. A
+# module moved to the second lane that needs `ray_cluster` starts the session cluster in its
+# process (the second lane's test_configs.py needs it anyway).
 MOVED = {
     "test_configs.py": "lane-2",
     "test_object_storage.py": "lane-2",
