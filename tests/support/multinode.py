@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -95,6 +96,32 @@ class Nodes:
             env_vars=own_folders_env(self.own_folders) if self.own_folders else None,
         )
         self.kind[node.node_id] = (self.slots, self.own_folders)
+        return True
+
+    def join(self) -> bool:
+        """A node joins the running cluster, and Ray Train's elastic policy sees it at once.
+
+        Two waits would otherwise make the steps run before the group regrows depend on this
+        machine's speed (on a fast CPU a whole run fits in them): the node's start, during which
+        the training workers are held (SIGSTOP; Ray Train reads a worker that does not answer
+        its poll as busy, for up to 10 minutes), and the 20-s tick on which Ray's
+        AutoscalingCoordinator, through which the policy sees nodes, looks at the cluster:
+        `recompute=True` is the coordinator's own way to look now."""
+        workers = [
+            actor["Pid"]
+            for actor in ray._private.state.actors().values()
+            if actor["ActorClassName"] == "RayTrainWorker" and actor["State"] == "ALIVE"
+        ]
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            self.add()
+            self.cluster.wait_for_nodes()
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        ray.get(coordinator.get_reserved_resources.remote("tests.support.multinode", recompute=True))
         return True
 
     def remove(self, node: Any) -> str:
@@ -178,7 +205,7 @@ def run(nodes: Nodes, request: dict[str, Any]) -> dict[str, Any]:
                 events.append(
                     (
                         lambda registered: any(m.get("num_workers") == add_at for m in registered.values()),
-                        nodes.add,
+                        nodes.join,
                     )
                 )
             result: TrainingResult = run_with_events(cfg, events)
