@@ -9,6 +9,11 @@ measured on a 1080p clip, that halves the decode time at the same output quality
 Clips and images may be objects in a bucket (s3://, gs://; svdray.storage): a clip is read once
 per decode, into memory (decord decodes from the bytes) or, above IN_MEMORY_BYTES, into a
 temporary file, and a missing or unreadable object gets the reason code a local file would.
+
+torch is imported where frames become tensors, not with the module: probing (`probe_video`,
+`probe_image`) needs only decord and PIL, and runs in processes (prepare's probe tasks, Ray
+Data's coordinators that unpickle the decoder) where importing torch would be most of their
+start-up cost.
 """
 
 from __future__ import annotations
@@ -19,14 +24,15 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from svdray import storage
+
+if TYPE_CHECKING:
+    import torch
 
 # Reason codes: stable, short, one per kind of problem a user can fix (they group the rejects).
 VIDEO_NOT_FOUND = "video_not_found"
@@ -122,10 +128,12 @@ def resize_and_crop(frames: torch.Tensor, spec: FrameSpec, crop_at: tuple[float,
     position (0.5, 0.5 = centre), shared by a clip and its conditioning image so both frame the
     same content.
     """
+    import torch
+
     _, _, h, w = frames.shape
     new_h, new_w = cover_size(h, w, spec)
     if (new_h, new_w) != (h, w):
-        frames = F.interpolate(
+        frames = torch.nn.functional.interpolate(
             frames.contiguous(memory_format=torch.channels_last),
             size=(new_h, new_w),
             mode="bilinear",
@@ -205,11 +213,14 @@ def load_image(path: str) -> torch.Tensor:
     EXIF orientation is applied (phone photos are stored sideways with a rotation tag);
     transparency is composited on white; 16-bit and 32-bit integer images are scaled to 8 bits.
     """
+    import torch
+
     with fetched(path, "image") as image:
-        return _load_image(image)
+        return torch.from_numpy(_load_image(image)).permute(2, 0, 1)
 
 
-def _load_image(image: MediaFile) -> torch.Tensor:
+def _load_image(image: MediaFile) -> np.ndarray:
+    """(H, W, 3) uint8."""
     path = image.path
     try:
         with image.open() as f, Image.open(f) as img:
@@ -226,7 +237,7 @@ def _load_image(image: MediaFile) -> torch.Tensor:
             rgb = np.asarray(img.convert("RGB"))
     except Exception as err:  # PIL raises many types for broken files
         raise ClipError(f"{path}: unreadable image ({type(err).__name__}: {err})", UNREADABLE_IMAGE) from err
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    return rgb.copy()
 
 
 def _first_line(err: BaseException) -> str:
@@ -363,8 +374,8 @@ def probe_image(path: str) -> dict[str, Any]:
         with image.open() as f, Image.open(f) as img:
             mode = img.mode
     return {
-        "image_height": int(rgb.shape[1]),
-        "image_width": int(rgb.shape[2]),
+        "image_height": int(rgb.shape[0]),
+        "image_width": int(rgb.shape[1]),
         "image_mode": mode,
         "image_size": image.size,
         "image_mtime_ns": image.mtime_ns,
@@ -492,6 +503,8 @@ def decode_clip(
     clip), not on which worker decodes it or when. `source_size` (height, width), known from
     `svdray prepare`, lets decord scale large frames while decoding.
     """
+    import torch
+
     rng = np.random.default_rng(seed)
     with fetched(video_path) as video:
         array = _decode_frames(video, spec, rng, start_frame, source_size)
@@ -523,6 +536,8 @@ def motion_score(frames: torch.Tensor) -> float:
     Computed a few rows of one channel at a time (see MOTION_CHUNK_BYTES), in the same float32
     operations as on the whole clip, then averaged over the whole (3, H, W) map of stds.
     """
+    import torch
+
     if frames.ndim != 4:
         raise ValueError(f"motion_score expects frames (T, 3, H, W), got shape {tuple(frames.shape)}")
     steps, channels, height, width = frames.shape

@@ -2,10 +2,12 @@
 
 Ray Train's controller and dataset manager unpickle the trainer's callbacks and `dataset_config`
 (`make_trainer`: StopOnTrainingFailed, DataParallelSplit); a Tune trial's controller its
-ObjectiveReport (`run_trial`). Each imports the module that defines its class, in a fresh process,
-once per run: a module that imports torch, peft, diffusers or MLflow costs every run seconds of
-CPU in each of those processes. The modules are read from the classes, so moving one of them back
-into a heavy module (such as svdray.train.trainer) fails here."""
+ObjectiveReport (`run_trial`); Ray Data's dataset manager and split coordinator the decoder
+(ClipDecoder, which imports torch only when it decodes), and prepare's probe tasks `probe_batch`.
+Each imports the module that defines it, in a fresh process, once per run: a module that imports
+torch, peft, diffusers or MLflow costs every run seconds of CPU in each of those processes. The
+modules are read from the classes and functions, so moving one of them back into a heavy module
+(such as svdray.train.trainer) fails here."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import sys
 
 import pytest
 
+from svdray.data.dataset import ClipDecoder
+from svdray.data.prepare import probe_batch
 from svdray.train.data_split import DataParallelSplit
 from svdray.train.failures import StopOnTrainingFailed
 from svdray.tune.objective import ObjectiveReport
@@ -23,9 +27,11 @@ HEAVY = ("torch", "peft", "transformers", "diffusers", "mlflow")
 
 
 @pytest.mark.parametrize(
-    "unpickled", [StopOnTrainingFailed, DataParallelSplit, ObjectiveReport], ids=lambda c: c.__name__
+    "unpickled",
+    [StopOnTrainingFailed, DataParallelSplit, ObjectiveReport, ClipDecoder, probe_batch],
+    ids=lambda c: c.__name__,
 )
-def test_what_the_controller_unpickles_imports_only_ray(unpickled: type) -> None:
+def test_what_the_controller_unpickles_imports_only_ray(unpickled: object) -> None:
     module = unpickled.__module__
     probe = f"import sys, {module}; print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
     out = subprocess.run(
