@@ -27,6 +27,10 @@ then trains on that window. Training without the cache draws a new window each e
 `data.cache_dir` may be a bucket (s3://, gs://; svdray.storage): shards are written and read
 there by the same code (each shard whole or not at all; an entry read back with ranged reads of
 its own tensors only), so every node, every later run and every Tune trial reads the same cache.
+
+Reading an entry needs no torch (safetensors' numpy loader): the training stream's read tasks
+run in processes of their own, where importing torch would be most of their cost; torch is
+imported where the encoder runs.
 """
 
 from __future__ import annotations
@@ -39,13 +43,12 @@ import struct
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 import ray.data
-import safetensors.torch
-import torch
+import safetensors.numpy
 
 from svdray import storage
 from svdray.config import DataConfig, ModelConfig
@@ -62,6 +65,9 @@ from svdray.data.dataset import (
 from svdray.data.manifest import Reject
 from svdray.data.video import IMAGE_NOT_FOUND, VIDEO_NOT_FOUND, ClipError, motion_score
 from svdray.progress import collect_rows
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +248,8 @@ class CacheWriter:
         self.folder = folder
 
     def encode(self, videos: list[np.ndarray], images: list[np.ndarray], prompts: list[str]):
+        import torch
+
         encoded = self.encoder.encode(
             torch.from_numpy(np.stack(videos)), torch.from_numpy(np.stack(images)), prompts
         )
@@ -253,6 +261,9 @@ class CacheWriter:
         return encoded
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import safetensors.torch
+        import torch
+
         size = len(batch["key"])
         good = [i for i in range(size) if not batch["error"][i]]
         tensors: dict[str, torch.Tensor] = {}
@@ -376,8 +387,8 @@ def ensure_cache(
 # Reading entries for training
 
 
-def read_entry(shard: str, key: str) -> dict[str, torch.Tensor]:
-    """Every tensor of an entry, by the name it was stored under.
+def read_entry(shard: str, key: str) -> dict[str, np.ndarray]:
+    """Every tensor of an entry, by the name it was stored under, as a numpy array.
 
     Only the entry's own bytes are read (one ranged read per run of adjacent tensors, which
     matters for a shard in a bucket); they are handed to safetensors as a file of their own (its
@@ -404,7 +415,7 @@ def read_entry(shard: str, key: str) -> dict[str, torch.Tensor]:
         offset += end - begin
     raw = json.dumps(own).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors' writers align the data to 8 bytes
-    tensors = safetensors.torch.load(struct.pack("<Q", len(raw)) + raw + data)
+    tensors = safetensors.numpy.load(struct.pack("<Q", len(raw)) + raw + data)
     entry = {name[len(prefix) :]: tensors[name] for name in names}
     missing = [name for name in STORED_BY_CACHE if name not in entry]
     if missing:
@@ -432,7 +443,7 @@ def read_cached_batch(batch: dict[str, np.ndarray], cfg: DataConfig, ledger=None
         return {"clip_id": np.array([], dtype=object), "epoch": np.zeros(0, np.int64)}
     # The stored tensors with a batch dimension of one: the family gets back what it stored.
     return {
-        **{name: value.numpy()[None] for name, value in entry.items()},
+        **{name: value[None] for name, value in entry.items()},
         "fps": np.array([item_fps(item, cfg)], np.float32),
         "motion_bucket_id": np.array([item["motion_bucket_id"]], np.float32),
         "prompt": np.array([str(item["prompt"])], dtype=object),

@@ -52,7 +52,7 @@ def test_cached_batch_is_exact_and_skips_clip_and_video_encoding(
         assert f.metadata()["format"] == "svdray-latents-2"
     entries = [read_entry(shard, key) for key in keys]
     assert set(entries[0]) == {"latent_mean", "latent_std", "image_embedding", "image", "motion"}
-    assert entries[1]["motion"].dtype == torch.float64 and entries[1]["motion"].item() == 20.25
+    assert entries[1]["motion"].dtype == np.float64 and entries[1]["motion"].item() == 20.25
     # What the training stream reads back: every stored tensor with a batch dimension of one.
     planned = {"shard": [shard], "key": [keys[0]], "clip_id": ["m:1"], "epoch": [3], "fps": [0.0]}
     planned |= {"motion_bucket_id": [-1.0], "prompt": ["a cat"]}
@@ -63,10 +63,10 @@ def test_cached_batch_is_exact_and_skips_clip_and_video_encoding(
     assert row["motion_bucket_id"].tolist() == [-1.0] and row["prompt"].tolist() == ["a cat"]
     assert row["fps"].tolist() == [7.0] and row["epoch"].tolist() == [3]
     cached_batch = {
-        "latent_mean": torch.stack([e["latent_mean"] for e in entries]),
-        "latent_std": torch.stack([e["latent_std"] for e in entries]),
-        "image_embedding": torch.stack([e["image_embedding"] for e in entries]),
-        "image": torch.stack([e["image"] for e in entries]),
+        "latent_mean": torch.from_numpy(np.stack([e["latent_mean"] for e in entries])),
+        "latent_std": torch.from_numpy(np.stack([e["latent_std"] for e in entries])),
+        "image_embedding": torch.from_numpy(np.stack([e["image_embedding"] for e in entries])),
+        "image": torch.from_numpy(np.stack([e["image"] for e in entries])),
         **common,
     }
     assert torch.equal(cached_batch["image"], decoded_batch["image"])

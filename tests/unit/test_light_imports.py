@@ -3,7 +3,8 @@
 Ray Train's controller and dataset manager unpickle the trainer's callbacks and `dataset_config`
 (`make_trainer`: StopOnTrainingFailed, DataParallelSplit); a Tune trial's controller its
 ObjectiveReport (`run_trial`); Ray Data's dataset manager and split coordinator the decoder
-(ClipDecoder, which imports torch only when it decodes), and prepare's probe tasks `probe_batch`.
+(ClipDecoder, which imports torch only when it decodes); prepare's probe tasks `probe_batch`,
+and the training stream's cache reads `read_cached_batch`.
 Each imports the module that defines it, in a fresh process, once per run: a module that imports
 torch, peft, diffusers or MLflow costs every run seconds of CPU in each of those processes. The
 modules are read from the classes and functions, so moving one of them back into a heavy module
@@ -16,6 +17,7 @@ import sys
 
 import pytest
 
+from svdray.data.cache import read_cached_batch
 from svdray.data.dataset import ClipDecoder
 from svdray.data.prepare import probe_batch
 from svdray.train.data_split import DataParallelSplit
@@ -28,7 +30,7 @@ HEAVY = ("torch", "peft", "transformers", "diffusers", "mlflow")
 
 @pytest.mark.parametrize(
     "unpickled",
-    [StopOnTrainingFailed, DataParallelSplit, ObjectiveReport, ClipDecoder, probe_batch],
+    [StopOnTrainingFailed, DataParallelSplit, ObjectiveReport, ClipDecoder, probe_batch, read_cached_batch],
     ids=lambda c: c.__name__,
 )
 def test_what_the_controller_unpickles_imports_only_ray(unpickled: object) -> None:
