@@ -15,7 +15,7 @@ from tests.support.servers import free_port
 # Which lane a module's tests take when its fixture would put it in the other: the tier is
 # CPU-bound on two cores, so its time is that of the longer lane. By fixture alone, the lane of
 # tests on the session's cluster took 3289 s and the other about 2300 (2026-12-04, 2 cores); with
-# the modules below moved, the lanes took 1846 s and 1883 s (2026-12-04, 16:32-17:05 UTC, an
+# the modules below moved, the lanes took 1398 s and 1386 s (2026-12-04, 19:30-19:55 UTC, an
 # AVX-512 EPYC). A test's time varies by up to half between runs, with what runs beside it. A
 # module moved to the second lane that needs `ray_cluster` starts the session cluster in its
 # process (the second lane's test_configs.py needs it anyway).

@@ -35,6 +35,7 @@ workers go within the nodes' room is up to `train.placement`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -70,6 +71,12 @@ def own_folders_env(root: Path) -> dict[str, str]:
     return {**env, "TMPDIR": str(home / "tmp"), "HOME": str(home), "XDG_CACHE_HOME": str(home / "cache")}
 
 
+def signal_if_alive(pid: int, sig: int) -> None:
+    """A signal to a process that may have ended since it was listed (a worker the run lost)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
 class Nodes:
     """The cluster and what each of its live worker nodes is: its room (`trainer` slots) and its
     own folders' root (None: the machine's)."""
@@ -101,25 +108,25 @@ class Nodes:
     def join(self) -> bool:
         """A node joins the running cluster, and Ray Train's elastic policy sees it at once.
 
-        Two waits would otherwise make the steps run before the group regrows depend on this
-        machine's speed (on a fast CPU a whole run fits in them): the node's start, during which
-        the training workers are held (SIGSTOP; Ray Train reads a worker that does not answer
-        its poll as busy, for up to 10 minutes), and the 20-s tick on which Ray's
-        AutoscalingCoordinator, through which the policy sees nodes, looks at the cluster:
-        `recompute=True` is the coordinator's own way to look now."""
+        Otherwise the number of steps run before the group regrows would depend on this
+        machine's speed (on a fast CPU a whole run fits in the waits). Two waits are taken out:
+        - the node's start: the training workers are held meanwhile (SIGSTOP; Ray Train reads a
+          worker that does not answer its poll as busy, for up to 10 minutes);
+        - the 20-s tick on which Ray's AutoscalingCoordinator, through which the policy sees
+          nodes, looks at the cluster: `recompute=True` is its own way to look now."""
         workers = [
             actor["Pid"]
             for actor in ray._private.state.actors().values()
             if actor["ActorClassName"] == "RayTrainWorker" and actor["State"] == "ALIVE"
         ]
         for pid in workers:
-            os.kill(pid, signal.SIGSTOP)
+            signal_if_alive(pid, signal.SIGSTOP)
         try:
             self.add()
             self.cluster.wait_for_nodes()
         finally:
             for pid in workers:
-                os.kill(pid, signal.SIGCONT)
+                signal_if_alive(pid, signal.SIGCONT)
         coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
         ray.get(coordinator.get_reserved_resources.remote("tests.support.multinode", recompute=True))
         return True
