@@ -43,7 +43,7 @@ import struct
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import ray
@@ -65,9 +65,6 @@ from svdray.data.dataset import (
 from svdray.data.manifest import Reject
 from svdray.data.video import IMAGE_NOT_FOUND, VIDEO_NOT_FOUND, ClipError, motion_score
 from svdray.progress import collect_rows
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 

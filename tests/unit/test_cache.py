@@ -62,13 +62,8 @@ def test_cached_batch_is_exact_and_skips_clip_and_video_encoding(
     assert row["motion"].dtype == np.float64 and row["motion"].tolist() == [10.5]
     assert row["motion_bucket_id"].tolist() == [-1.0] and row["prompt"].tolist() == ["a cat"]
     assert row["fps"].tolist() == [7.0] and row["epoch"].tolist() == [3]
-    cached_batch = {
-        "latent_mean": torch.from_numpy(np.stack([e["latent_mean"] for e in entries])),
-        "latent_std": torch.from_numpy(np.stack([e["latent_std"] for e in entries])),
-        "image_embedding": torch.from_numpy(np.stack([e["image_embedding"] for e in entries])),
-        "image": torch.from_numpy(np.stack([e["image"] for e in entries])),
-        **common,
-    }
+    stored = ("latent_mean", "latent_std", "image_embedding", "image")
+    cached_batch = {name: torch.from_numpy(np.stack([e[name] for e in entries])) for name in stored} | common
     assert torch.equal(cached_batch["image"], decoded_batch["image"])
 
     vae = tiny_pipe.vae.eval()

@@ -33,7 +33,7 @@ HEAVY = ("torch", "peft", "transformers", "diffusers", "mlflow")
     [StopOnTrainingFailed, DataParallelSplit, ObjectiveReport, ClipDecoder, probe_batch, read_cached_batch],
     ids=lambda c: c.__name__,
 )
-def test_what_the_controller_unpickles_imports_only_ray(unpickled: object) -> None:
+def test_what_ray_unpickles_outside_the_workers_imports_only_ray(unpickled: object) -> None:
     module = unpickled.__module__
     probe = f"import sys, {module}; print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
     out = subprocess.run(
